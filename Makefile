@@ -1,0 +1,48 @@
+# Quick start:  make run   (set up + run the main job on the embedded demo)
+#               make test  (set up + run the tests)
+# The install order matters (see README): torch first, then DeepSpeed without build isolation.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# CPU wheel by default; GPU users: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?=
+TORCH_SPEC ?= torch==2.13.0
+export KEDRO_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+
+.PHONY: setup demo run train full_eval test lint viz clean-outputs
+
+setup: $(VENV)/.installed demo
+
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-build.txt requirements-test.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install --quiet -r requirements-build.txt
+	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation deepspeed==0.19.8
+	$(PIP) install --quiet -r requirements.txt -r requirements-test.txt
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/food-multids demo
+
+run: setup
+	$(BIN)/kedro run
+
+train: setup
+	$(BIN)/kedro run --pipelines train
+
+full_eval: setup
+	$(BIN)/kedro run --pipelines full_eval
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests bench
+
+viz: setup
+	$(BIN)/kedro viz run --host 127.0.0.1

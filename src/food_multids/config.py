@@ -1,0 +1,473 @@
+"""Frozen, self-validating configuration parsed from Kedro parameters.
+
+`ProjectConfig.from_params(parameters)` turns the whole `parameters` dict into dataclasses and raises one
+`ConfigError` listing every problem with its YAML path and what to change. It accepts the seed
+project's YAML as-is (list form and the older single-file form). No torch import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from food_multids.paths import find_project_root, resolve_path
+
+TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation")
+
+
+class ConfigError(ValueError):
+    """Every problem found in the parameters, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        head = f"{len(problems)} problem(s) in the parameters (conf/<env>/parameters.yml):"
+        super().__init__("\n  - ".join([head, *problems]))
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"params:{path} {message}")
+
+    def unknown_keys(self, section: dict, allowed: typing.Iterable[str], path: str) -> None:
+        allowed = list(allowed)
+        for key in section:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+                self.add(f"{path}.{key}" if path else str(key), f"is not a known setting{hint}")
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, path: str, problems: _Problems) -> Any:
+    """Check `value` against a simple type hint; YAML gives 1e-3 as a string, so numbers are parsed."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        for candidate in rest:
+            trial = _Problems()
+            out = _coerce(value, candidate, path, trial)
+            if not trial.items:
+                return out
+        problems.add(path, f"must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.add(path, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.add(path, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(path, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.add(path, f"must be a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.add(path, f"must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            problems.add(path, f"must be a list, got {value!r}")
+            return ()
+        return tuple(_coerce(v, args[0], f"{path}[{i}]", problems) for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            problems.add(path, f"must be a mapping, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported type hint {hint!r}")
+
+
+def _build(cls: type, section: Any, path: str, problems: _Problems, skip: tuple[str, ...] = ()) -> Any:
+    """Fill dataclass `cls` from a YAML mapping: unknown keys, types and defaults."""
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        problems.add(path, f"must be a mapping, got {section!r}")
+        section = {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip]
+    problems.unknown_keys(section, [*names, *skip], path)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        if f.name in section:
+            kwargs[f.name] = _coerce(section[f.name], hints[f.name], f"{path}.{f.name}", problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.add(f"{path}.{f.name}", "is required")
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field missing: already reported
+        return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model:` backbone location, head size, masking, pooling, image sizes and freezing."""
+
+    num_labels: int
+    name_or_path: str = "data/06_models/tiny_qwen2_5_vl"
+    enable_logits_masking: bool = True
+    pooling: Literal["last", "image_mean"] = "last"
+    prompt: str = "What food is shown in this image?"
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+    padding_side: Literal["left", "right"] = "left"
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    batched_vision_windows: bool = True
+    freeze_vision_tower: bool = False
+    freeze_merger: bool = False
+    freeze_language_model: bool = False
+    gradient_checkpointing: bool = False
+
+    def validate(self, problems: _Problems) -> None:
+        if isinstance(self.num_labels, int) and self.num_labels < 1:
+            problems.add("model.num_labels", f"must be >= 1, got {self.num_labels}")
+        if isinstance(self.min_pixels, int) and self.min_pixels < 28 * 28:
+            problems.add("model.min_pixels", f"must be >= 784 (one 28x28 patch group), got {self.min_pixels}")
+        if isinstance(self.max_pixels, int) and isinstance(self.min_pixels, int) and self.max_pixels < self.min_pixels:
+            problems.add("model.max_pixels", f"must be >= model.min_pixels ({self.min_pixels}), got {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One entry of `datasets.dataset_configs`."""
+
+    num_classes: int
+    name: str = ""
+    eval_ratio: float = 0.1
+    weight: float = 1.0
+    class_names: str | None = None
+    index: int = 0
+
+    def validate(self, problems: _Problems, path: str) -> None:
+        if isinstance(self.num_classes, int) and self.num_classes < 1:
+            problems.add(f"{path}.num_classes", f"must be >= 1, got {self.num_classes}")
+        if isinstance(self.eval_ratio, float) and not 0 < self.eval_ratio <= 1:
+            problems.add(f"{path}.eval_ratio", f"must be in (0, 1], got {self.eval_ratio}")
+        if isinstance(self.weight, float) and self.weight <= 0:
+            problems.add(f"{path}.weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`data:` where the JSONL files are and how strictly rows are checked."""
+
+    train_jsonl_list: tuple[str, ...] = ()
+    val_jsonl_list: tuple[str, ...] = ()
+    train_jsonl: str | None = None
+    val_jsonl: str | None = None
+    on_bad_rows: Literal["error", "skip"] = "error"
+    check_images: bool = True
+    image_check_workers: int = 8
+    mix_strategy: Literal["concat", "weighted", "temperature"] = "concat"
+    mix_temperature: float = 2.0
+    resample_each_epoch: bool = False
+    # Filled by from_params: absolute paths, single-file mode flag.
+    train_files: tuple[Path, ...] = field(default=(), init=False)
+    val_files: tuple[Path, ...] = field(default=(), init=False)
+
+    @property
+    def single_file(self) -> bool:
+        return not self.train_jsonl_list
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`training:` Hugging Face TrainingArguments names plus launcher settings."""
+
+    output_dir: str = "data/06_models/train_output"
+    learning_rate: float = 1e-5
+    vision_lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    shuffle: bool = True
+    metric_for_best_model: str = "overall_accuracy"
+    greater_is_better: bool | None = None
+    resume_from_checkpoint: bool | str = False
+    early_stopping_patience: int | None = None
+    eval_subset_strategy: Literal["fixed", "fresh"] = "fixed"
+    dataloader_num_workers: int = 0
+    dataloader_pin_memory: bool = True
+    max_consecutive_bad_images: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int | None = None
+    hostfile: str | None = None
+    master_port: int | None = None
+    progress_bar: Literal["auto", "always", "never"] = "auto"
+
+    def validate(self, problems: _Problems) -> None:
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "eval_steps", "save_steps", "max_consecutive_bad_images")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, int) and value <= 0:
+                problems.add(f"training.{name}", f"must be > 0, got {value}")
+        for name in ("learning_rate", "vision_lr", "head_lr"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value < 0:
+                problems.add(f"training.{name}", f"must be >= 0, got {value}")
+        if isinstance(self.warmup_ratio, float) and not 0 <= self.warmup_ratio < 1:
+            problems.add("training.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 or (isinstance(self.max_steps, int) and self.max_steps < -1):
+            problems.add("training.max_steps", f"must be > 0, or -1 to use num_train_epochs, got {self.max_steps}")
+        if self.max_steps == -1 and isinstance(self.num_train_epochs, float) and self.num_train_epochs <= 0:
+            problems.add("training.num_train_epochs", f"must be > 0 when max_steps is -1, got {self.num_train_epochs}")
+        if isinstance(self.save_total_limit, int) and self.save_total_limit < 1:
+            problems.add("training.save_total_limit", f"must be >= 1 or null, got {self.save_total_limit}")
+        if isinstance(self.early_stopping_patience, int) and self.early_stopping_patience < 1:
+            problems.add("training.early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
+        if self.resume_from_checkpoint is True:
+            problems.add("training.resume_from_checkpoint", "must be auto, a checkpoint path, or false (true is ambiguous: use auto)")
+        if self.dataloader_num_workers < 0:
+            problems.add("training.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        if isinstance(self.num_processes, int) and self.num_processes < 1:
+            problems.add("training.num_processes", f"must be >= 1 or null (auto), got {self.num_processes}")
+
+    def best_metric_greater_is_better(self) -> bool:
+        """Explicit setting wins; otherwise names ending in loss are minimised, everything else maximised."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.metric_for_best_model.endswith("loss")
+
+    def resolved_output_dir(self) -> Path:
+        return resolve_path(self.output_dir)
+
+    def optimizer_steps(self, batches_per_epoch: int) -> int:
+        """Total optimizer steps: max_steps, or epochs x optimizer steps per epoch."""
+        if self.max_steps > 0:
+            return self.max_steps
+        per_epoch = max(1, batches_per_epoch // self.gradient_accumulation_steps)
+        return max(1, math.ceil(self.num_train_epochs * per_epoch))
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps > 0 else int(self.warmup_ratio * total_steps)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`evaluation:` the final full evaluation and the report."""
+
+    batch_size: int | None = None
+    top_k: int = 5
+    dataloader_num_workers: int | None = None
+    confusion_top_n: int = 20
+    report_thumbnails: int = 8
+
+    def validate(self, problems: _Problems) -> None:
+        if isinstance(self.top_k, int) and self.top_k < 1:
+            problems.add("evaluation.top_k", f"must be >= 1, got {self.top_k}")
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
+            problems.add("evaluation.batch_size", f"must be >= 1 or null, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    model: ModelConfig
+    data: DataConfig
+    datasets: tuple[DatasetSpec, ...]
+    training: TrainConfig
+    evaluation: EvalConfig
+    deepspeed: dict
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def dataset_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.datasets)
+
+    def dataset(self, name: str) -> DatasetSpec:
+        for spec in self.datasets:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def num_classes(self) -> dict[str, int]:
+        return {d.name: d.num_classes for d in self.datasets}
+
+    # -- parsing --------------------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params: dict, *, check_files: bool = True) -> ProjectConfig:
+        """Parse and validate the whole `parameters` dict; raise ConfigError listing every problem."""
+        problems = _Problems()
+        if not isinstance(params, dict):
+            raise ConfigError([f"parameters must be a mapping, got {type(params).__name__}"])
+        problems.unknown_keys(params, TOP_LEVEL_KEYS, "")
+        model = _build(ModelConfig, params.get("model"), "model", problems)
+        data = _build(DataConfig, params.get("data"), "data", problems)
+        training = _build(TrainConfig, params.get("training"), "training", problems)
+        evaluation = _build(EvalConfig, params.get("evaluation"), "evaluation", problems)
+        for part in (model, training, evaluation):
+            if part is not None:
+                part.validate(problems)
+        deepspeed = _resolve_deepspeed(params.get("deepspeed"), problems)
+        datasets: tuple[DatasetSpec, ...] = ()
+        if data is not None:
+            data = _resolve_files(data, problems, check_files)
+            datasets = _resolve_datasets(params.get("datasets"), data, model, problems)
+        if problems.items:
+            raise ConfigError(problems.items)
+        return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
+                   deepspeed=deepspeed)
+
+
+def _resolve_files(data: DataConfig, problems: _Problems, check_files: bool) -> DataConfig:
+    root = find_project_root()
+    if data.train_jsonl_list or data.val_jsonl_list:
+        for key in ("train_jsonl", "val_jsonl"):
+            if getattr(data, key) is not None:
+                problems.add(f"data.{key}", f"cannot be combined with data.{key}_list: use one form")
+        train, val = list(data.train_jsonl_list), list(data.val_jsonl_list)
+        train_key, val_key = "data.train_jsonl_list", "data.val_jsonl_list"
+        if len(train) != len(val):
+            problems.add(val_key, f"has {len(val)} file(s) but {train_key} has {len(train)}: give one validation file per training file")
+    else:
+        train = [data.train_jsonl] if data.train_jsonl else []
+        val = [data.val_jsonl] if data.val_jsonl else []
+        train_key, val_key = "data.train_jsonl", "data.val_jsonl"
+        if not train:
+            problems.add("data.train_jsonl_list", "is required (or the single-file form data.train_jsonl)")
+        if not val:
+            problems.add("data.val_jsonl_list", "is required (or the single-file form data.val_jsonl)")
+    train_files = tuple(resolve_path(p, root) for p in train if isinstance(p, str))
+    val_files = tuple(resolve_path(p, root) for p in val if isinstance(p, str))
+    if check_files:
+        for key, files in ((train_key, train_files), (val_key, val_files)):
+            for i, path in enumerate(files):
+                if not path.is_file():
+                    where = f"{key}[{i}]" if key.endswith("_list") else key
+                    problems.add(where, f"file not found: {path}")
+    object.__setattr__(data, "train_files", train_files)
+    object.__setattr__(data, "val_files", val_files)
+    return data
+
+
+def _resolve_datasets(section: Any, data: DataConfig, model: ModelConfig | None,
+                      problems: _Problems) -> tuple[DatasetSpec, ...]:
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        problems.add("datasets", f"must be a mapping, got {section!r}")
+        return ()
+    problems.unknown_keys(section, ["dataset_configs"], "datasets")
+    configs = section.get("dataset_configs") or {}
+    if not isinstance(configs, dict):
+        problems.add("datasets.dataset_configs", f"must be a mapping of dataset name to settings, got {configs!r}")
+        return ()
+    specs = []
+    for index, (name, entry) in enumerate(configs.items()):
+        path = f"datasets.dataset_configs.{name}"
+        spec = _build(DatasetSpec, entry, path, problems, skip=("name", "index"))
+        if spec is not None:
+            spec = dataclasses.replace(spec, name=str(name), index=index)
+            spec.validate(problems, path)
+            specs.append(spec)
+    if not configs:
+        if not data.single_file:
+            problems.add("datasets.dataset_configs", "is required with data.train_jsonl_list: give num_classes and eval_ratio per dataset")
+        elif model is not None and data.train_files:
+            # Single-file form: one dataset named after the file's folder, num_classes = num_labels.
+            specs.append(DatasetSpec(name=derive_dataset_name(data.train_files[0]), num_classes=model.num_labels))
+    elif not data.single_file:
+        _check_file_names_against_configs(data, [s.name for s in specs], problems)
+    if model is not None and specs and isinstance(model.num_labels, int):
+        largest = max(specs, key=lambda s: s.num_classes if isinstance(s.num_classes, int) else 0)
+        if isinstance(largest.num_classes, int) and model.num_labels < largest.num_classes:
+            problems.add("model.num_labels", f"must be >= the largest num_classes ({largest.num_classes}, dataset '{largest.name}'), got {model.num_labels}")
+    return tuple(specs)
+
+
+def _check_file_names_against_configs(data: DataConfig, names: list[str], problems: _Problems) -> None:
+    """A folder named like a dataset that is not configured is almost always a typo: report it.
+
+    Rows still carry their own dataset_name; unknown names there are reported per row at ingest.
+    """
+    for key, files in (("data.train_jsonl_list", data.train_files), ("data.val_jsonl_list", data.val_files)):
+        for i, path in enumerate(files):
+            folder = path.parent.name
+            if folder not in names and len(names) > 1:
+                close = difflib.get_close_matches(folder, names, n=1, cutoff=0.75)
+                if close:
+                    problems.add(f"{key}[{i}]", f"lives in folder '{folder}', which is not in datasets.dataset_configs (did you mean '{close[0]}'?)")
+
+
+def derive_dataset_name(path: Path) -> str:
+    """Single-file mode: '/data/food101/train.jsonl' -> 'food101'."""
+    return path.parent.name or path.stem
+
+
+def default_dataset_for_file(path: Path, names: typing.Sequence[str]) -> str | None:
+    """Name used for rows of `path` that carry no dataset_name, or None when it is ambiguous."""
+    if len(names) == 1:
+        return names[0]
+    for candidate in (path.parent.name, path.stem):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def _resolve_deepspeed(value: Any, problems: _Problems) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        path = resolve_path(value)
+        if not path.is_file():
+            problems.add("deepspeed", f"file not found: {path}")
+            return {}
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            problems.add("deepspeed", f"is not valid JSON: {path}:{exc.lineno}: {exc.msg}")
+            return {}
+        if not isinstance(loaded, dict):
+            problems.add("deepspeed", f"{path} must hold a JSON object")
+            return {}
+        return loaded
+    problems.add("deepspeed", f"must be a mapping (inline DeepSpeed config) or a path to a JSON file, got {value!r}")
+    return {}

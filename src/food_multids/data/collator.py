@@ -1,0 +1,155 @@
+"""Images to Qwen2.5-VL inputs: resize rules, patch layout, prompt tokens and batch collation.
+
+The prompt is the same for every sample, so it goes through the tokenizer's chat template once; a
+batch is then built by placing each image's pad tokens between the cached prefix and suffix ids
+(no tokenizer call per sample). The patch layout equals Qwen2-VL's image processor (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_ASPECT_RATIO = 200  # qwen-vl-utils refuses more extreme images
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 448 * 448) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    Same rules as qwen-vl-utils' smart_resize (which cannot be imported without torchvision).
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds {MAX_ASPECT_RATIO}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any mode as RGB; transparency is composited on white (as qwen-vl-utils does)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
+        return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageEncoder:
+    """PIL image -> flattened patches (n_patches, 3*T*P*P) and its (t, h, w) grid."""
+
+    min_pixels: int
+    max_pixels: int
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+
+    @classmethod
+    def from_pretrained(cls, path: Path, min_pixels: int, max_pixels: int) -> ImageEncoder:
+        """Read normalisation and patch sizes from the checkpoint's preprocessor_config.json."""
+        import json
+
+        conf_file = path / "preprocessor_config.json"
+        conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
+        keys = ("patch_size", "merge_size", "temporal_patch_size")
+        extra = {k: conf[k] for k in keys if k in conf}
+        if "image_mean" in conf:
+            extra["mean"], extra["std"] = tuple(conf["image_mean"]), tuple(conf["image_std"])
+        return cls(min_pixels=min_pixels, max_pixels=max_pixels, **extra)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        h, w = self.target_size(image.height, image.width)
+        if (w, h) != image.size:
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        pixels = pixels.mul_(1 / 255)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        pixels = (pixels - mean) / std
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = h // p, w // p
+        # (C, H, W) -> (gh/m, gw/m, m, m, C, T, p, p): the order Qwen2-VL's vision tower expects.
+        x = pixels.reshape(3, gh // m, m, p, gw // m, m, p)
+        x = x.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5).expand(-1, -1, -1, -1, -1, t, -1, -1)
+        patches = x.reshape(gh * gw, 3 * t * p * p)
+        return patches, (1, gh, gw)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of the chat prompt around its single image placeholder."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    image_token_id: int
+    pad_token_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, prompt: str) -> PromptTokens:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        if ids.count(image_id) != 1:
+            raise ValueError(f"the chat template must place exactly one <|image_pad|> token, got {ids.count(image_id)}: {text!r}")
+        cut = ids.index(image_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(tuple(ids[:cut]), tuple(ids[cut + 1:]), image_id, pad)
+
+
+class ClassificationCollator:
+    """List of samples (None for an image that failed to load) -> one padded model batch."""
+
+    def __init__(self, prompt: PromptTokens, merge_size: int = 2, padding_side: str = "left"):
+        self.prompt = prompt
+        self.merge_area = merge_size * merge_size
+        self.padding_side = padding_side
+
+    def __call__(self, samples: list[dict | None]) -> dict:
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            raise RuntimeError(f"all {len(samples)} images of a batch failed to load (see the warnings above)")
+        pre, suf = self.prompt.prefix, self.prompt.suffix
+        lengths = [len(pre) + int(np.prod(s["grid"])) // self.merge_area + len(suf) for s in kept]
+        width = max(lengths)
+        input_ids = torch.full((len(kept), width), self.prompt.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(kept), width), dtype=torch.long)
+        for row, (s, n) in enumerate(zip(kept, lengths, strict=True)):
+            ids = torch.tensor([*pre, *([self.prompt.image_token_id] * (n - len(pre) - len(suf))), *suf])
+            start = width - n if self.padding_side == "left" else 0
+            input_ids[row, start:start + n] = ids
+            attention[row, start:start + n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "pixel_values": torch.cat([s["pixel_values"] for s in kept]),
+            "image_grid_thw": torch.tensor([s["grid"] for s in kept], dtype=torch.long),
+            "labels": torch.tensor([s["label"] for s in kept], dtype=torch.long),
+            "dataset_ids": torch.tensor([s["dataset_id"] for s in kept], dtype=torch.long),
+            "num_classes": torch.tensor([s["num_classes"] for s in kept], dtype=torch.long),
+            "sample_ids": torch.tensor([s["sample_id"] for s in kept], dtype=torch.long),
+            "dataset_names": [s["dataset_name"] for s in kept],
+            "skipped": len(samples) - len(kept),
+        }

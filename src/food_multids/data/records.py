@@ -1,0 +1,312 @@
+"""Read and validate the JSONL record files.
+
+Record contract, one JSON object per line (blank lines ignored):
+  image        path to the image; relative paths resolve against the JSONL file's folder
+               (`image_path` is accepted as the same field)
+  label        integer, 0-based, below the dataset's num_classes
+  dataset_name a configured dataset (optional when the file maps to one dataset)
+  label_name   optional human-readable class name
+
+Files are parsed with pyarrow (about 6x faster than a json.loads loop); a file pyarrow rejects is
+re-read line by line so every problem is reported as `file:LINE: what (value)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from food_multids.progress import progress
+
+logger = logging.getLogger(__name__)
+
+RECORD_COLUMNS = ["image", "label", "dataset_name", "label_name", "source_file", "line"]
+PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
+MAX_LISTED_PROBLEMS = 20
+
+
+class RecordError(ValueError):
+    """Bad input rows under on_bad_rows=error, or a file with no usable rows."""
+
+
+@dataclass
+class FileRows:
+    """One file's rows before validation: raw column arrays and the 1-based line of each row."""
+
+    path: Path
+    image: pa.Array
+    label: pa.Array
+    dataset_name: pa.Array
+    label_name: pa.Array
+    line: np.ndarray
+    parse_problems: list[tuple[int, str, str]]  # (line, reason, detail)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.line)
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def _line_numbers(data: bytes, expected_rows: int) -> np.ndarray | None:
+    """1-based numbers of the non-blank lines of `data`, or None when they do not match pyarrow's rows."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.concatenate((newlines, [len(buf)]))
+    lengths = ends - starts
+    nonblank = lengths > 0
+    if nonblank.sum() != expected_rows:
+        # Lines of only whitespace: count non-whitespace bytes per line (rare, so the slower scan is fine).
+        is_text = np.ones(256, dtype=bool)
+        is_text[[9, 10, 13, 32]] = False
+        text = is_text[buf]
+        has_text = np.zeros(len(starts), dtype=bool)
+        ok = lengths > 0
+        has_text[ok] = np.add.reduceat(text, starts[ok]) > 0 if ok.any() else False
+        # Each reduceat segment runs to the next non-empty line's start; what lies between is newlines.
+        nonblank = has_text
+        if nonblank.sum() != expected_rows:
+            return None
+    return np.flatnonzero(nonblank) + 1
+
+
+def _column(table: pa.Table, name: str, n: int) -> pa.Array:
+    if name in table.column_names:
+        return table.column(name).combine_chunks()
+    return pa.nulls(n)
+
+
+def _read_fast(path: Path, data: bytes) -> FileRows | None:
+    try:
+        table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=1 << 24))
+    except pa.ArrowInvalid:
+        return None
+    n = table.num_rows
+    lines = _line_numbers(data, n)
+    if lines is None:
+        return None
+    image = _column(table, "image", n)
+    if "image_path" in table.column_names:
+        image = pc.coalesce(image, table.column("image_path").combine_chunks()) if "image" in table.column_names else _column(table, "image_path", n)
+    return FileRows(path, image, _column(table, "label", n), _column(table, "dataset_name", n),
+                    _column(table, "label_name", n), lines, [])
+
+
+def _read_slow(path: Path, data: bytes) -> FileRows:
+    """Line-by-line parse that reports malformed lines; values keep their JSON types for validation."""
+    images, labels, names, label_names, lines, problems = [], [], [], [], [], []
+    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            problems.append((number, "malformed JSON", f"{exc.msg} at column {exc.colno}: {_clip(raw)}"))
+            continue
+        if not isinstance(row, dict):
+            problems.append((number, "malformed JSON", f"expected an object, got {type(row).__name__}: {_clip(raw)}"))
+            continue
+        image = row.get("image", row.get("image_path"))
+        images.append(image if isinstance(image, str) else (None if image is None else json.dumps(image)))
+        labels.append(row.get("label"))
+        name = row.get("dataset_name")
+        names.append(name if name is None or isinstance(name, str) else str(name))
+        label_name = row.get("label_name")
+        label_names.append(None if label_name is None else str(label_name))
+        lines.append(number)
+    label_array = pa.array([json.dumps(v) if v is not None else None for v in labels], type=pa.string())
+    return FileRows(path, pa.array(images, type=pa.string()), label_array, pa.array(names, type=pa.string()),
+                    pa.array(label_names, type=pa.string()), np.asarray(lines, dtype=np.int64), problems)
+
+
+def _clip(text: str, width: int = 80) -> str:
+    text = text.strip()
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def read_jsonl(path: Path) -> FileRows:
+    """Parse one JSONL file (fast path first, exact line-by-line path when pyarrow rejects it)."""
+    data = path.read_bytes()
+    rows = _read_fast(path, data)
+    return rows if rows is not None else _read_slow(path, data)
+
+
+# -- validation -------------------------------------------------------------------------------------
+def _labels_as_int(label: pa.Array) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(values, valid mask, per-row problem or None). Integers pass; everything else is explained."""
+    n = len(label)
+    if pa.types.is_integer(label.type):
+        valid = ~np.asarray(label.is_null().to_numpy(zero_copy_only=False))
+        values = label.fill_null(-1).to_numpy().astype(np.int64)
+        reasons = [None] * n
+        if not valid.all():
+            for i in np.flatnonzero(~valid):
+                reasons[i] = "missing label"
+        return values, valid, reasons
+    values = np.full(n, -1, dtype=np.int64)
+    valid = np.zeros(n, dtype=bool)
+    reasons: list[str | None] = [None] * n
+    for i, raw in enumerate(label.to_pylist()):
+        value = json.loads(raw) if isinstance(raw, str) and pa.types.is_string(label.type) else raw
+        if value is None:
+            reasons[i] = "missing label"
+        elif isinstance(value, float) and value.is_integer():
+            # pyarrow widens a column to double when any row has a fraction: 3 and 3.0 are both 3.
+            values[i], valid[i] = int(value), True
+        elif isinstance(value, bool) or not isinstance(value, int):
+            reasons[i] = f"non-integer label ({value!r})"
+        else:
+            values[i], valid[i] = value, True
+    return values, valid, reasons
+
+
+def validate_file(rows: FileRows, split: str, num_classes: dict[str, int], default_name: str | None
+                  ) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
+    """Check labels and dataset names of one file; return the rows that pass and the problems."""
+    n = rows.num_rows
+    problems = list(rows.parse_problems)
+    bad = np.zeros(n, dtype=bool)
+
+    def flag(mask: np.ndarray, reason: str, detail_of) -> None:
+        new = mask & ~bad
+        for i in np.flatnonzero(new):
+            problems.append((int(rows.line[i]), reason, detail_of(i)))
+        bad[new] = True
+
+    image = rows.image if pa.types.is_string(rows.image.type) or pa.types.is_large_string(rows.image.type) \
+        else rows.image.cast(pa.string()) if not pa.types.is_null(rows.image.type) else pa.nulls(n, pa.string())
+    missing_image = np.asarray(pc.fill_null(pc.equal(pc.utf8_length(image), 0), True).to_numpy(zero_copy_only=False))
+    flag(missing_image, "missing image", lambda i: "no 'image' (or 'image_path') field")
+
+    names = rows.dataset_name
+    if pa.types.is_null(names.type):
+        names = pa.nulls(n, pa.string())
+    elif not pa.types.is_string(names.type):
+        names = names.cast(pa.string())
+    if default_name is not None:
+        names = pc.fill_null(names, default_name)
+    known = list(num_classes)
+    ds_index = np.asarray(pc.fill_null(pc.index_in(names, value_set=pa.array(known, type=pa.string())), -1).to_numpy(zero_copy_only=False))
+    name_missing = np.asarray(names.is_null().to_numpy(zero_copy_only=False))
+    flag(name_missing, "missing dataset_name",
+         lambda i: f"no dataset_name and the file maps to none of {known}: add dataset_name to each row")
+    name_list = None
+
+    def unknown_detail(i: int) -> str:
+        nonlocal name_list
+        name_list = name_list or names.to_pylist()
+        close = difflib.get_close_matches(str(name_list[i]), known, n=1)
+        hint = f", did you mean '{close[0]}'?" if close else f", configured: {known}"
+        return f"'{name_list[i]}' is not in datasets.dataset_configs{hint}"
+
+    flag(ds_index < 0, "unknown dataset_name", unknown_detail)
+
+    labels, label_ok, label_reasons = _labels_as_int(rows.label)
+    if not label_ok.all():
+        for i in np.flatnonzero(~label_ok & ~bad):
+            problems.append((int(rows.line[i]), label_reasons[i].split(" (")[0], label_reasons[i]))
+        bad |= ~label_ok
+    flag(labels < 0, "negative label", lambda i: f"label {labels[i]} is negative")
+    limits = np.array([num_classes[k] for k in known], dtype=np.int64)
+    row_limit = np.where(ds_index >= 0, limits[np.clip(ds_index, 0, None)], np.iinfo(np.int64).max)
+    flag(labels >= row_limit, "label out of range",
+         lambda i: f"label {labels[i]} >= num_classes {row_limit[i]} of dataset '{known[ds_index[i]]}'")
+
+    keep = ~bad
+    folder = str(rows.path.parent) + os.sep
+    is_abs = pc.starts_with(image, os.sep)
+    resolved = pc.if_else(is_abs, image, pc.binary_join_element_wise(pa.scalar(folder), image, ""))
+    label_name = rows.label_name if not pa.types.is_null(rows.label_name.type) else pa.nulls(n, pa.string())
+    if not pa.types.is_string(label_name.type):
+        label_name = label_name.cast(pa.string())
+    idx = pa.array(np.flatnonzero(keep))
+    table = pa.table({
+        "image": resolved.take(idx),
+        "label": pa.array(labels[keep]),
+        "dataset_name": names.take(idx),
+        "label_name": label_name.take(idx),
+        "line": pa.array(rows.line[keep]),
+    })
+    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    frame.insert(4, "source_file", pd.Categorical([str(rows.path)] * len(frame)) if len(frame) else pd.Categorical([]))
+    return frame, problems
+
+
+def record_keys(frame: pd.DataFrame) -> pd.Series:
+    """64-bit hash of (dataset_name, image): what makes two rows the same sample."""
+    return pd.util.hash_pandas_object(frame[["dataset_name", "image"]].astype(str), index=False)
+
+
+def find_duplicates(frame: pd.DataFrame) -> np.ndarray:
+    """Positions of rows repeating an earlier (dataset_name, image) pair in the same split."""
+    return np.asarray(record_keys(frame).duplicated(keep="first"))
+
+
+# -- image files ------------------------------------------------------------------------------------
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+          (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+
+
+def check_image_file(path: str) -> str | None:
+    """Cheap header and end-of-file check; None when the file looks like a whole image.
+
+    Full decoding is the loader's job; this catches missing, empty, non-image and truncated files.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+            size = os.fstat(fh.fileno()).st_size
+            kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+            if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                kind = "webp"
+            if size == 0:
+                return "empty image file"
+            if kind is None:
+                return f"not an image file (header {head[:8]!r})"
+            tail_len = min(size, 12)
+            fh.seek(size - tail_len)
+            tail = fh.read(tail_len)
+    except FileNotFoundError:
+        return "image file not found"
+    except OSError as exc:
+        return f"unreadable image file ({exc.strerror or exc})"
+    if kind == "jpeg" and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "png" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    if kind == "gif" and not tail.endswith(b";"):
+        return "truncated GIF (no trailer)"
+    if kind == "bmp" and int.from_bytes(head[2:6], "little") > size:
+        return "truncated BMP (file shorter than its header says)"
+    if kind == "webp" and int.from_bytes(head[4:8], "little") + 8 > size:
+        return "truncated WEBP (file shorter than its header says)"
+    return None
+
+
+def check_image_files(paths: Sequence[str], workers: int, desc: str) -> list[str | None]:
+    """check_image_file over many paths in threads (the work is file I/O), with a progress bar."""
+    if not paths:
+        return []
+    chunk = 512
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results: list[str | None] = []
+        bar = progress(total=len(paths), desc=desc, unit="img")
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            results.extend(pool.map(check_image_file, part))
+            bar.update(len(part))
+        bar.close()
+    return results

@@ -1,0 +1,174 @@
+"""Qwen2.5-VL backbone + pooling + linear head, with per-dataset logits masking.
+
+A model directory written by `save_pretrained` is itself a Qwen2.5-VL checkpoint (config.json,
+safetensors, tokenizer, preprocessor_config.json) plus `classifier.json` and `classifier_head.safetensors`,
+so the backbone part loads through the same code as a Hub download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from food_multids.model.factory import load_backbone, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_FILE = "classifier.json"
+HEAD_FILE = "classifier_head.safetensors"
+
+
+@dataclass
+class LabelSpace:
+    """One dataset's slice of the shared head: classes [0, num_classes) and optional names."""
+
+    dataset_id: int
+    num_classes: int
+    id2label: list[str] | None = None
+
+
+@dataclass
+class ClassifierMeta:
+    num_labels: int
+    pooling: str = "last"
+    enable_logits_masking: bool = True
+    label_spaces: dict[str, LabelSpace] = field(default_factory=dict)
+    prompt: str = "What food is shown in this image?"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClassifierMeta:
+        raw = json.loads(text)
+        raw["label_spaces"] = {k: LabelSpace(**v) for k, v in raw.get("label_spaces", {}).items()}
+        return cls(**raw)
+
+
+def mask_logits(logits: torch.Tensor, num_classes: torch.Tensor) -> torch.Tensor:
+    """float32 logits with every class index >= the sample's num_classes set to -inf.
+
+    -inf (not a large negative) makes softmax exactly 0 there, so those classes get exactly zero
+    gradient and can never win argmax or top-k.
+    """
+    logits = logits.float()
+    invalid = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= num_classes[:, None]
+    return logits.masked_fill(invalid, float("-inf"))
+
+
+class MultiDatasetClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, meta: ClassifierMeta, image_token_id: int):
+        super().__init__()
+        self.backbone = backbone
+        self.meta = meta
+        self.image_token_id = image_token_id
+        hidden = backbone.config.text_config.hidden_size
+        self.head = nn.Linear(hidden, meta.num_labels, dtype=next(backbone.parameters()).dtype)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.meta.pooling == "image_mean":
+            weights = (input_ids == self.image_token_id).to(hidden.dtype)
+            return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+        # Last attended position: correct for left and right padding alike.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                image_grid_thw: torch.Tensor, num_classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, num_labels) in float32; masked per sample when masking is on."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            image_grid_thw=image_grid_thw, use_cache=False)
+        pooled = self.pool(out.last_hidden_state, input_ids, attention_mask)
+        logits = self.head(pooled.to(self.head.weight.dtype))
+        if self.meta.enable_logits_masking and num_classes is not None:
+            return mask_logits(logits, num_classes)
+        return logits.float()
+
+    # -- parts, freezing and optimizer groups ----------------------------------------------------
+    def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list] = {"vision": [], "merger": [], "language": [], "head": []}
+        for name, p in self.named_parameters():
+            if name.startswith("head."):
+                groups["head"].append((name, p))
+            elif ".visual.merger." in f".{name}":
+                groups["merger"].append((name, p))
+            elif ".visual." in f".{name}":
+                groups["vision"].append((name, p))
+            else:
+                groups["language"].append((name, p))
+        return groups
+
+    def freeze(self, vision: bool, merger: bool, language: bool) -> None:
+        parts = self.parts()
+        for part, frozen in (("vision", vision), ("merger", merger), ("language", language)):
+            for _, p in parts[part]:
+                p.requires_grad_(not frozen)
+
+    def param_groups(self, lr: float, vision_lr: float | None, head_lr: float | None, weight_decay: float) -> list[dict]:
+        """Optimizer groups: vision tower + merger at vision_lr, head at head_lr, the rest at lr."""
+        parts = self.parts()
+        spec = (("vision", parts["vision"] + parts["merger"], vision_lr), ("language", parts["language"], None),
+                ("head", parts["head"], head_lr))
+        groups = []
+        for name, params, part_lr in spec:
+            trainable = [p for _, p in params if p.requires_grad]
+            if trainable:
+                groups.append({"name": name, "params": trainable, "lr": lr if part_lr is None else part_lr,
+                               "weight_decay": weight_decay})
+        return groups
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: Path, tokenizer=None, preprocessor_config: dict | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the model directory; `state_dict` overrides the module's (e.g. gathered ZeRO-3 weights)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        head_state = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
+        self.backbone.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+        save_file(head_state, str(directory / HEAD_FILE))
+        (directory / CLASSIFIER_FILE).write_text(self.meta.to_json())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        if preprocessor_config is not None:
+            (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+                        ) -> MultiDatasetClassifier:
+        """Restore a directory written by save_pretrained: identical logits on the same input."""
+        meta_file = directory / CLASSIFIER_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{directory} is not a classifier directory (no {CLASSIFIER_FILE})")
+        meta = ClassifierMeta.from_json(meta_file.read_text())
+        backbone = load_backbone(directory, dtype, attn_implementation)
+        model = cls(backbone, meta, backbone.config.image_token_id)
+        head = load_file(str(directory / HEAD_FILE))
+        model.head.load_state_dict({k: v.to(dtype) for k, v in head.items()})
+        return model
+
+
+def create_classifier(path: Path, meta: ClassifierMeta, dtype_name: str, device: torch.device,
+                      attn_implementation: str = "sdpa") -> MultiDatasetClassifier:
+    """Continue from a saved classifier directory, or put a fresh head on a Qwen2.5-VL checkpoint."""
+    dtype = resolve_dtype(dtype_name, device)
+    if (path / CLASSIFIER_FILE).is_file():
+        model = MultiDatasetClassifier.from_pretrained(path, dtype, attn_implementation)
+        if model.meta.num_labels != meta.num_labels:
+            raise ValueError(f"model.num_labels is {meta.num_labels} but the classifier in {path} has "
+                             f"{model.meta.num_labels} outputs: set model.num_labels to {model.meta.num_labels} "
+                             "or start from the base Qwen2.5-VL checkpoint")
+        model.meta = meta
+        return model
+    backbone = load_backbone(path, dtype, attn_implementation)
+    return MultiDatasetClassifier(backbone, meta, backbone.config.image_token_id)

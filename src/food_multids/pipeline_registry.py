@@ -1,0 +1,12 @@
+"""Pipelines: data, train (= data + training), full_eval (= evaluation + report), report, __default__."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Pipeline
+
+from food_multids.pipelines import data
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    data_pipe = data.create_pipeline()
+    return {"data": data_pipe, "__default__": data_pipe}

@@ -1,0 +1,103 @@
+"""Shared fixtures: real JSONL files with real images, the tiny Qwen2.5-VL, parameter dicts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def write_image(path: Path, colour=(200, 30, 30), size=(56, 56), mode="RGB", fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, colour)
+    img = img.convert(mode) if mode != "RGB" else img
+    img.save(path, format=fmt)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_dataset(root: Path, name: str, num_classes: int, per_class: int, split: str = "train") -> Path:
+    """A folder root/name with images and split.jsonl; colours differ by class."""
+    rows = []
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{split}".encode()))
+    for label in range(num_classes):
+        for k in range(per_class):
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            rel = f"img/{split}/{label}_{k}.png"
+            write_image(root / name / rel, colour)
+            rows.append({"image": rel, "label": label, "dataset_name": name})
+    return write_jsonl(root / name / f"{split}.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def base_params() -> dict:
+    return yaml.safe_load((REPO / "conf/base/parameters.yml").read_text())
+
+
+@pytest.fixture
+def two_datasets(tmp_path) -> dict:
+    """Parameters for two small real datasets (3 and 5 classes) written under tmp_path."""
+    for name, n in (("alpha", 3), ("beta", 5)):
+        make_dataset(tmp_path, name, n, per_class=4, split="train")
+        make_dataset(tmp_path, name, n, per_class=4, split="val")
+    return {
+        "model": {"num_labels": 5},
+        "data": {"train_jsonl_list": [str(tmp_path / "alpha/train.jsonl"), str(tmp_path / "beta/train.jsonl")],
+                 "val_jsonl_list": [str(tmp_path / "alpha/val.jsonl"), str(tmp_path / "beta/val.jsonl")]},
+        "datasets": {"dataset_configs": {"alpha": {"num_classes": 3, "eval_ratio": 0.5},
+                                         "beta": {"num_classes": 5, "eval_ratio": 0.25}}},
+        "training": {"seed": 7},
+    }
+
+
+def with_overrides(params: dict, **sections) -> dict:
+    out = copy.deepcopy(params)
+    for section, values in sections.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from food_multids.model.factory import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny_qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    from food_multids.demo import write_demo
+
+    return write_demo(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture
+def project_copy(tmp_path, demo_root, tiny_model_dir) -> Path:
+    """A throwaway copy of the Kedro project (conf + pyproject) with the demo data and tiny model."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "pyproject.toml", root)
+    (root / "src").mkdir()  # the package itself comes from the installed (editable) project
+    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf/local").mkdir()
+    shutil.copytree(demo_root, root / "data/01_raw/demo")
+    shutil.copytree(tiny_model_dir, root / "data/06_models/tiny_qwen2_5_vl")
+    return root

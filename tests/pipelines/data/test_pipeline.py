@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from food_multids.pipelines.data import create_pipeline
+
+
+def test_data_pipeline_slice_runs_on_an_in_memory_catalog(two_datasets):
+    catalog = DataCatalog({"parameters": MemoryDataset(two_datasets)})
+    SequentialRunner().run(create_pipeline(), catalog)
+    subset, full = catalog.load("eval_subset"), catalog.load("full_eval_set")
+    stats = catalog.load("dataset_stats")
+    assert len(full) == 32
+    assert (subset["dataset_name"] == "alpha").sum() == 6 and (subset["dataset_name"] == "beta").sum() == 5
+    assert stats.set_index(["split", "dataset_name"]).loc[("train", "beta"), "rows"] == 20
+    assert catalog.load("rejected_rows").empty
+    assert {"dataset_id", "num_classes", "sample_id"} <= set(catalog.load("train_set").columns)
+
+
+@pytest.mark.slow
+def test_kedro_run_data_pipeline_writes_versioned_parquet(project_copy):
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
+    env.pop("FOOD_MULTIDS_PROJECT_ROOT", None)
+    kedro = os.path.join(os.path.dirname(sys.executable), "kedro")
+    proc = subprocess.run([kedro, "run", "--pipelines", "data"], cwd=project_copy, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    versions = list((project_copy / "data/05_model_input/eval_subset.parquet").iterdir())
+    assert len(versions) == 1
+    subset = pd.read_parquet(versions[0] / "eval_subset.parquet")
+    assert subset.groupby("dataset_name", observed=True).size().to_dict() == {"digits": 50, "shapes": 80}
+    assert (project_copy / "mlflow.db").is_file()
+    assert "Dataset mix:" in proc.stdout + proc.stderr

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from food_multids.config import ConfigError, ProjectConfig
+from tests.conftest import with_overrides, write_jsonl
+
+
+def problems_of(params) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        ProjectConfig.from_params(params)
+    return info.value.problems
+
+
+def test_seed_yaml_is_accepted_as_is(tmp_path):
+    for ds in ("food101", "food2k"):
+        for split in ("train", "test"):
+            write_jsonl(tmp_path / ds / f"{split}.jsonl", [{"image": "x.jpg", "label": 0, "dataset_name": ds}])
+    params = {
+        "model": {"num_labels": 2000, "enable_logits_masking": True},
+        "data": {"train_jsonl_list": [str(tmp_path / "food101/train.jsonl"), str(tmp_path / "food2k/train.jsonl")],
+                 "val_jsonl_list": [str(tmp_path / "food101/test.jsonl"), str(tmp_path / "food2k/test.jsonl")]},
+        "datasets": {"dataset_configs": {"food101": {"num_classes": 101, "eval_ratio": 0.2},
+                                         "food2k": {"num_classes": 2000, "eval_ratio": 0.1}}},
+    }
+    cfg = ProjectConfig.from_params(params)
+    assert cfg.dataset_names == ("food101", "food2k")
+    assert cfg.num_classes() == {"food101": 101, "food2k": 2000}
+    assert cfg.dataset("food2k").eval_ratio == 0.1 and cfg.dataset("food2k").index == 1
+    assert cfg.data.train_files[1] == tmp_path / "food2k/train.jsonl"
+
+
+def test_single_file_form_derives_dataset_from_folder(tmp_path):
+    write_jsonl(tmp_path / "food101/train.jsonl", [{"image": "a.jpg", "label": 3}])
+    write_jsonl(tmp_path / "food101/test.jsonl", [{"image": "b.jpg", "label": 4}])
+    cfg = ProjectConfig.from_params({
+        "model": {"num_labels": 101},
+        "data": {"train_jsonl": str(tmp_path / "food101/train.jsonl"), "val_jsonl": str(tmp_path / "food101/test.jsonl")},
+    })
+    assert cfg.data.single_file
+    assert cfg.num_classes() == {"food101": 101}
+
+
+def test_num_labels_below_largest_num_classes(two_datasets):
+    params = with_overrides(two_datasets, model={"num_labels": 4})
+    assert any("model.num_labels must be >= the largest num_classes (5, dataset 'beta')" in p for p in problems_of(params))
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
+def test_eval_ratio_outside_range(two_datasets, ratio):
+    params = copy.deepcopy(two_datasets)
+    params["datasets"]["dataset_configs"]["alpha"]["eval_ratio"] = ratio
+    assert any(p.startswith("params:datasets.dataset_configs.alpha.eval_ratio must be in (0, 1]") for p in problems_of(params))
+
+
+def test_list_lengths_must_match(two_datasets):
+    params = copy.deepcopy(two_datasets)
+    params["data"]["val_jsonl_list"] = params["data"]["val_jsonl_list"][:1]
+    assert any("data.val_jsonl_list has 1 file(s) but data.train_jsonl_list has 2" in p for p in problems_of(params))
+
+
+def test_unknown_keys_get_a_did_you_mean(two_datasets):
+    params = with_overrides(two_datasets, training={"learnig_rate": 1e-4}, model={"poolng": "last"})
+    params["trainng"] = {}
+    found = problems_of(params)
+    assert "params:training.learnig_rate is not a known setting (did you mean 'learning_rate'?)" in found
+    assert "params:model.poolng is not a known setting (did you mean 'pooling'?)" in found
+    assert "params:trainng is not a known setting (did you mean 'training'?)" in found
+
+
+def test_missing_files_are_named(two_datasets, tmp_path):
+    params = copy.deepcopy(two_datasets)
+    params["data"]["train_jsonl_list"][1] = str(tmp_path / "nope/train.jsonl")
+    assert any(p.startswith("params:data.train_jsonl_list[1] file not found") and "nope/train.jsonl" in p
+               for p in problems_of(params))
+
+
+def test_dataset_folder_not_in_configs_is_reported(two_datasets):
+    params = copy.deepcopy(two_datasets)
+    params["datasets"]["dataset_configs"]["alpah"] = params["datasets"]["dataset_configs"].pop("alpha")
+    found = problems_of(params)
+    assert any("lives in folder 'alpha', which is not in datasets.dataset_configs (did you mean 'alpah'?)" in p for p in found)
+
+
+def test_all_problems_are_reported_at_once(two_datasets):
+    params = with_overrides(two_datasets, model={"num_labels": 0, "pooling": "max"},
+                            training={"eval_steps": 0, "learning_rate": "fast", "resume_from_checkpoint": True})
+    found = problems_of(params)
+    assert len(found) >= 5
+    assert "params:training.eval_steps must be > 0, got 0" in found
+    assert "params:model.pooling must be one of 'last', 'image_mean', got 'max'" in found
+    assert "params:training.learning_rate must be a number, got 'fast'" in found
+    assert any(p.startswith("params:training.resume_from_checkpoint") for p in found)
+
+
+def test_deepspeed_config_from_a_json_file(two_datasets, tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = ProjectConfig.from_params({**two_datasets, "deepspeed": str(tmp_path / "ds.json")})
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 3
+    (tmp_path / "bad.json").write_text("{not json")
+    assert any("is not valid JSON" in p for p in problems_of({**two_datasets, "deepspeed": str(tmp_path / "bad.json")}))
+
+
+def test_yaml_scientific_notation_strings_are_numbers(two_datasets):
+    cfg = ProjectConfig.from_params(with_overrides(two_datasets, training={"learning_rate": "1e-4"}))
+    assert cfg.training.learning_rate == pytest.approx(1e-4)
+
+
+def test_greater_is_better_is_inferred_from_the_metric_name(two_datasets):
+    cfg = ProjectConfig.from_params(with_overrides(two_datasets, training={"metric_for_best_model": "overall_loss"}))
+    assert cfg.training.best_metric_greater_is_better() is False
+    cfg = ProjectConfig.from_params(with_overrides(two_datasets, training={"metric_for_best_model": "beta_accuracy"}))
+    assert cfg.training.best_metric_greater_is_better() is True
+
+
+def test_project_defaults_parse(base_params, demo_root, monkeypatch):
+    params = copy.deepcopy(base_params)
+    params["data"]["train_jsonl_list"] = [str(demo_root / "digits/train.jsonl"), str(demo_root / "shapes/train.jsonl")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / "digits/val.jsonl"), str(demo_root / "shapes/val.jsonl")]
+    cfg = ProjectConfig.from_params(params)
+    assert cfg.num_classes() == {"digits": 10, "shapes": 40}
