@@ -19,6 +19,8 @@ def records(rng_seed=0) -> pd.DataFrame:
     big = pd.DataFrame({"label": big_labels, "dataset_name": "big"})
     frame = pd.concat([small, big], ignore_index=True)
     frame["image"] = [f"/img/{i}.png" for i in range(len(frame))]
+    frame["file_index"] = (frame["dataset_name"] == "big").astype("int16")
+    frame["line"] = frame.groupby("dataset_name").cumcount() + 1
     return tag_records(frame, SPECS, "val", seed=0, shuffle=False)
 
 
@@ -68,12 +70,13 @@ def test_tagging_adds_ids_and_stable_sample_ids():
     assert frame["dataset_id"].tolist()[:1] == [0] and frame["dataset_id"].iloc[-1] == 1
     assert set(frame["num_classes"]) == {10, 200}
     assert frame["sample_id"].is_unique
-    again = tag_records(frame[["label", "dataset_name", "image"]].iloc[::-1], SPECS, "val", seed=0, shuffle=True)
+    again = tag_records(frame[["label", "dataset_name", "image", "file_index", "line"]].iloc[::-1], SPECS, "val",
+                        seed=0, shuffle=True)
     assert dict(zip(frame["image"], frame["sample_id"], strict=True)) == dict(zip(again["image"], again["sample_id"], strict=True))
 
 
 def test_shuffle_is_seeded():
-    frame = records()[["label", "dataset_name", "image"]]
+    frame = records()[["label", "dataset_name", "image", "file_index", "line"]]
     a = tag_records(frame, SPECS, "train", seed=1, shuffle=True)["image"].tolist()
     b = tag_records(frame, SPECS, "train", seed=1, shuffle=True)["image"].tolist()
     c = tag_records(frame, SPECS, "train", seed=2, shuffle=True)["image"].tolist()

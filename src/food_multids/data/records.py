@@ -173,8 +173,8 @@ def _labels_as_int(label: pa.Array) -> tuple[np.ndarray, np.ndarray, list[str | 
     return values, valid, reasons
 
 
-def validate_file(rows: FileRows, split: str, num_classes: dict[str, int], default_name: str | None
-                  ) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
+def validate_file(rows: FileRows, num_classes: dict[str, int], default_name: str | None, file_index: int = 0
+                  ) -> tuple[pa.Table, list[tuple[int, str, str]]]:
     """Check labels and dataset names of one file; return the rows that pass and the problems."""
     n = rows.num_rows
     problems = list(rows.parse_problems)
@@ -232,27 +232,34 @@ def validate_file(rows: FileRows, split: str, num_classes: dict[str, int], defau
     label_name = rows.label_name if not pa.types.is_null(rows.label_name.type) else pa.nulls(n, pa.string())
     if not pa.types.is_string(label_name.type):
         label_name = label_name.cast(pa.string())
-    idx = pa.array(np.flatnonzero(keep))
-    table = pa.table({
-        "image": resolved.take(idx),
-        "label": pa.array(labels[keep]),
-        "dataset_name": names.take(idx),
-        "label_name": label_name.take(idx),
-        "line": pa.array(rows.line[keep]),
-    })
-    frame = table.to_pandas(types_mapper=pd.ArrowDtype)
-    frame.insert(4, "source_file", pd.Categorical([str(rows.path)] * len(frame)) if len(frame) else pd.Categorical([]))
-    return frame, problems
+    columns = {"image": resolved, "label": pa.array(labels), "dataset_name": names, "label_name": label_name,
+               "line": pa.array(rows.line)}
+    table = pa.table(columns)
+    if not keep.all():
+        table = table.take(pa.array(np.flatnonzero(keep)))
+    kept = table.num_rows
+    source = pa.DictionaryArray.from_arrays(pa.array(np.zeros(kept, dtype=np.int32)), pa.array([str(rows.path)]))
+    table = table.add_column(4, "source_file", source)
+    table = table.add_column(5, "file_index", pa.array(np.full(kept, file_index, dtype=np.int16)))
+    return table, problems
 
 
-def record_keys(frame: pd.DataFrame) -> pd.Series:
-    """64-bit hash of (dataset_name, image): what makes two rows the same sample."""
-    return pd.util.hash_pandas_object(frame[["dataset_name", "image"]].astype(str), index=False)
-
-
-def find_duplicates(frame: pd.DataFrame) -> np.ndarray:
+def find_duplicates(table: pa.Table) -> np.ndarray:
     """Positions of rows repeating an earlier (dataset_name, image) pair in the same split."""
-    return np.asarray(record_keys(frame).duplicated(keep="first"))
+    image = table.column("image")
+    if len(pc.unique(image)) == table.num_rows:  # the common case, one hash pass
+        return np.zeros(table.num_rows, dtype=bool)
+    keys = pa.table({"d": table.column("dataset_name"), "i": image, "row": pa.array(np.arange(table.num_rows))})
+    first = keys.group_by(["d", "i"], use_threads=False).aggregate([("row", "min")]).column("row_min").to_numpy()
+    dup = np.ones(table.num_rows, dtype=bool)
+    dup[first] = False
+    return dup
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow-backed DataFrame without copying strings; dictionary columns become pandas categoricals
+    (parquet round-trips those, not ArrowDtype dictionaries)."""
+    return table.to_pandas(types_mapper=lambda t: None if pa.types.is_dictionary(t) else pd.ArrowDtype(t))
 
 
 # -- image files ------------------------------------------------------------------------------------

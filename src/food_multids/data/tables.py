@@ -4,31 +4,58 @@ from __future__ import annotations
 
 import logging
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from food_multids.config import DatasetSpec
+from food_multids.data.records import to_frame
 
 logger = logging.getLogger(__name__)
+
+
+SPLIT_CODES = {"train": 0, "val": 1}
+
+
+def make_sample_ids(split: str, dataset_id: np.ndarray, file_index: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Stable int64 id: split, dataset, file position in its list and line, packed (decodable, no hashing)."""
+    return ((np.int64(SPLIT_CODES[split]) << 62) | (dataset_id.astype(np.int64) << 46)
+            | (file_index.astype(np.int64) << 36) | line.astype(np.int64))
+
+
+def _threaded_take(table: pa.Table, order: np.ndarray) -> pa.Table:
+    """Table.take in two halves on two threads (pyarrow releases the GIL; take is single-threaded)."""
+    if table.num_rows < 100_000:
+        return table.take(pa.array(order))
+    half = len(order) // 2
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parts = list(pool.map(lambda o: table.take(pa.array(o)), (order[:half], order[half:])))
+    return pa.concat_tables(parts)
 
 
 def tag_records(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], split: str, seed: int, shuffle: bool
                 ) -> pd.DataFrame:
     """Add dataset_id, num_classes and a stable sample_id; shuffle with `seed` when asked."""
-    names = [s.name for s in specs]
-    codes = pd.Categorical(frame["dataset_name"].astype(str), categories=names).codes.astype(np.int16)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    names = pa.array([s.name for s in specs], type=pa.string())
+    dataset_name = table.column("dataset_name")
+    if not pa.types.is_string(dataset_name.type):
+        dataset_name = dataset_name.cast(pa.string())
+    codes = pc.index_in(dataset_name, value_set=names).to_numpy().astype(np.int16)
     num_classes = np.array([s.num_classes for s in specs], dtype=np.int32)
-    out = frame.copy()
-    out["dataset_name"] = pd.Categorical.from_codes(codes, categories=names)
-    out["dataset_id"] = codes
-    out["num_classes"] = num_classes[codes]
-    # Stable across runs and machines: a hash of what identifies the sample, not its position.
-    key = out["dataset_name"].astype(str) + "\x00" + out["image"].astype(str) + "\x00" + split
-    out["sample_id"] = pd.util.hash_pandas_object(key, index=False).to_numpy().view(np.int64)
+    file_index = table.column("file_index").to_numpy() if "file_index" in table.column_names else np.zeros(len(codes))
+    line = table.column("line").to_numpy() if "line" in table.column_names else np.arange(len(codes))
+    dictionary = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), names)
+    table = table.set_column(table.column_names.index("dataset_name"), "dataset_name", dictionary)
+    table = table.append_column("dataset_id", pa.array(codes))
+    table = table.append_column("num_classes", pa.array(num_classes[codes]))
+    table = table.append_column("sample_id", pa.array(make_sample_ids(split, codes, file_index, line)))
     if shuffle:
-        order = np.random.default_rng(seed).permutation(len(out))
-        out = out.iloc[order]
-    return out.reset_index(drop=True)
+        table = _threaded_take(table, np.random.default_rng(seed).permutation(table.num_rows))
+    return to_frame(table)
 
 
 def dataset_statistics(tables: dict[str, pd.DataFrame], specs: tuple[DatasetSpec, ...]) -> pd.DataFrame:
@@ -36,13 +63,16 @@ def dataset_statistics(tables: dict[str, pd.DataFrame], specs: tuple[DatasetSpec
     rows = []
     for split, frame in tables.items():
         total = len(frame)
-        grouped = frame.groupby("dataset_name", observed=False)["label"]
-        counts, classes = grouped.size(), grouped.nunique()
+        ids = frame["dataset_id"].to_numpy(dtype=np.int64)
+        labels = frame["label"].to_numpy(dtype=np.int64)
+        counts = np.bincount(ids, minlength=len(specs))
+        pairs = np.unique(ids * (int(labels.max(initial=0)) + 1) + labels)
+        classes = np.bincount(pairs // (int(labels.max(initial=0)) + 1), minlength=len(specs))
         for spec in specs:
-            n = int(counts.get(spec.name, 0))
+            n = int(counts[spec.index])
             rows.append({"split": split, "dataset_name": spec.name, "rows": n,
                          "share": n / total if total else 0.0,
-                         "classes_covered": int(classes.get(spec.name, 0)), "num_classes": spec.num_classes})
+                         "classes_covered": int(classes[spec.index]), "num_classes": spec.num_classes})
     return pd.DataFrame(rows)
 
 
@@ -100,3 +130,13 @@ def stratified_subset(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], seed:
         rank[sorted_idx] = np.arange(len(rows)) - np.repeat(starts, counts)
         parts.append(rows.iloc[np.flatnonzero(rank < quota[inverse])])
     return pd.concat(parts, ignore_index=True) if parts else frame.iloc[:0]
+
+
+def count_overlap(train: pd.DataFrame, val: pd.DataFrame) -> int:
+    """Images listed under the same dataset in both splits (a leak worth a warning)."""
+    hits = pc.is_in(pa.array(train["image"]), value_set=pa.array(val["image"]))
+    if not pc.any(hits).as_py():
+        return 0
+    both = train[np.asarray(hits)]
+    pairs = set(zip(val["dataset_name"].astype(str), val["image"].astype(str), strict=True))
+    return sum((d, i) in pairs for d, i in zip(both["dataset_name"].astype(str), both["image"].astype(str), strict=True))

@@ -8,8 +8,7 @@ import pandas as pd
 
 from food_multids.config import ProjectConfig
 from food_multids.data.ingest import ingest
-from food_multids.data.records import record_keys
-from food_multids.data.tables import dataset_statistics, format_statistics, stratified_subset, tag_records
+from food_multids.data.tables import count_overlap, dataset_statistics, format_statistics, stratified_subset, tag_records
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def merge_and_tag(train_records: pd.DataFrame, val_records: pd.DataFrame, parame
     seed, shuffle = cfg.training.seed, cfg.training.shuffle
     train = tag_records(train_records, cfg.datasets, "train", seed, shuffle)
     val = tag_records(val_records, cfg.datasets, "val", seed, shuffle=False)
-    overlap = int(record_keys(train_records).isin(record_keys(val_records)).sum())
+    overlap = count_overlap(train_records, val_records)
     if overlap:
         logger.warning("%d image(s) appear in both the train and the val split of the same dataset", overlap)
     stats = dataset_statistics({"train": train, "val": val}, cfg.datasets)
