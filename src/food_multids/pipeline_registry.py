@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from food_multids.pipelines import data
+from food_multids.pipelines import data, train
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     data_pipe = data.create_pipeline()
-    return {"data": data_pipe, "__default__": data_pipe}
+    train_pipe = data_pipe + train.create_pipeline()
+    return {"data": data_pipe, "train": train_pipe, "__default__": train_pipe}

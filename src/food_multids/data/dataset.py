@@ -40,6 +40,9 @@ class RecordDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict | None:
+        # Negative i: a padding slot of ShardedEvalSampler for row -1 - i; it counts for nothing.
+        weight = 1.0 if i >= 0 else 0.0
+        i = i if i >= 0 else -1 - i
         path = self.images[i]
         try:
             patches, grid = self.encoder(load_rgb(path))
@@ -55,4 +58,4 @@ class RecordDataset(Dataset):
         self._consecutive_failures = 0
         return {"pixel_values": patches, "grid": grid, "label": int(self.labels[i]),
                 "dataset_id": int(self.dataset_ids[i]), "num_classes": int(self.num_classes[i]),
-                "sample_id": int(self.sample_ids[i]), "dataset_name": self.dataset_names[i]}
+                "sample_id": int(self.sample_ids[i]), "dataset_name": self.dataset_names[i], "weight": weight}

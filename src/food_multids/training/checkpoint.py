@@ -1,0 +1,110 @@
+"""Periodic DeepSpeed checkpoints and the best model directory, both safe against a kill mid-write.
+
+Layout under training.output_dir:
+  checkpoints/step-00000040/        DeepSpeed checkpoint (all ranks write) + COMPLETE.json (rank 0, last)
+  best/step-00000040/               classifier directory (save_pretrained), written to a temp dir, fsynced, renamed
+  best.json                         pointer to the current best, replaced atomically (os.replace)
+A checkpoint without COMPLETE.json, or a best directory without the pointer, is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE.json"
+BEST_POINTER = "best.json"
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint whose COMPLETE marker exists, oldest first."""
+    root = output_dir / "checkpoints"
+    found = []
+    for path in root.glob("step-*") if root.is_dir() else []:
+        marker = path / COMPLETE
+        if marker.is_file():
+            found.append((json.loads(marker.read_text())["step"], path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1][1] if done else None
+
+
+def mark_complete(path: Path, step: int, extra: dict) -> None:
+    fsync_tree(path)
+    write_json_atomic(path / COMPLETE, {"step": step, **extra})
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None, keep_step: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `limit`, never the one at `keep_step` (the best),
+    and any incomplete leftovers older than the newest complete one."""
+    done = complete_checkpoints(output_dir)
+    removed = []
+    if limit is not None:
+        extra = len(done) - limit
+        for step, path in done:
+            if extra <= 0:
+                break
+            if step == keep_step:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            extra -= 1
+    if done:
+        newest = done[-1][0]
+        for path in (output_dir / "checkpoints").glob("step-*"):
+            if not (path / COMPLETE).is_file() and int(path.name.split("-")[1]) < newest:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def read_best_pointer(output_dir: Path) -> dict | None:
+    pointer = output_dir / BEST_POINTER
+    return json.loads(pointer.read_text()) if pointer.is_file() else None
+
+
+def publish_best(output_dir: Path, staged: Path, info: dict) -> Path:
+    """Move a fully written model directory into best/<tag>, point best.json at it, drop older bests."""
+    fsync_tree(staged)
+    final = output_dir / "best" / step_tag(info["step"])
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staged, final)
+    write_json_atomic(output_dir / BEST_POINTER, {**info, "path": str(final)})
+    for other in (output_dir / "best").iterdir():
+        if other != final:
+            shutil.rmtree(other, ignore_errors=True)
+    return final

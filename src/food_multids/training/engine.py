@@ -1,0 +1,106 @@
+"""DeepSpeed setup: distributed init, the resolved DeepSpeed config, optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import socket
+
+import torch
+
+from food_multids.config import ProjectConfig
+
+logger = logging.getLogger(__name__)
+
+# Keys filled from training/model settings (HF Trainer's "auto" values work the same way).
+_FILLED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+
+
+def resolve_device(cfg: ProjectConfig) -> torch.device:
+    wanted = cfg.training.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params:training.device is cuda but no CUDA GPU is visible; use auto or cpu")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, master_port: int | None = None) -> tuple[int, int]:
+    """Join (or start, for a single in-process run) the process group; return (rank, world_size)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(master_port or _free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_deepspeed_config(cfg: ProjectConfig, world_size: int, dtype: torch.dtype) -> dict:
+    """The user's `deepspeed:` section with batch sizes, clipping and precision filled in."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    t = cfg.training
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            logger.warning("deepspeed.%s is ignored: the optimizer (AdamW, per-part learning rates) and the "
+                           "schedule come from training.* (learning_rate, lr_scheduler_type, warmup_*)", section)
+            ds.pop(section)
+    for key in _FILLED:
+        if key in ds and ds[key] != "auto":
+            logger.warning("deepspeed.%s=%r is replaced by the value derived from training.*", key, ds[key])
+    ds["train_micro_batch_size_per_gpu"] = t.per_device_train_batch_size
+    ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    ds["train_batch_size"] = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+    ds["gradient_clipping"] = t.max_grad_norm
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == torch.float16}
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    if ds["zero_optimization"].get("stage", 0) == 3:
+        ds["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    return ds
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Linear warmup, then cosine or linear decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def create_engine(model, cfg: ProjectConfig, ds_config: dict, total_steps: int, device: torch.device):
+    """deepspeed.initialize with a torch AdamW over per-part param groups and a LambdaLR schedule."""
+    import deepspeed
+
+    t = cfg.training
+    groups = model.param_groups(t.learning_rate, t.vision_lr, t.head_lr, t.weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: model.freeze_* freeze every part and the head has no parameters")
+    # The fused kernel runs the whole update in a few launches instead of one per tensor.
+    optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler_type, t.warmup(total_steps), total_steps))
+    engine, optimizer, _, schedule = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False)
+    return engine, optimizer, schedule

@@ -1,0 +1,76 @@
+"""Run training in this process (one device) or under the DeepSpeed launcher (several processes/hosts).
+
+Kedro stays single-process: for several processes the train node writes its inputs and resolved
+parameters to <output_dir>/launch/, starts `deepspeed --num_gpus N [--hostfile F] --module
+food_multids.training.worker`, and reads back rank 0's result. MLFLOW_RUN_ID and MLFLOW_TRACKING_URI
+point rank 0 at the Kedro session's MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from food_multids.config import ProjectConfig
+from food_multids.paths import find_project_root, resolve_path
+from food_multids.training.loop import Trainer, TrainingResult
+from food_multids.training.tracking import active_run_target
+
+logger = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+
+
+def resolve_world_size(cfg: ProjectConfig) -> int:
+    if cfg.training.num_processes is not None:
+        return cfg.training.num_processes
+    if cfg.training.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def launcher_command(cfg: ProjectConfig, world: int, spec: Path) -> list[str]:
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    if launcher is None:
+        raise FileNotFoundError("the `deepspeed` launcher is not on PATH; install deepspeed in this environment")
+    cmd = [launcher, "--num_gpus", str(world)]
+    if cfg.training.hostfile:
+        cmd += ["--hostfile", str(resolve_path(cfg.training.hostfile))]
+    if cfg.training.master_port:
+        cmd += ["--master_port", str(cfg.training.master_port)]
+    return cmd + ["--module", "food_multids.training.worker", "--spec", str(spec)]
+
+
+def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_subset: pd.DataFrame,
+                 full_eval: pd.DataFrame) -> TrainingResult:
+    world = resolve_world_size(cfg)
+    run_id, tracking_uri = active_run_target()
+    if world == 1 and not cfg.training.hostfile:
+        return Trainer(cfg, train, eval_subset, full_eval, run_id, tracking_uri).run()
+
+    launch = cfg.training.resolved_output_dir() / "launch"
+    launch.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("train", train), ("eval_subset", eval_subset), ("full_eval", full_eval)):
+        frame.to_parquet(launch / f"{name}.parquet")
+    (launch / RESULT_FILE).unlink(missing_ok=True)
+    spec = launch / "spec.json"
+    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch)}, default=str))
+    env = {**os.environ, "FOOD_MULTIDS_PROJECT_ROOT": str(find_project_root()),
+           "PYTHONUNBUFFERED": "1"}
+    if run_id:
+        env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
+    cmd = launcher_command(cfg, world, spec)
+    logger.info("Starting %d training processes: %s", world, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the DeepSpeed launcher exited with code {proc.returncode} (command: {' '.join(cmd)}); "
+                           "see the rank logs above")
+    result = json.loads((launch / RESULT_FILE).read_text())
+    return TrainingResult(result["history"], result["manifest"])

@@ -1,0 +1,368 @@
+"""The training loop: DeepSpeed steps, per-dataset windows, partial evaluation, best model, checkpoints.
+
+Read top to bottom: `Trainer.run` prepares, optionally resumes, then iterates micro-batches; every
+optimizer step goes through `_after_step` (log -> evaluate -> checkpoint -> stop?).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from food_multids.config import ProjectConfig
+from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.data.dataset import RecordDataset
+from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
+from food_multids.data.tables import stratified_subset
+from food_multids.metrics import format_eval_lines, format_train_lines, summarize
+from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
+from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.paths import resolve_path
+from food_multids.progress import progress
+from food_multids.training import checkpoint as ckpt
+from food_multids.training.engine import create_engine, init_distributed, resolve_deepspeed_config, resolve_device
+from food_multids.training.evaluation import MODEL_INPUTS, evaluate, to_device
+from food_multids.training.tracking import MetricsLogger
+
+logger = logging.getLogger(__name__)
+FINISHED = "FINISHED.json"
+
+
+@dataclass
+class TrainingResult:
+    history: dict
+    manifest: dict
+
+
+def label_spaces(cfg: ProjectConfig, train: pd.DataFrame) -> dict[str, LabelSpace]:
+    """Per-dataset label space; class names from label_name fields when every label has one."""
+    spaces = {}
+    has_names = "label_name" in train.columns
+    for spec in cfg.datasets:
+        id2label = None
+        if has_names:
+            rows = train[(train["dataset_name"] == spec.name) & train["label_name"].notna()]
+            pairs = dict(zip(rows["label"].astype(int), rows["label_name"].astype(str), strict=True))
+            if len(pairs) == spec.num_classes:
+                id2label = [pairs[i] for i in range(spec.num_classes)]
+        spaces[spec.name] = LabelSpace(spec.index, spec.num_classes, id2label)
+    return spaces
+
+
+class Trainer:
+    def __init__(self, cfg: ProjectConfig, train: pd.DataFrame, eval_subset: pd.DataFrame,
+                 full_eval: pd.DataFrame | None = None, run_id: str | None = None, tracking_uri: str | None = None):
+        self.cfg, self.t = cfg, cfg.training
+        self.train_df, self.eval_df, self.full_eval_df = train, eval_subset, full_eval
+        self.device = resolve_device(cfg)
+        self.rank, self.world = init_distributed(self.device, self.t.master_port)
+        self.is_main = self.rank == 0
+        self.names = list(cfg.dataset_names)
+        self.dtype = resolve_dtype(cfg.model.torch_dtype, self.device)
+        self.output_dir = self.t.resolved_output_dir()
+        self.mlflow = MetricsLogger(run_id, tracking_uri, enabled=self.is_main)
+        self.model_path = resolve_path(cfg.model.name_or_path)
+        self.greater_is_better = self.t.best_metric_greater_is_better()
+        # State that a checkpoint carries (see _state / _restore).
+        self.global_step, self.micro_step, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
+        self.window = torch.zeros(4, len(self.names), dtype=torch.float64, device=self.device)
+        self.best: dict | None = None
+        self.evals_without_improvement, self.eval_count = 0, 0
+        self.records: list[dict] = []
+        self.stopped_early = False
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        meta = ClassifierMeta(num_labels=cfg.model.num_labels, pooling=cfg.model.pooling,
+                              enable_logits_masking=cfg.model.enable_logits_masking,
+                              label_spaces=label_spaces(cfg, self.train_df), prompt=cfg.model.prompt)
+        model = create_classifier(self.model_path, meta, cfg.model.torch_dtype, self.device, cfg.model.attn_implementation)
+        model.freeze(cfg.model.freeze_vision_tower, cfg.model.freeze_merger, cfg.model.freeze_language_model)
+        if cfg.model.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.batched_vision_windows:
+            from food_multids.model.fast_vision import enable_batched_windows
+
+            enable_batched_windows(model.backbone)
+        self.tokenizer = load_tokenizer(self.model_path)
+        encoder = ImageEncoder.from_pretrained(self.model_path, cfg.model.min_pixels, cfg.model.max_pixels)
+        self.encoder = encoder
+        self.collator = ClassificationCollator(PromptTokens.from_tokenizer(self.tokenizer, cfg.model.prompt),
+                                               encoder.merge_size, cfg.model.padding_side)
+        sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
+        self.target_mix = mix_proportions(sizes, cfg.data.mix_strategy, [d.weight for d in cfg.datasets],
+                                          cfg.data.mix_temperature)
+        self.sampler = MixingSampler(self.train_df["dataset_id"].to_numpy(), self.t.per_device_train_batch_size,
+                                     self.world, self.rank, self.t.seed, self.t.shuffle, cfg.data.mix_strategy,
+                                     self.target_mix, cfg.data.resample_each_epoch)
+        self.train_loader = self._loader(RecordDataset(self.train_df, encoder, self.t.max_consecutive_bad_images),
+                                         self.sampler)
+        self.total_steps = self.t.optimizer_steps(len(self.sampler))
+        ds_config = resolve_deepspeed_config(cfg, self.world, self.dtype)
+        self.engine, self.optimizer, self.scheduler = create_engine(model, cfg, ds_config, self.total_steps, self.device)
+        self.zero_stage = ds_config["zero_optimization"].get("stage", 0)
+        if self.is_main:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info("Training %s on %s (%d process(es), ZeRO-%d, %s): %d optimizer steps, %d trainable parameters, "
+                        "epoch = %d micro-batches of %d per process; target mix %s", self.model_path.name,
+                        self.device.type, self.world, self.zero_stage, self.dtype, self.total_steps, n_train,
+                        len(self.sampler), self.t.per_device_train_batch_size,
+                        {n: round(float(p), 3) for n, p in zip(self.names, self.target_mix, strict=True)})
+
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        workers = self.t.dataloader_num_workers
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=workers,
+                          pin_memory=self.t.dataloader_pin_memory and self.device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    def _eval_loader(self, frame: pd.DataFrame, batch_size: int) -> DataLoader:
+        dataset = RecordDataset(frame, self.encoder, self.t.max_consecutive_bad_images)
+        return self._loader(dataset, ShardedEvalSampler(len(frame), batch_size, self.world, self.rank))
+
+    # -- resume ------------------------------------------------------------------------------------
+    def _prepare_output_dir(self) -> Path | None:
+        """Checkpoint to resume from, or None (then leftovers of an earlier run are cleared)."""
+        resume = self.t.resume_from_checkpoint
+        source = None
+        if resume == "auto":
+            finished = (self.output_dir / FINISHED).is_file()
+            source = None if finished else ckpt.latest_checkpoint(self.output_dir)
+            if source is None and self.is_main:
+                logger.info("resume_from_checkpoint=auto: %s", "previous run finished, starting fresh" if finished
+                            else f"no complete checkpoint in {self.output_dir}, starting fresh")
+        elif isinstance(resume, str) and resume:
+            source = resolve_path(resume)
+            if not (source / ckpt.COMPLETE).is_file():
+                raise FileNotFoundError(f"params:training.resume_from_checkpoint: {source} is not a complete "
+                                        f"checkpoint (no {ckpt.COMPLETE}); complete ones: "
+                                        f"{[str(p) for _, p in ckpt.complete_checkpoints(self.output_dir)]}")
+        if source is None and self.is_main and self.output_dir.exists():
+            leftovers = [p for p in self.output_dir.iterdir() if p.name in ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)]
+            if leftovers:
+                logger.warning("Starting fresh in %s: removing %s of an earlier run (set "
+                               "training.resume_from_checkpoint: auto to continue it instead)", self.output_dir,
+                               [p.name for p in leftovers])
+                for p in leftovers:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        return source
+
+    def _state(self) -> dict:
+        return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "window": self.window.cpu().tolist(), "best": self.best,
+                "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
+                "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                                 "python": random.getstate()}}
+
+    def _restore(self, source: Path) -> None:
+        _, state = self.engine.load_checkpoint(str(source.parent), tag=source.name)
+        if state is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+        for key in ("global_step", "micro_step", "epoch", "batch_in_epoch", "best", "evals_without_improvement",
+                    "eval_count", "records"):
+            setattr(self, key, state[key])
+        self.window = torch.tensor(state["window"], dtype=torch.float64, device=self.device)
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if self.is_main:
+            logger.info("Resumed from %s: step %d, epoch %d, micro-batch %d of the epoch", source,
+                        self.global_step, self.epoch, self.batch_in_epoch)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainingResult:
+        source = self._prepare_output_dir()
+        self._build()
+        if source is not None:
+            self._restore(source)
+        self.engine.train()
+        bar = progress(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+                       mode=self.t.progress_bar) if self.is_main else None
+        self._window_start, self._last_loss = time.perf_counter(), None
+        done = self.global_step >= self.total_steps or self.stopped_early
+        while not done:
+            self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            for batch in self.train_loader:
+                self._train_micro_batch(batch)
+                self.batch_in_epoch += 1
+                if self.micro_step % self.t.gradient_accumulation_steps == 0:
+                    self.global_step += 1
+                    if bar is not None:
+                        bar.update(1)
+                    done = self._after_step(bar)
+                    if done:
+                        break
+            if not done:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if bar is not None:
+            bar.close()
+        return self._finish()
+
+    def _train_micro_batch(self, batch: dict) -> None:
+        batch = to_device(batch, self.device, self.dtype)
+        logits = self.engine(**{k: batch[k] for k in MODEL_INPUTS})
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        self.engine.backward(losses.mean())
+        self.engine.step()
+        self.micro_step += 1
+        # Accumulated on the device: no host synchronisation until the next logging step.
+        with torch.no_grad():
+            ds = batch["dataset_ids"]
+            self.window[0].index_add_(0, ds, losses.detach().double())
+            self.window[1].index_add_(0, ds, (logits.argmax(-1) == batch["labels"]).double())
+            self.window[2].index_add_(0, ds, torch.ones_like(losses, dtype=torch.float64))
+            self.window[3, 0] += batch["skipped"]
+
+    def _after_step(self, bar) -> bool:
+        step = self.global_step
+        last = step >= self.total_steps
+        if step % self.t.logging_steps == 0 or last:
+            self._log_train_window(bar)
+        if step % self.t.eval_steps == 0 or last:
+            self._evaluate_and_track()
+        if step % self.t.save_steps == 0 or last:
+            self._save_checkpoint()
+        return last or self.stopped_early
+
+    def _log_train_window(self, bar) -> None:
+        from food_multids.training.evaluation import all_reduce_
+
+        window = self.window.clone()
+        all_reduce_([window])
+        elapsed = time.perf_counter() - self._window_start
+        sums = window.cpu().numpy()
+        metrics = summarize(sums[0], sums[1], sums[2], self.names)
+        total = sums[2].sum()
+        for i, name in enumerate(self.names):
+            metrics[f"{name}_share"] = float(sums[2][i] / total) if total else 0.0
+        metrics["learning_rate"] = float(self.scheduler.get_last_lr()[-1])
+        metrics["images_per_second"] = float(total / elapsed) if elapsed > 0 else 0.0
+        metrics["epoch"] = self.epoch + self.batch_in_epoch / len(self.sampler)
+        metrics["skipped_images"] = float(sums[3, 0])
+        self.window.zero_()
+        self._window_start = time.perf_counter()
+        if not self.is_main:
+            return
+        self.records.append({"step": self.global_step, "kind": "train", "metrics": metrics})
+        for line in format_train_lines(metrics, self.names):
+            logger.info(line)
+        logger.info("step %d/%d  lr %.3g  %.1f img/s  mix %s", self.global_step, self.total_steps,
+                    metrics["learning_rate"], metrics["images_per_second"],
+                    {n: round(metrics[f"{n}_share"], 3) for n in self.names})
+        self.mlflow.log({f"train_{k}": v for k, v in metrics.items()}, self.global_step)
+        if bar is not None and "overall_loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['overall_loss']:.4f}", acc=f"{metrics['overall_accuracy']:.3f}",
+                            img_s=f"{metrics['images_per_second']:.1f}")
+
+    def _eval_frame(self) -> pd.DataFrame:
+        if self.t.eval_subset_strategy == "fresh" and self.full_eval_df is not None:
+            return stratified_subset(self.full_eval_df, self.cfg.datasets, self.t.seed + 1_000_003 * (self.eval_count + 1))
+        return self.eval_df
+
+    def _evaluate_and_track(self) -> None:
+        frame = self._eval_frame()
+        self.eval_count += 1
+        out = evaluate(self.engine.module, self._eval_loader(frame, self.t.per_device_eval_batch_size), self.device,
+                       len(self.names), masking=self.cfg.model.enable_logits_masking, dtype=self.dtype,
+                       desc="partial eval", progress_mode=self.t.progress_bar)
+        metrics = summarize(out.loss_sum, out.correct, out.count, self.names)
+        if not self.cfg.model.enable_logits_masking:
+            metrics["out_of_range_predictions"] = float(out.out_of_range)
+        key = self.t.metric_for_best_model
+        if key not in metrics:
+            raise ValueError(f"params:training.metric_for_best_model is {key!r}, which evaluation does not produce; "
+                             f"choose one of {sorted(k for k in metrics if not k.endswith('_samples'))}")
+        value = metrics[key]
+        improved = self.best is None or (value > self.best["value"] if self.greater_is_better else value < self.best["value"])
+        if self.is_main:
+            logger.info("Partial evaluation at step %d (%s subset, %d samples):", self.global_step,
+                        self.t.eval_subset_strategy, int(out.count.sum()))
+            for line in format_eval_lines(metrics, self.names):
+                logger.info(line)
+            self.records.append({"step": self.global_step, "kind": "eval", "metrics": metrics,
+                                 "subset": self.t.eval_subset_strategy})
+            self.mlflow.log({f"eval_{k}": v for k, v in metrics.items()}, self.global_step)
+        if improved:
+            self.best = {"metric": key, "value": value, "step": self.global_step,
+                         "greater_is_better": self.greater_is_better, "subset": self.t.eval_subset_strategy}
+            self.evals_without_improvement = 0
+            self._save_best()
+        else:
+            self.evals_without_improvement += 1
+            patience = self.t.early_stopping_patience
+            if patience is not None and self.evals_without_improvement >= patience:
+                self.stopped_early = True
+                if self.is_main:
+                    logger.info("Early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
+                                self.global_step, key, self.evals_without_improvement, self.best["value"], self.best["step"])
+
+    def _gathered_state_dict(self) -> dict | None:
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
+        return self.engine.module.state_dict() if self.is_main else None
+
+    def _save_best(self) -> None:
+        state = self._gathered_state_dict()
+        if self.is_main:
+            staged = self.output_dir / f".best-staging-{self.global_step}"
+            shutil.rmtree(staged, ignore_errors=True)
+            self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
+            path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
+            metric, value = self.best["metric"], self.best["value"]
+            logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
+            self.mlflow.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
+        self._barrier()
+
+    def _preprocessor_config(self) -> dict:
+        source = self.model_path / "preprocessor_config.json"
+        conf = json.loads(source.read_text()) if source.is_file() else {}
+        conf.update(min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels)
+        if "size" in conf:
+            conf["size"] = {"shortest_edge": self.cfg.model.min_pixels, "longest_edge": self.cfg.model.max_pixels}
+        return conf
+
+    def _save_checkpoint(self) -> None:
+        tag = ckpt.step_tag(self.global_step)
+        self.engine.save_checkpoint(str(self.output_dir / "checkpoints"), tag=tag, client_state=self._state())
+        self._barrier()
+        if self.is_main:
+            path = self.output_dir / "checkpoints" / tag
+            ckpt.mark_complete(path, self.global_step, {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
+            removed = ckpt.prune_checkpoints(self.output_dir, self.t.save_total_limit,
+                                             self.best["step"] if self.best else None)
+            logger.info("Checkpoint %s%s", path, f" (removed {[p.name for p in removed]})" if removed else "")
+        self._barrier()
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    def _finish(self) -> TrainingResult:
+        best = ckpt.read_best_pointer(self.output_dir)
+        manifest = {"output_dir": str(self.output_dir), "total_steps": self.total_steps,
+                    "final_step": self.global_step, "stopped_early": self.stopped_early,
+                    "checkpoints": [{"step": s, "path": str(p)} for s, p in ckpt.complete_checkpoints(self.output_dir)],
+                    "best": best, "mlflow_run_id": self.mlflow.run_id, "world_size": self.world}
+        history = {"records": self.records, "best": self.best, "datasets": self.names,
+                   "metric_for_best_model": self.t.metric_for_best_model,
+                   "eval_subset_strategy": self.t.eval_subset_strategy,
+                   "target_mix": {n: float(p) for n, p in zip(self.names, self.target_mix, strict=True)},
+                   "mix_strategy": self.cfg.data.mix_strategy}
+        if self.is_main:
+            ckpt.write_json_atomic(self.output_dir / FINISHED, manifest)
+        return TrainingResult(history, manifest)
