@@ -22,7 +22,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
                  max_pixels: int = 448 * 448) -> tuple[int, int]:
     """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
 
-    Same rules as qwen-vl-utils' smart_resize (which cannot be imported without torchvision).
+    Same rules as qwen-vl-utils' smart_resize (which cannot be imported without torchvision), except that
+    a side is never shrunk below one `factor`.
     """
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds {MAX_ASPECT_RATIO}")
@@ -30,8 +31,12 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     w = max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h = math.floor(height / beta / factor) * factor
-        w = math.floor(width / beta / factor) * factor
+        # qwen-vl-utils can floor a thin side to 0 here (then the image processor fails); keep one unit.
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+        if h < factor:
+            h, w = factor, max(factor, math.floor(max_pixels / factor / factor) * factor)
+        elif w < factor:
+            h, w = max(factor, math.floor(max_pixels / factor / factor) * factor), factor
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor

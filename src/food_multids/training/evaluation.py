@@ -71,7 +71,9 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
             keep = batch["weights"] > 0
             probs = logits.float().softmax(dim=-1)
             k = min(top_k, logits.shape[-1])
-            top_p, top_i = probs.topk(k, dim=-1)
+            # Rank by logits: probabilities can underflow to ties at 0, logits keep -inf strictly last.
+            top_i = logits.topk(k, dim=-1).indices
+            top_p = probs.gather(1, top_i)
             if masking:
                 beyond = top_i >= batch["num_classes"][:, None]
                 top_i, top_p = top_i.masked_fill(beyond, -1), top_p.masked_fill(beyond, 0.0)

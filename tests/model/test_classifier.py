@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.model.classifier import ClassifierMeta, LabelSpace, MultiDatasetClassifier, create_classifier, mask_logits
+from food_multids.model.factory import load_backbone, load_tokenizer, qwen2_5_vl_3b_config
+
+SPACES = {"a": LabelSpace(0, 3), "b": LabelSpace(1, 7)}
+
+
+def make_model(path, pooling="last", masking=True, num_labels=7) -> MultiDatasetClassifier:
+    torch.manual_seed(0)
+    meta = ClassifierMeta(num_labels=num_labels, pooling=pooling, enable_logits_masking=masking, label_spaces=SPACES)
+    return create_classifier(path, meta, "float32", torch.device("cpu"))
+
+
+def make_batch(path, n=4, padding_side="left", sizes=None, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    encoder = ImageEncoder.from_pretrained(path, 56 * 56, 112 * 112)
+    prompt = PromptTokens.from_tokenizer(load_tokenizer(path), "What food is shown in this image?")
+    samples = []
+    for i in range(n):
+        h, w = (sizes or [(56, 56)])[i % len(sizes or [(56, 56)])]
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        patches, grid = encoder(img)
+        samples.append({"pixel_values": patches, "grid": grid, "label": i % 3, "dataset_id": i % 2,
+                        "num_classes": 3 if i % 2 == 0 else 7, "sample_id": i, "dataset_name": "ab"[i % 2]})
+    return ClassificationCollator(prompt, 2, padding_side)(samples)
+
+
+def forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+                 batch["num_classes"])
+
+
+def test_masked_logits_are_minus_inf_beyond_each_datasets_classes():
+    logits = torch.randn(3, 6)
+    masked = mask_logits(logits, torch.tensor([2, 6, 4]))
+    assert masked.dtype == torch.float32
+    assert torch.isinf(masked[0, 2:]).all() and torch.isfinite(masked[0, :2]).all()
+    assert torch.isfinite(masked[1]).all()
+    assert torch.equal(masked[2, :4], logits[2, :4]) and (masked[2, 4:] == float("-inf")).all()
+
+
+def test_invalid_classes_get_exactly_zero_gradient():
+    logits = torch.randn(4, 10, requires_grad=True)
+    num_classes = torch.tensor([3, 10, 5, 1])
+    loss = F.cross_entropy(mask_logits(logits, num_classes), torch.tensor([2, 9, 0, 0]))
+    loss.backward()
+    invalid = torch.arange(10)[None, :] >= num_classes[:, None]
+    assert (logits.grad[invalid] == 0).all()
+    assert (logits.grad[~invalid].abs() > 0).any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=16), st.integers(0, 2**31 - 1))
+def test_argmax_and_topk_never_leave_the_dataset_range(num_classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(num_classes), 50, generator=g) * 100
+    nc = torch.tensor(num_classes)
+    masked = mask_logits(logits, nc)
+    assert (masked.argmax(-1) < nc).all()
+    k = 5
+    _, top_i = masked.topk(k, dim=-1)
+    valid_slots = torch.arange(k)[None, :] < nc[:, None]
+    assert (top_i[valid_slots] < nc.repeat_interleave(valid_slots.sum(1))).all()
+
+
+def test_model_logits_are_masked_per_sample(tiny_model_dir):
+    model = make_model(tiny_model_dir)
+    logits = forward(model, make_batch(tiny_model_dir))
+    assert logits.shape == (4, 7)
+    assert torch.isinf(logits[0, 3:]).all() and torch.isfinite(logits[1]).all()
+
+
+def test_without_masking_the_plain_head_is_used(tiny_model_dir):
+    logits = forward(make_model(tiny_model_dir, masking=False), make_batch(tiny_model_dir))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("pooling", ["last", "image_mean"])
+def test_pooling_is_the_same_under_left_and_right_padding(tiny_model_dir, pooling):
+    model = make_model(tiny_model_dir, pooling=pooling).eval()
+    sizes = [(56, 56), (112, 56), (56, 84)]  # different image token counts force padding
+    with torch.no_grad():
+        left = forward(model, make_batch(tiny_model_dir, n=3, padding_side="left", sizes=sizes))
+        right = forward(model, make_batch(tiny_model_dir, n=3, padding_side="right", sizes=sizes))
+        alone = torch.cat([forward(model, make_batch(tiny_model_dir, n=1, sizes=[s])) for s in sizes[:1]])
+    finite = torch.isfinite(left)
+    assert torch.allclose(left[finite], right[finite], atol=1e-4)
+    assert torch.allclose(left[0][finite[0]], alone[0][finite[0]], atol=1e-4)
+
+
+def test_last_pooling_picks_the_last_attended_token():
+    model = MultiDatasetClassifier.__new__(MultiDatasetClassifier)
+    torch.nn.Module.__init__(model)
+    model.meta = ClassifierMeta(num_labels=2, pooling="last")
+    hidden = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    assert model.pool(hidden, torch.zeros(2, 4, dtype=torch.long), mask).flatten().tolist() == [3.0, 5.0]
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
+    model = make_model(tiny_model_dir).eval()
+    model.meta.label_spaces["a"].id2label = ["x", "y", "z"]
+    batch = make_batch(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    preproc = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
+    model.save_pretrained(tmp_path / "clf", tokenizer, preproc)
+    loaded = MultiDatasetClassifier.from_pretrained(tmp_path / "clf").eval()
+    with torch.no_grad():
+        assert torch.equal(forward(model, batch), forward(loaded, batch))
+    assert loaded.meta.label_spaces["a"].id2label == ["x", "y", "z"]
+    assert loaded.meta.num_labels == 7 and loaded.meta.pooling == "last"
+    assert (tmp_path / "clf/tokenizer.json").is_file() and (tmp_path / "clf/preprocessor_config.json").is_file()
+    assert load_tokenizer(tmp_path / "clf").chat_template
+
+
+def test_hub_layout_checkpoint_loads_through_the_same_path(tiny_model_dir, tmp_path):
+    """Released Qwen2.5-VL checkpoints store `model.layers.*`, `visual.*` and `lm_head.*` keys."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    shutil.copytree(tiny_model_dir, hub)
+    weights = load_file(str(hub / "model.safetensors"))
+    legacy = {}
+    for key, value in weights.items():
+        if key.startswith("model.visual."):
+            legacy["visual." + key[len("model.visual."):]] = value
+        elif key.startswith("model.language_model."):
+            legacy["model." + key[len("model.language_model."):]] = value
+        else:
+            legacy[key] = value
+    assert any(k.startswith("visual.") for k in legacy) and any(k.startswith("model.layers.") for k in legacy)
+    save_file(legacy, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    a = load_backbone(tiny_model_dir, torch.float32).state_dict()
+    b = load_backbone(hub, torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_few_optimizer_steps_on_a_fixed_batch_lower_the_loss(tiny_model_dir):
+    model = make_model(tiny_model_dir)
+    batch = make_batch(tiny_model_dir, n=8)
+    opt = torch.optim.AdamW(model.param_groups(3e-3, None, None, 0.0))
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(forward(model, batch), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_freezing_and_param_groups(tiny_model_dir):
+    model = make_model(tiny_model_dir)
+    model.freeze(vision=True, merger=False, language=True)
+    parts = model.parts()
+    assert not any(p.requires_grad for _, p in parts["vision"]) and all(p.requires_grad for _, p in parts["merger"])
+    assert not any(p.requires_grad for _, p in parts["language"])
+    groups = {g["name"]: g for g in model.param_groups(1e-4, 1e-5, 1e-3, 0.0)}
+    assert set(groups) == {"vision", "head"}
+    assert groups["vision"]["lr"] == 1e-5 and groups["head"]["lr"] == 1e-3
+    assert len(groups["vision"]["params"]) == len(parts["merger"])
+
+
+def test_the_3b_shape_builds_on_the_meta_device():
+    from transformers import Qwen2_5_VLModel
+
+    with torch.device("meta"):
+        backbone = Qwen2_5_VLModel(qwen2_5_vl_3b_config())
+    n = sum(p.numel() for p in backbone.parameters())
+    assert 3.70e9 < n < 3.80e9
+    assert backbone.config.text_config.num_hidden_layers == 36 and backbone.config.vision_config.depth == 32
+    assert all(p.device.type == "meta" for p in backbone.parameters())
