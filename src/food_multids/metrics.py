@@ -29,6 +29,13 @@ def summarize(loss_sum: Sequence[float], correct: Sequence[float], count: Sequen
     return out
 
 
+def is_improvement(value: float, best: float | None, greater_is_better: bool) -> bool:
+    """Strictly better than the best so far (ties keep the earlier model)."""
+    if best is None:
+        return True
+    return value > best if greater_is_better else value < best
+
+
 def topk_accuracy(labels: np.ndarray, topk: np.ndarray, k: int) -> float:
     """Share of rows whose label is among the first k columns of `topk` (rows sorted best first)."""
     if len(labels) == 0:
@@ -67,14 +74,13 @@ def format_train_lines(metrics: dict[str, float], names: Sequence[str]) -> list[
 def format_eval_lines(metrics: dict[str, float], names: Sequence[str]) -> list[str]:
     """The seed trainer's evaluation lines."""
     lines = []
-    width = max([len(n) for n in names] + [7]) + 1
     for name in names:
         if f"{name}_samples" in metrics:
             acc = metrics[f"{name}_accuracy"]
-            lines.append(f"📂 {name + ':':<{width}}  Loss: {metrics[f'{name}_loss']:.4f}, Accuracy: {acc:.4f} "
+            lines.append(f"📂 {name}:   Loss: {metrics[f'{name}_loss']:.4f}, Accuracy: {acc:.4f} "
                          f"({acc:.2%}), Samples: {int(metrics[f'{name}_samples']):,}")
     if "overall_samples" in metrics:
         acc = metrics["overall_accuracy"]
-        lines.append(f"📈 {'Overall:':<{width}}  Loss: {metrics['overall_loss']:.4f}, Accuracy: {acc:.4f} "
+        lines.append(f"📈 Overall:   Loss: {metrics['overall_loss']:.4f}, Accuracy: {acc:.4f} "
                      f"({acc:.2%}), Samples: {int(metrics['overall_samples']):,}")
     return lines

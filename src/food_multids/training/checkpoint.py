@@ -68,13 +68,14 @@ def mark_complete(path: Path, step: int, extra: dict) -> None:
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None, keep_step: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `limit`, never the one at `keep_step` (the best),
-    and any incomplete leftovers older than the newest complete one."""
+    """Delete the oldest complete checkpoints beyond `limit`, never the newest (resume needs it) nor the
+    one at `keep_step` (the best; so limit + 1 can remain, as in Hugging Face's Trainer), and any
+    incomplete leftovers older than the newest complete one."""
     done = complete_checkpoints(output_dir)
     removed = []
     if limit is not None:
         extra = len(done) - limit
-        for step, path in done:
+        for step, path in done[:-1]:
             if extra <= 0:
                 break
             if step == keep_step:

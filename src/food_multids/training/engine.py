@@ -39,12 +39,16 @@ def init_distributed(device: torch.device, master_port: int | None = None) -> tu
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(master_port or _free_port()))
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(master_port or _free_port())}
+        added = [k for k in defaults if k not in os.environ]
+        os.environ.update({k: defaults[k] for k in added})
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        # A single in-process run made these up; child processes (the DeepSpeed launcher, tests'
+        # subprocesses) must not inherit a port that this process is now listening on.
+        for key in added:
+            if key != "LOCAL_RANK":
+                os.environ.pop(key, None)
     return dist.get_rank(), dist.get_world_size()
 
 

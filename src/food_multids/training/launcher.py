@@ -62,8 +62,8 @@ def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_sub
     (launch / RESULT_FILE).unlink(missing_ok=True)
     spec = launch / "spec.json"
     spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch)}, default=str))
-    env = {**os.environ, "FOOD_MULTIDS_PROJECT_ROOT": str(find_project_root()),
-           "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(FOOD_MULTIDS_PROJECT_ROOT=str(find_project_root()), PYTHONUNBUFFERED="1")
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
     cmd = launcher_command(cfg, world, spec)

@@ -25,7 +25,7 @@ from food_multids.data.collator import ClassificationCollator, ImageEncoder, Pro
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import stratified_subset
-from food_multids.metrics import format_eval_lines, format_train_lines, summarize
+from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.paths import resolve_path
@@ -85,6 +85,10 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.cfg
+        # The new head's initialisation (and anything else random) follows training.seed.
+        random.seed(self.t.seed)
+        np.random.seed(self.t.seed)
+        torch.manual_seed(self.t.seed)
         meta = ClassifierMeta(num_labels=cfg.model.num_labels, pooling=cfg.model.pooling,
                               enable_logits_masking=cfg.model.enable_logits_masking,
                               label_spaces=label_spaces(cfg, self.train_df), prompt=cfg.model.prompt)
@@ -286,7 +290,7 @@ class Trainer:
             raise ValueError(f"params:training.metric_for_best_model is {key!r}, which evaluation does not produce; "
                              f"choose one of {sorted(k for k in metrics if not k.endswith('_samples'))}")
         value = metrics[key]
-        improved = self.best is None or (value > self.best["value"] if self.greater_is_better else value < self.best["value"])
+        improved = is_improvement(value, self.best["value"] if self.best else None, self.greater_is_better)
         if self.is_main:
             logger.info("Partial evaluation at step %d (%s subset, %d samples):", self.global_step,
                         self.t.eval_subset_strategy, int(out.count.sum()))

@@ -1,0 +1,28 @@
+"""Run the data + train nodes for a parameters JSON in a fresh process; write the result JSON.
+
+    python tests/training/driver.py params.json result.json
+Used by the tests that kill a training process or need a process of their own.
+"""
+
+import json
+import sys
+
+from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.train.nodes import train_deepspeed
+
+
+def main(params_file: str, result_file: str) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    params = json.loads(open(params_file).read())
+    train, val, _, _ = ingest_jsonl(params)
+    train_set, val_set, _ = merge_and_tag(train, val, params)
+    subset, full = split_eval_subsets(val_set, params)
+    history, manifest = train_deepspeed(train_set, subset, full, params)
+    with open(result_file, "w") as fh:
+        json.dump({"history": history, "manifest": manifest}, fh)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

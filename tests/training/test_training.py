@@ -1,0 +1,167 @@
+"""Real DeepSpeed training of the tiny Qwen2.5-VL on the demo data, on CPU."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.train.nodes import select_best, train_deepspeed
+from food_multids.training.checkpoint import complete_checkpoints
+
+pytestmark = pytest.mark.slow
+DRIVER = Path(__file__).with_name("driver.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def demo_params(base_params, demo_root, tiny_model_dir, tmp_path) -> dict:
+    params = copy.deepcopy(base_params)
+    params["model"]["name_or_path"] = str(tiny_model_dir)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never")
+    return params
+
+
+def data_nodes(params):
+    train, val, _, _ = ingest_jsonl(params)
+    train_set, val_set, _ = merge_and_tag(train, val, params)
+    subset, full = split_eval_subsets(val_set, params)
+    return train_set, subset, full
+
+
+def metric_history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_training_learns_the_demo_and_logs_per_dataset_metrics(demo_params, tmp_path):
+    params = demo_params
+    params["training"].update(num_train_epochs=4, logging_steps=10, eval_steps=40, save_steps=40, save_total_limit=1)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        history, manifest = train_deepspeed(*data_nodes(params), params)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    final = [r for r in history["records"] if r["kind"] == "eval"][-1]["metrics"]
+    # Chance is 10% (digits) and 2.5% (shapes).
+    assert final["digits_accuracy"] > 0.4 and final["shapes_accuracy"] > 0.1, final
+    total = manifest["total_steps"]
+    assert total == 44 * 4
+    train_steps = [s for s, _ in metric_history(client, run.info.run_id, "train_overall_loss")]
+    assert train_steps == [*range(10, total + 1, 10), total] if total % 10 else list(range(10, total + 1, 10))
+    for key in ("train_digits_loss", "train_shapes_accuracy", "train_overall_accuracy", "train_overall_samples",
+                "train_learning_rate", "train_images_per_second", "train_digits_share"):
+        assert metric_history(client, run.info.run_id, key), key
+    eval_steps = [s for s, _ in metric_history(client, run.info.run_id, "eval_overall_accuracy")]
+    assert eval_steps == [40, 80, 120, 160, total]
+    samples = dict(metric_history(client, run.info.run_id, "eval_overall_samples"))
+    assert samples[40] == 130.0  # the whole eval subset: 50 digits + 80 shapes
+    window = dict(metric_history(client, run.info.run_id, "train_overall_samples"))
+    assert window[10] == 10 * 16
+    best = manifest["best"]
+    assert dict(metric_history(client, run.info.run_id, f"best_{best['metric']}"))[best["step"]] == best["value"]
+    assert dict(metric_history(client, run.info.run_id, "best_model_step"))[best["step"]] == best["step"]
+    evals = {r["step"]: r["metrics"]["overall_accuracy"] for r in history["records"] if r["kind"] == "eval"}
+    assert best["value"] == max(evals.values()) and evals[best["step"]] == best["value"]
+    kept = [s for s, _ in complete_checkpoints(Path(manifest["output_dir"]))]
+    assert total in kept and (best["step"] in kept) and len(kept) <= 2
+    path, info = select_best(history, manifest)
+    assert (path / "classifier.json").is_file() and info["step"] == best["step"]
+    assert info["mlflow_run_id"] == run.info.run_id
+
+
+def test_minimised_metric_and_early_stopping(demo_params):
+    params = demo_params
+    params["training"].update(max_steps=60, logging_steps=5, eval_steps=5, save_steps=100, learning_rate=0.05,
+                              metric_for_best_model="overall_loss", early_stopping_patience=2)
+    history, manifest = train_deepspeed(*data_nodes(params), params)
+    evals = [(r["step"], r["metrics"]["overall_loss"]) for r in history["records"] if r["kind"] == "eval"]
+    best = history["best"]
+    assert best["greater_is_better"] is False and best["value"] == min(v for _, v in evals)
+    if manifest["stopped_early"]:
+        after = [v for s, v in evals if s > best["step"]]
+        assert len(after) == 2 and all(v >= best["value"] for v in after)
+        assert manifest["final_step"] < 60
+
+
+def test_unknown_best_metric_is_a_clear_error(demo_params):
+    params = demo_params
+    params["training"].update(max_steps=2, eval_steps=2, metric_for_best_model="food101_accuracy")
+    with pytest.raises(ValueError, match="metric_for_best_model is 'food101_accuracy'.*digits_accuracy"):
+        train_deepspeed(*data_nodes(params), params)
+
+
+def run_driver(params, tmp_path, name, wait=True):
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps(params))
+    env = {**os.environ, "FOOD_MULTIDS_PROGRESS": "never"}
+    proc = subprocess.Popen([sys.executable, str(DRIVER), str(spec), str(tmp_path / f"{name}_result.json")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        return json.loads((tmp_path / f"{name}_result.json").read_text())
+    return proc
+
+
+def comparable(records):
+    return [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "images_per_second"}} for r in records]
+
+
+def test_resume_after_sigkill_ends_with_the_same_metrics(demo_params, tmp_path):
+    params = demo_params
+    params["data"].update(mix_strategy="weighted")
+    params["datasets"]["dataset_configs"]["digits"]["weight"] = 1.0
+    params["datasets"]["dataset_configs"]["shapes"]["weight"] = 2.0
+    params["training"].update(num_train_epochs=3, logging_steps=6, eval_steps=12, save_steps=15,
+                              output_dir=str(tmp_path / "straight"))
+    straight = run_driver(params, tmp_path, "straight")
+
+    params["training"].update(output_dir=str(tmp_path / "killed"), resume_from_checkpoint="auto")
+    proc = run_driver(params, tmp_path, "killed", wait=False)
+    out_dir = tmp_path / "killed"
+    deadline = time.time() + 300
+    while not complete_checkpoints(out_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir / "FINISHED.json").exists(), "the run finished before it could be killed"
+    killed_at = complete_checkpoints(out_dir)[-1][0]
+    assert killed_at < straight["manifest"]["total_steps"]
+    # A newer checkpoint without its COMPLETE marker (a kill mid-write) must be ignored.
+    (out_dir / "checkpoints" / "step-00099999").mkdir()
+
+    resumed = run_driver(params, tmp_path, "resumed")
+    assert comparable(resumed["history"]["records"]) == comparable(straight["history"]["records"])
+    assert resumed["history"]["best"] == straight["history"]["best"]
+    assert resumed["manifest"]["final_step"] == straight["manifest"]["final_step"]
+
+
+def test_two_processes_share_the_work_and_rank0_logs_once(demo_params, tmp_path):
+    params = demo_params
+    params["training"].update(num_processes=2, max_steps=10, logging_steps=5, eval_steps=10, save_steps=10,
+                              per_device_train_batch_size=4, device="cpu")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        history, manifest = train_deepspeed(*data_nodes(params), params)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert manifest["world_size"] == 2
+    samples = metric_history(client, run.info.run_id, "train_overall_samples")
+    assert samples == [(5, 2 * 4 * 5.0), (10, 2 * 4 * 5.0)]  # all-reduced over both ranks, logged once per step
+    per_ds = metric_history(client, run.info.run_id, "train_digits_samples")[0][1] + \
+        metric_history(client, run.info.run_id, "train_shapes_samples")[0][1]
+    assert per_ds == 40.0
+    assert metric_history(client, run.info.run_id, "eval_overall_samples") == [(10, 130.0)]
+    logged = {r["step"]: r["metrics"]["overall_samples"] for r in history["records"] if r["kind"] == "train"}
+    assert logged == {5: 40.0, 10: 40.0}
+    assert (Path(manifest["best"]["path"]) / "classifier.json").is_file()

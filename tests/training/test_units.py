@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from food_multids.config import ProjectConfig
+from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
+from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
+from food_multids.training import checkpoint as ckpt
+from food_multids.training.engine import lr_lambda, resolve_deepspeed_config
+from tests.conftest import with_overrides
+
+
+def test_per_dataset_metrics_and_overall_over_all_samples():
+    m = summarize(loss_sum=[2.0, 9.0], correct=[3, 1], count=[4, 6], names=["food101", "food2k"])
+    assert m["food101_loss"] == 0.5 and m["food101_accuracy"] == 0.75 and m["food101_samples"] == 4
+    assert m["food2k_loss"] == 1.5 and m["food2k_accuracy"] == pytest.approx(1 / 6)
+    assert m["overall_loss"] == 1.1 and m["overall_accuracy"] == 0.4 and m["overall_samples"] == 10
+    assert m["overall_accuracy"] != (m["food101_accuracy"] + m["food2k_accuracy"]) / 2
+
+
+def test_a_dataset_absent_from_the_window_is_not_reported_as_zero():
+    m = summarize([1.0, 0.0], [1, 0], [2, 0], ["a", "b"])
+    assert "b_accuracy" not in m and m["overall_samples"] == 2
+
+
+def test_log_lines_use_the_seed_format():
+    m = summarize([0.5234 * 1024, 0], [0.8567 * 1024, 0], [1024, 0], ["food101", "food2k"])
+    assert format_train_lines(m, ["food101", "food2k"])[0] == "📊 TRAIN - food101: Loss=0.5234, Acc=0.8567 (85.67%), Samples=1024"
+    m = summarize([0.5234 * 5050], [0.8567 * 5050], [5050], ["food101"])
+    lines = format_eval_lines(m, ["food101"])
+    assert lines[0] == "📂 food101:   Loss: 0.5234, Accuracy: 0.8567 (85.67%), Samples: 5,050"
+    assert lines[1].startswith("📈 Overall:") and "Samples: 5,050" in lines[1]
+
+
+@pytest.mark.parametrize("values,greater,best_index", [([0.1, 0.5, 0.3, 0.5], True, 1), ([2.0, 1.0, 1.5, 0.7], False, 3)])
+def test_best_tracking_for_max_and_min_metrics(values, greater, best_index):
+    best, best_i = None, None
+    for i, v in enumerate(values):
+        if is_improvement(v, best, greater):
+            best, best_i = v, i
+    assert best_i == best_index
+
+
+def fake_checkpoint(root, step, complete=True):
+    path = root / "checkpoints" / ckpt.step_tag(step)
+    path.mkdir(parents=True)
+    (path / "weights").write_text("x")
+    if complete:
+        ckpt.mark_complete(path, step, {})
+    return path
+
+
+def test_save_total_limit_never_deletes_the_best(tmp_path):
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(tmp_path, step)
+    removed = ckpt.prune_checkpoints(tmp_path, limit=2, keep_step=10)
+    assert [p.name for p in removed] == ["step-00000020", "step-00000030"]
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [10, 40]
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20, complete=False)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000010"
+
+
+def test_best_pointer_moves_atomically(tmp_path):
+    for step in (5, 9):
+        staged = tmp_path / f".staging-{step}"
+        staged.mkdir()
+        (staged / "config.json").write_text("{}")
+        final = ckpt.publish_best(tmp_path, staged, {"step": step, "metric": "m", "value": step})
+    assert json.loads((tmp_path / "best.json").read_text())["path"] == str(final)
+    assert [p.name for p in (tmp_path / "best").iterdir()] == ["step-00000009"]
+
+
+def test_warmup_then_cosine_and_linear_decay():
+    cos = lr_lambda("cosine", warmup=10, total=110)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0, abs=1e-12)
+    lin = lr_lambda("linear", warmup=0, total=100)
+    assert lin(25) == pytest.approx(0.75)
+
+
+def test_deepspeed_config_is_filled_from_training_settings(two_datasets, caplog):
+    params = with_overrides(two_datasets, training={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3,
+                                                    "max_grad_norm": 0.5})
+    params["deepspeed"] = {"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}, "train_batch_size": 7}
+    ds = resolve_deepspeed_config(ProjectConfig.from_params(params), world_size=2, dtype=torch.bfloat16)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert "optimizer" not in ds and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert "deepspeed.optimizer is ignored" in caplog.text
+
+
+def test_sharded_concat_sampling_covers_each_sample_once_per_epoch():
+    ids = np.repeat([0, 1], [37, 64])
+    seen = []
+    for rank in range(3):
+        sampler = MixingSampler(ids, batch_size=4, world_size=3, rank=rank, seed=1)
+        seen += [i for batch in sampler for i in batch]
+    assert set(seen) == set(range(101))
+    assert len(seen) - 101 < 3 * 4  # padding of the last global batch only
+
+
+def test_resumed_sampler_continues_the_same_sequence():
+    ids = np.repeat([0, 1], [50, 30])
+    full = MixingSampler(ids, 4, seed=3, strategy="weighted", proportions=np.array([0.5, 0.5]))
+    first_epochs = [b for _ in range(2) for b in full]
+    resumed = MixingSampler(ids, 4, seed=3, strategy="weighted", proportions=np.array([0.5, 0.5]))
+    resumed.set_position(1, 7)
+    assert list(resumed) == first_epochs[len(full) + 7:]
+
+
+@pytest.mark.parametrize("strategy,weights,temperature", [("weighted", [1.0, 3.0], 1.0), ("temperature", None, 2.0)])
+def test_mixing_proportions_hold_over_many_batches(strategy, weights, temperature):
+    sizes = [4000, 400]
+    target = mix_proportions(sizes, strategy, weights, temperature)
+    if strategy == "temperature":
+        assert target[1] == pytest.approx(np.sqrt(400) / (np.sqrt(4000) + np.sqrt(400)))
+    ids = np.repeat([0, 1], sizes)
+    sampler = MixingSampler(ids, 16, seed=0, strategy=strategy, proportions=target)
+    counts = np.zeros(2)
+    for _ in range(3):
+        for batch in sampler:
+            counts += np.bincount(ids[batch], minlength=2)
+    assert counts[1] / counts.sum() == pytest.approx(target[1], abs=0.01)
+
+
+def test_sharded_eval_gives_equal_batches_and_marks_padding():
+    parts = [ShardedEvalSampler(10, 3, world_size=4, rank=r) for r in range(4)]
+    assert len({len(p) for p in parts}) == 1
+    real = sorted(i for p in parts for b in p for i in b if i >= 0)
+    assert real == list(range(10))
