@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from food_multids.pipelines import data, train
+from food_multids.pipelines import data, full_eval, train
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     data_pipe = data.create_pipeline()
     train_pipe = data_pipe + train.create_pipeline()
-    return {"data": data_pipe, "train": train_pipe, "__default__": train_pipe}
+    eval_pipe = full_eval.create_pipeline()
+    report_pipe = full_eval.create_report_pipeline()
+    return {
+        "data": data_pipe,
+        "train": train_pipe,
+        "full_eval": eval_pipe + report_pipe,
+        "report": report_pipe,
+        "__default__": train_pipe + eval_pipe + report_pipe,
+    }

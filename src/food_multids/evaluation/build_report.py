@@ -1,0 +1,97 @@
+"""Assemble the report from the run's catalog outputs (history, metrics, predictions, statistics)."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from food_multids.config import ProjectConfig
+from food_multids.evaluation.report import (
+    Report,
+    confusion_figure,
+    curves_figure,
+    figure_tag,
+    history_frame,
+    mix_figure,
+    partial_vs_full_figure,
+    table_html,
+    table_markdown,
+    thumbnails_html,
+)
+
+
+def final_table(cfg: ProjectConfig, metrics: dict) -> pd.DataFrame:
+    k = cfg.evaluation.top_k
+    rows = []
+    for name in [*cfg.dataset_names, "overall"]:
+        if f"{name}_samples" not in metrics:
+            continue
+        rows.append({"dataset": name, "samples": int(metrics[f"{name}_samples"]), "loss": metrics[f"{name}_loss"],
+                     "top-1": metrics[f"{name}_accuracy"], f"top-{k}": metrics.get(f"{name}_top{k}_accuracy"),
+                     "macro-F1": metrics.get(f"{name}_macro_f1", float("nan"))})
+    return pd.DataFrame(rows)
+
+
+def partial_table(cfg: ProjectConfig, history: dict, best_step: int | None, metrics: dict) -> pd.DataFrame:
+    evals = history_frame(history, "eval")
+    rows = []
+    for name in cfg.dataset_names:
+        col = f"{name}_accuracy"
+        if evals.empty or col not in evals or f"{name}_accuracy" not in metrics:
+            continue
+        at_best = evals.loc[evals["step"] == best_step, col]
+        partial = float(at_best.iloc[0]) if len(at_best) else float(evals[col].iloc[-1])
+        errors = (evals[col] - metrics[col]).abs()
+        rows.append({"dataset": name, "partial eval (best step)": partial, "full eval": metrics[col],
+                     "difference": partial - metrics[col], "mean |partial - full| over all evals": float(errors.mean())})
+    return pd.DataFrame(rows)
+
+
+def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: pd.DataFrame,
+                 confusions: pd.DataFrame, stats: pd.DataFrame, best: dict) -> Report:
+    names = list(cfg.dataset_names)
+    report = Report("food_multids training report")
+    config = pd.DataFrame([
+        {"setting": "model", "value": cfg.model.name_or_path},
+        {"setting": "num_labels / logits masking", "value": f"{cfg.model.num_labels} / {cfg.model.enable_logits_masking}"},
+        {"setting": "datasets", "value": ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)},
+        {"setting": "mix strategy", "value": cfg.data.mix_strategy},
+        {"setting": "learning rate / schedule", "value": f"{cfg.training.learning_rate} / {cfg.training.lr_scheduler_type}"},
+        {"setting": "batch per device x accumulation", "value": f"{cfg.training.per_device_train_batch_size} x {cfg.training.gradient_accumulation_steps}"},
+        {"setting": "DeepSpeed ZeRO stage", "value": str(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))},
+        {"setting": "best model", "value": f"{best['metric']} = {best['value']:.4f} at step {best['step']} ({best.get('eval_subset_strategy')} subset)"},
+    ])
+    report.sections.append(("Configuration", table_html(config)))
+    mix = stats.assign(share=stats["share"].map("{:.1%}".format))
+    report.sections.append(("Dataset mix", table_html(mix, "{:.3f}")))
+    final = final_table(cfg, metrics)
+    report.sections.append(("Final evaluation (full validation sets)", f'<div id="final-table">{table_html(final)}</div>'))
+    train, evals = history_frame(history, "train"), history_frame(history, "eval")
+    best_step = best.get("step")
+    if not train.empty:
+        report.sections.append(("Training curves per dataset", figure_tag(curves_figure(train, names, "train", best_step), "train-curves", "training loss and accuracy per dataset")))
+        report.sections.append(("Batch composition", figure_tag(mix_figure(train, names, history.get("target_mix", {})), "batch-mix", "dataset share per window vs target")))
+    if not evals.empty:
+        report.sections.append(("Partial evaluation curves", figure_tag(curves_figure(evals, names, "partial eval", best_step), "eval-curves", "partial evaluation per dataset")))
+    partial = partial_table(cfg, history, best_step, metrics)
+    if not partial.empty:
+        report.sections.append(("Partial vs full evaluation", table_html(partial) + figure_tag(partial_vs_full_figure(partial), "partial-vs-full", "partial vs full accuracy")))
+    names_of = {}
+    for name in names:
+        mine = predictions[predictions["dataset_name"] == name]
+        names_of[name] = dict(zip(mine["label"], mine["label_name"], strict=True)) if "label_name" in mine else {}
+        names_of[name] = {k: v for k, v in names_of[name].items() if isinstance(v, str)}
+    for name in names:
+        fig = confusion_figure(confusions[confusions["dataset_name"] == name], name, cfg.evaluation.confusion_top_n, names_of[name])
+        if fig is not None:
+            report.sections.append((f"Confusions: {name}", figure_tag(fig, f"confusion-{name}", f"confusion heatmap {name}")))
+    report.sections.append(("Misclassified examples (highest loss)", thumbnails_html(predictions, cfg.evaluation.report_thumbnails)))
+    report.markdown = [
+        "# food_multids training report", "",
+        f"Best model: **{best['metric']} = {best['value']:.4f}** at step {best['step']} (source {html.escape(str(best.get('source_path')))}).", "",
+        "## Final evaluation (full validation sets)", "", table_markdown(final), "",
+        "## Partial vs full evaluation", "", table_markdown(partial) if not partial.empty else "(no partial evaluations)", "",
+        "## Dataset mix", "", table_markdown(mix, "{:.3f}"), "",
+    ]
+    return report

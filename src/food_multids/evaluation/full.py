@@ -1,0 +1,90 @@
+"""The final evaluation of a saved classifier on every dataset's full validation set."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from food_multids.config import ProjectConfig
+from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.data.dataset import RecordDataset
+from food_multids.data.sampler import ShardedEvalSampler
+from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
+from food_multids.model.classifier import MultiDatasetClassifier
+from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.training.engine import init_distributed, resolve_device
+from food_multids.training.evaluation import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FullEvalResult:
+    metrics: dict[str, float]
+    predictions: pd.DataFrame
+    confusions: pd.DataFrame
+
+
+def _names(model: MultiDatasetClassifier, dataset: str, ids: np.ndarray) -> list[str | None]:
+    space = model.meta.label_spaces.get(dataset)
+    names = space.id2label if space is not None else None
+    return [names[i] if names is not None and 0 <= i < len(names) else None for i in ids]
+
+
+def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame) -> FullEvalResult:
+    device = resolve_device(cfg)
+    init_distributed(device, cfg.training.master_port)
+    dtype = resolve_dtype(cfg.model.torch_dtype, device)
+    model = MultiDatasetClassifier.from_pretrained(model_dir, dtype, cfg.model.attn_implementation).to(device)
+    if cfg.model.batched_vision_windows:
+        from food_multids.model.fast_vision import enable_batched_windows
+
+        enable_batched_windows(model.backbone)
+    encoder = ImageEncoder.from_pretrained(model_dir, cfg.model.min_pixels, cfg.model.max_pixels)
+    prompt = PromptTokens.from_tokenizer(load_tokenizer(model_dir), model.meta.prompt)
+    batch_size = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
+    workers = cfg.evaluation.dataloader_num_workers
+    workers = cfg.training.dataloader_num_workers if workers is None else workers
+    loader = DataLoader(RecordDataset(frame, encoder, cfg.training.max_consecutive_bad_images),
+                        batch_sampler=ShardedEvalSampler(len(frame), batch_size),
+                        collate_fn=ClassificationCollator(prompt, encoder.merge_size, cfg.model.padding_side),
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    names = list(cfg.dataset_names)
+    out = evaluate(model, loader, device, len(names), top_k=cfg.evaluation.top_k,
+                   masking=model.meta.enable_logits_masking, dtype=dtype, desc="full eval",
+                   progress_mode=cfg.training.progress_bar)
+    metrics = summarize(out.loss_sum, out.correct, out.count, names)
+    rows = out.predictions
+    preds = pd.DataFrame({k: rows[k] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss")})
+    preds["topk"] = rows["topk"]
+    preds["topk_prob"] = rows["topk_prob"]
+    meta = frame.set_index("sample_id")[["image", "dataset_name"]]
+    preds = preds.join(meta, on="sample_id")
+    preds["dataset_name"] = preds["dataset_name"].astype(str)
+    for spec in cfg.datasets:
+        mine = preds["dataset_id"] == spec.index
+        labels = preds.loc[mine, "label"].to_numpy()
+        predicted = preds.loc[mine, "prediction"].to_numpy()
+        topk = np.array(preds.loc[mine, "topk"].tolist()).reshape(len(labels), -1)
+        if len(labels):
+            metrics[f"{spec.name}_top{cfg.evaluation.top_k}_accuracy"] = topk_accuracy(labels, topk, cfg.evaluation.top_k)
+            metrics[f"{spec.name}_macro_f1"] = macro_f1(labels, predicted, spec.num_classes)
+        preds.loc[mine, "label_name"] = _names(model, spec.name, labels)
+        preds.loc[mine, "prediction_name"] = _names(model, spec.name, predicted)
+    all_topk = np.array(preds["topk"].tolist()).reshape(len(preds), -1)
+    metrics[f"overall_top{cfg.evaluation.top_k}_accuracy"] = topk_accuracy(preds["label"].to_numpy(), all_topk, cfg.evaluation.top_k)
+    if not model.meta.enable_logits_masking:
+        metrics["out_of_range_predictions"] = float(out.out_of_range)
+    metrics["skipped_images"] = float(out.skipped)
+    confusions = (preds.groupby(["dataset_name", "label", "prediction"]).size().rename("count").reset_index())
+    logger.info("Full evaluation of %s:", model_dir)
+    for line in format_eval_lines(metrics, names):
+        logger.info(line)
+    return FullEvalResult(metrics, preds, confusions)

@@ -1,0 +1,18 @@
+from kedro.pipeline import Node, Pipeline
+
+from food_multids.pipelines.full_eval.nodes import full_evaluate, report
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        Node(full_evaluate, inputs=["best_model", "full_eval_set", "parameters"],
+             outputs=["eval_metrics", "predictions", "confusions"], name="full_evaluate"),
+    ])
+
+
+def create_report_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        Node(report, inputs=["training_history", "eval_metrics", "predictions", "confusions", "dataset_stats",
+                             "best_model_info", "parameters"],
+             outputs=["report_html", "report_md"], name="report"),
+    ])
