@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
+from food_multids.model.factory import load_tokenizer
+from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.full_eval import create_pipeline
+
+KEDRO = os.path.join(os.path.dirname(sys.executable), "kedro")
+
+
+@pytest.fixture
+def classifier_dir(tiny_model_dir, tmp_path) -> Path:
+    torch.manual_seed(0)
+    meta = ClassifierMeta(num_labels=40, pooling="image_mean",
+                          label_spaces={"digits": LabelSpace(0, 10, [str(i) for i in range(10)]), "shapes": LabelSpace(1, 40)})
+    model = create_classifier(tiny_model_dir, meta, "float32", torch.device("cpu"))
+    out = tmp_path / "clf"
+    model.save_pretrained(out, load_tokenizer(tiny_model_dir), json.loads((tiny_model_dir / "preprocessor_config.json").read_text()))
+    return out
+
+
+def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir, classifier_dir, tmp_path):
+    params = copy.deepcopy(base_params)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    train, val, _, _ = ingest_jsonl(params)
+    _, val_set, _ = merge_and_tag(train, val, params)
+    _, full = split_eval_subsets(val_set, params)
+    catalog = DataCatalog({"parameters": MemoryDataset(params), "best_model": MemoryDataset(classifier_dir),
+                           "full_eval_set": MemoryDataset(full)})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    with mlflow.start_run() as run:
+        SequentialRunner().run(create_pipeline(), catalog)
+    metrics, preds, conf = catalog.load("eval_metrics"), catalog.load("predictions"), catalog.load("confusions")
+    assert metrics["digits_samples"] == 100 and metrics["shapes_samples"] == 160 and metrics["overall_samples"] == 260
+    assert len(preds) == 260 and preds["sample_id"].is_unique and set(preds["sample_id"]) == set(full["sample_id"])
+    for name, n_classes in (("digits", 10), ("shapes", 40)):
+        mine = preds[preds["dataset_name"] == name]
+        assert metrics[f"{name}_accuracy"] == pytest.approx((mine["label"] == mine["prediction"]).mean())
+        assert (mine["prediction"] < n_classes).all()
+        topk = np.array(mine["topk"].tolist())
+        assert topk.shape[1] == 5 and (topk < n_classes).all()
+        assert metrics[f"{name}_top5_accuracy"] >= metrics[f"{name}_accuracy"]
+    assert preds.loc[preds["dataset_name"] == "digits", "label_name"].notna().all()
+    assert conf["count"].sum() == 260
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    for key in ("final_eval_digits_accuracy", "final_eval_overall_accuracy", "final_eval_overall_samples",
+                "final_eval_shapes_macro_f1", "final_eval_digits_top5_accuracy", "final_eval_shapes_loss"):
+        assert key in logged, key
+    assert logged["final_eval_overall_accuracy"] == pytest.approx(metrics["overall_accuracy"])
+
+
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory, demo_root, tiny_model_dir):
+    """One `kedro run` (train + full_eval + report) of the demo in a copy of the project."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[3]
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    root.mkdir()
+    shutil.copy(repo / "pyproject.toml", root)
+    (root / "src").mkdir()
+    shutil.copytree(repo / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf/local").mkdir()
+    shutil.copytree(repo / "notebooks", root / "notebooks")
+    shutil.copytree(demo_root, root / "data/01_raw/demo")
+    shutil.copytree(tiny_model_dir, root / "data/06_models/tiny_qwen2_5_vl")
+    env = {k: v for k, v in os.environ.items() if k not in ("FOOD_MULTIDS_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env.update(KEDRO_DISABLE_TELEMETRY="true", FOOD_MULTIDS_PROGRESS="never")
+    proc = subprocess.run([KEDRO, "run", "--params", "training.num_train_epochs=2,training.eval_steps=20"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, env, proc.stdout + proc.stderr
+
+
+def latest(root: Path, relative: str) -> Path:
+    folder = root / relative
+    return sorted(folder.iterdir())[-1] / folder.name
+
+
+@pytest.mark.slow
+def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(finished_project):
+    root, _, log = finished_project
+    metrics = json.loads(latest(root, "data/07_model_output/eval_metrics.json").read_text())
+    page = latest(root, "data/08_reporting/report.html").read_text()
+    summary = latest(root, "data/08_reporting/report.md").read_text()
+    for figure in ("train-curves", "batch-mix", "eval-curves", "partial-vs-full", "confusion-digits",
+                   "confusion-shapes", "misclassified", "final-table"):
+        assert f'id="{figure}"' in page, figure
+    assert page.count("data:image/png;base64,") >= 7
+    final = page[page.index('id="final-table"'):]
+    final = final[:final.index("</table>")]
+    for key in ("digits_accuracy", "shapes_accuracy", "overall_accuracy", "digits_loss", "shapes_macro_f1", "digits_top5_accuracy"):
+        assert f"{metrics[key]:.4f}" in final, key
+        assert f"{metrics[key]:.4f}" in summary, key
+    best = json.loads(latest(root, "data/06_models/best_model_info.json").read_text())
+    assert f"step {best['step']}" in page and f"{best['value']:.4f}" in summary
+    assert "📈 Overall:" in log and "🏆 New best model!" in log and "📊 TRAIN - OVERALL" in log
+
+
+@pytest.mark.slow
+def test_the_inspection_notebook_runs_top_to_bottom(finished_project):
+    import nbclient
+    import nbformat
+
+    root, env, _ = finished_project
+    nb = nbformat.read(root / "notebooks/inspect_outputs.ipynb", as_version=4)
+    os.environ.pop("FOOD_MULTIDS_PROJECT_ROOT", None)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    texts = " ".join(o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "digits" in texts and "shapes" in texts and "overall_accuracy" in texts
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert not (root / "notebooks/mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_kedro_viz_build_shows_the_seven_nodes_and_their_edges(finished_project):
+    root, env, _ = finished_project
+    proc = subprocess.run([KEDRO, "viz", "build"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    graph = json.loads((root / "build/api/main").read_text())
+    name = {n["id"]: n["name"] for n in graph["nodes"]}
+    tasks = {n["name"] for n in graph["nodes"] if n["type"] == "task"}
+    assert tasks == {"ingest_jsonl", "merge_and_tag", "split_eval_subsets", "train_deepspeed", "select_best",
+                     "full_evaluate", "report"}
+    edges = {(name[e["source"]], name[e["target"]]) for e in graph["edges"]}
+    chain = [("ingest_jsonl", "train_records"), ("train_records", "merge_and_tag"), ("merge_and_tag", "val_set"),
+             ("val_set", "split_eval_subsets"), ("split_eval_subsets", "eval_subset"), ("eval_subset", "train_deepspeed"),
+             ("train_deepspeed", "checkpoint_manifest"), ("checkpoint_manifest", "select_best"),
+             ("select_best", "best_model"), ("best_model", "full_evaluate"), ("full_evaluate", "predictions"),
+             ("predictions", "report")]
+    for edge in chain:
+        assert edge in edges, edge
+    assert any(n["type"] == "parameters" for n in graph["nodes"])
