@@ -122,3 +122,14 @@ def test_project_defaults_parse(base_params, demo_root, monkeypatch):
     params["data"]["val_jsonl_list"] = [str(demo_root / "digits/val.jsonl"), str(demo_root / "shapes/val.jsonl")]
     cfg = ProjectConfig.from_params(params)
     assert cfg.num_classes() == {"digits": 10, "shapes": 40}
+
+
+def test_the_gpu_environment_parses(base_params):
+    import yaml
+
+    from tests.conftest import REPO
+
+    gpu = yaml.safe_load((REPO / "conf/gpu/parameters.yml").read_text())
+    cfg = ProjectConfig.from_params({**base_params, **gpu}, check_files=False)
+    assert cfg.model.torch_dtype == "bfloat16" and cfg.deepspeed["zero_optimization"]["stage"] == 2
+    assert cfg.num_classes() == {"food101": 101, "food2k": 2000} and cfg.model.num_labels == 2000
