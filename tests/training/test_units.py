@@ -136,3 +136,25 @@ def test_sharded_eval_gives_equal_batches_and_marks_padding():
     assert len({len(p) for p in parts}) == 1
     real = sorted(i for p in parts for b in p for i in b if i >= 0)
     assert real == list(range(10))
+
+
+def test_fresh_eval_subsets_differ_between_evaluations_and_stay_stratified(two_datasets):
+    from food_multids.data.ingest import ingest
+    from food_multids.data.tables import stratified_subset, tag_records
+    from food_multids.training.loop import Trainer
+
+    params = with_overrides(two_datasets, training={"eval_subset_strategy": "fresh", "device": "cpu"})
+    cfg = ProjectConfig.from_params(params)
+    result = ingest(cfg)
+    full = tag_records(result.val, cfg.datasets, "val", 0, shuffle=False)
+    fixed = stratified_subset(full, cfg.datasets, cfg.training.seed)
+    trainer = Trainer(cfg, full, fixed, full)
+    draws = []
+    for _ in range(3):
+        draws.append(trainer._eval_frame())
+        trainer.eval_count += 1
+    ids = [sorted(d["sample_id"]) for d in draws]
+    assert ids[0] != ids[1] != ids[2]
+    for d in draws:
+        assert d.groupby("dataset_name", observed=True).size().to_dict() == {"alpha": 6, "beta": 5}
+        assert d.loc[d["dataset_name"] == "alpha", "label"].nunique() == 3

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from food_multids.config import ProjectConfig
 from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
 from food_multids.data.dataset import RecordDataset
+from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import stratified_subset
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
@@ -46,18 +47,9 @@ class TrainingResult:
 
 
 def label_spaces(cfg: ProjectConfig, train: pd.DataFrame) -> dict[str, LabelSpace]:
-    """Per-dataset label space; class names from label_name fields when every label has one."""
-    spaces = {}
-    has_names = "label_name" in train.columns
-    for spec in cfg.datasets:
-        id2label = None
-        if has_names:
-            rows = train[(train["dataset_name"] == spec.name) & train["label_name"].notna()]
-            pairs = dict(zip(rows["label"].astype(int), rows["label_name"].astype(str), strict=True))
-            if len(pairs) == spec.num_classes:
-                id2label = [pairs[i] for i in range(spec.num_classes)]
-        spaces[spec.name] = LabelSpace(spec.index, spec.num_classes, id2label)
-    return spaces
+    """Per-dataset label space with class names (label_name fields or a class_names file)."""
+    names = resolve_label_names(cfg, train)
+    return {spec.name: LabelSpace(spec.index, spec.num_classes, names[spec.name]) for spec in cfg.datasets}
 
 
 class Trainer:

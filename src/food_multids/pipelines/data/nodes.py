@@ -8,6 +8,7 @@ import pandas as pd
 
 from food_multids.config import ProjectConfig
 from food_multids.data.ingest import ingest
+from food_multids.data.labels import resolve_label_names
 from food_multids.data.tables import count_overlap, dataset_statistics, format_statistics, stratified_subset, tag_records
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ def merge_and_tag(train_records: pd.DataFrame, val_records: pd.DataFrame, parame
     overlap = count_overlap(train_records, val_records)
     if overlap:
         logger.warning("%d image(s) appear in both the train and the val split of the same dataset", overlap)
+    names = resolve_label_names(cfg, train_records, val_records)  # stops on a name/label mismatch
+    known = [n for n, v in names.items() if v]
+    if known:
+        logger.info("Class names known for %s", known)
     stats = dataset_statistics({"train": train, "val": val}, cfg.datasets)
     logger.info("Dataset mix:\n%s", format_statistics(stats))
     return train, val, stats
