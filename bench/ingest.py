@@ -33,8 +33,8 @@ def write_files(root: Path, rows: int, image_of) -> dict:
             path = root / name / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("w") as fh:
-                fh.writelines(f'{{"image": "{image_of(split, d, i)}", "label": {int(l)}, "dataset_name": "{name}"}}\n'
-                              for i, l in enumerate(labels))
+                fh.writelines(f'{{"image": "{image_of(split, d, i)}", "label": {int(lab)}, "dataset_name": "{name}"}}\n'
+                              for i, lab in enumerate(labels))
             files[split].append(str(path))
     return files
 

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens, load_rgb, smart_resize
+from food_multids.data.collator import (
+    ClassificationCollator,
+    ImageEncoder,
+    PromptTokens,
+    load_rgb,
+    smart_resize,
+)
 from food_multids.data.dataset import RecordDataset, TooManyBadImages
 from food_multids.model.factory import load_tokenizer
 from tests.conftest import write_image

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
-from food_multids.model.classifier import ClassifierMeta, LabelSpace, MultiDatasetClassifier, create_classifier, mask_logits
+from food_multids.model.classifier import (
+    ClassifierMeta,
+    LabelSpace,
+    MultiDatasetClassifier,
+    create_classifier,
+    mask_logits,
+)
 from food_multids.model.factory import load_backbone, load_tokenizer, qwen2_5_vl_3b_config
 
 SPACES = {"a": LabelSpace(0, 3), "b": LabelSpace(1, 7)}

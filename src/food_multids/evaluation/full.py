@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig

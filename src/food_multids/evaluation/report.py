@@ -52,7 +52,7 @@ def figure_tag(fig, figure_id: str, alt: str) -> str:
 
 
 def table_html(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
-    return frame.to_html(index=False, float_format=lambda v: floatfmt.format(v), border=0, escape=True)
+    return frame.to_html(index=False, float_format=floatfmt.format, border=0, escape=True)
 
 
 def table_markdown(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
@@ -152,11 +152,11 @@ def thumbnails_html(preds: pd.DataFrame, count: int) -> str:
     cells = []
     for r in wrong.itertuples():
         try:
-            with Image.open(r.image) as img:
-                img = img.convert("RGB")
-                img.thumbnail((96, 96))
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
+            with Image.open(r.image) as source:
+                thumb = source.convert("RGB")
+            thumb.thumbnail((96, 96))
+            buf = io.BytesIO()
+            thumb.save(buf, format="PNG")
         except OSError:
             continue
         true = r.label_name if isinstance(r.label_name, str) else r.label

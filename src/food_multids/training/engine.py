@@ -23,7 +23,7 @@ def resolve_device(cfg: ProjectConfig) -> torch.device:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("params:training.device is cuda but no CUDA GPU is visible; use auto or cpu")
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 

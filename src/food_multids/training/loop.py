@@ -32,7 +32,12 @@ from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.paths import resolve_path
 from food_multids.progress import progress
 from food_multids.training import checkpoint as ckpt
-from food_multids.training.engine import create_engine, init_distributed, resolve_deepspeed_config, resolve_device
+from food_multids.training.engine import (
+    create_engine,
+    init_distributed,
+    resolve_deepspeed_config,
+    resolve_device,
+)
 from food_multids.training.evaluation import MODEL_INPUTS, evaluate, to_device
 from food_multids.training.tracking import MetricsLogger
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from kedro.io import DataCatalog, MemoryDataset

@@ -9,7 +9,13 @@ import pandas as pd
 from food_multids.config import ProjectConfig
 from food_multids.data.ingest import ingest
 from food_multids.data.labels import resolve_label_names
-from food_multids.data.tables import count_overlap, dataset_statistics, format_statistics, stratified_subset, tag_records
+from food_multids.data.tables import (
+    count_overlap,
+    dataset_statistics,
+    format_statistics,
+    stratified_subset,
+    tag_records,
+)
 
 logger = logging.getLogger(__name__)
 
