@@ -36,9 +36,20 @@ def _names(model: MultiDatasetClassifier, dataset: str, ids: np.ndarray) -> list
     return [names[i] if names is not None and 0 <= i < len(names) else None for i in ids]
 
 
+def gather_rows(rows: dict[str, list], world: int) -> dict[str, list]:
+    """Every rank's prediction rows, concatenated (each rank evaluated its own shard)."""
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, rows)
+    return {key: [v for part in parts for v in part[key]] for key in rows}
+
+
 def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame) -> FullEvalResult:
     device = resolve_device(cfg)
-    init_distributed(device, cfg.training.master_port)
+    rank, world = init_distributed(device, cfg.training.master_port)
     dtype = resolve_dtype(cfg.model.torch_dtype, device)
     model = MultiDatasetClassifier.from_pretrained(model_dir, dtype, cfg.model.attn_implementation).to(device)
     if cfg.model.batched_vision_windows:
@@ -51,7 +62,7 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     workers = cfg.evaluation.dataloader_num_workers
     workers = cfg.training.dataloader_num_workers if workers is None else workers
     loader = DataLoader(RecordDataset(frame, encoder, cfg.training.max_consecutive_bad_images),
-                        batch_sampler=ShardedEvalSampler(len(frame), batch_size),
+                        batch_sampler=ShardedEvalSampler(len(frame), batch_size, world, rank),
                         collate_fn=ClassificationCollator(prompt, encoder.merge_size, cfg.model.padding_side),
                         num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
@@ -60,7 +71,7 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
                    masking=model.meta.enable_logits_masking, dtype=dtype, desc="full eval",
                    progress_mode=cfg.training.progress_bar)
     metrics = summarize(out.loss_sum, out.correct, out.count, names)
-    rows = out.predictions
+    rows = gather_rows(out.predictions, world)
     preds = pd.DataFrame({k: rows[k] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss")})
     preds["topk"] = rows["topk"]
     preds["topk_prob"] = rows["topk_prob"]

@@ -36,7 +36,7 @@ def resolve_world_size(cfg: ProjectConfig) -> int:
     return 1
 
 
-def launcher_command(cfg: ProjectConfig, world: int, spec: Path) -> list[str]:
+def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     if launcher is None:
         raise FileNotFoundError("the `deepspeed` launcher is not on PATH; install deepspeed in this environment")
@@ -45,7 +45,29 @@ def launcher_command(cfg: ProjectConfig, world: int, spec: Path) -> list[str]:
         cmd += ["--hostfile", str(resolve_path(cfg.training.hostfile))]
     if cfg.training.master_port:
         cmd += ["--master_port", str(cfg.training.master_port)]
-    return cmd + ["--module", "food_multids.training.worker", "--spec", str(spec)]
+    return cmd + ["--module", module, "--spec", str(spec)]
+
+
+def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict, frames: dict[str, pd.DataFrame],
+                     module: str, run_id: str | None = None, tracking_uri: str | None = None,
+                     extra: dict | None = None) -> None:
+    """Write the inputs to `launch`, run `module` under the DeepSpeed launcher, fail loudly if any rank fails."""
+    launch.mkdir(parents=True, exist_ok=True)
+    for name, frame in frames.items():
+        frame.to_parquet(launch / f"{name}.parquet")
+    (launch / RESULT_FILE).unlink(missing_ok=True)
+    spec = launch / "spec.json"
+    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch), **(extra or {})}, default=str))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(FOOD_MULTIDS_PROJECT_ROOT=str(find_project_root()), PYTHONUNBUFFERED="1")
+    if run_id:
+        env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
+    cmd = launcher_command(cfg, world, spec, module)
+    logger.info("Starting %d processes: %s", world, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the DeepSpeed launcher exited with code {proc.returncode} (command: {' '.join(cmd)}); "
+                           "see the rank logs above")
 
 
 def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_subset: pd.DataFrame,
@@ -56,21 +78,7 @@ def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_sub
         return Trainer(cfg, train, eval_subset, full_eval, run_id, tracking_uri).run()
 
     launch = cfg.training.resolved_output_dir() / "launch"
-    launch.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("train", train), ("eval_subset", eval_subset), ("full_eval", full_eval)):
-        frame.to_parquet(launch / f"{name}.parquet")
-    (launch / RESULT_FILE).unlink(missing_ok=True)
-    spec = launch / "spec.json"
-    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch)}, default=str))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(FOOD_MULTIDS_PROJECT_ROOT=str(find_project_root()), PYTHONUNBUFFERED="1")
-    if run_id:
-        env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
-    cmd = launcher_command(cfg, world, spec)
-    logger.info("Starting %d training processes: %s", world, " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the DeepSpeed launcher exited with code {proc.returncode} (command: {' '.join(cmd)}); "
-                           "see the rank logs above")
+    launch_processes(cfg, world, launch, params, {"train": train, "eval_subset": eval_subset, "full_eval": full_eval},
+                     "food_multids.training.worker", run_id, tracking_uri)
     result = json.loads((launch / RESULT_FILE).read_text())
     return TrainingResult(result["history"], result["manifest"])

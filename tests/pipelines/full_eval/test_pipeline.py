@@ -64,6 +64,28 @@ def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir,
     assert logged["final_eval_overall_accuracy"] == pytest.approx(metrics["overall_accuracy"])
 
 
+@pytest.mark.slow
+def test_full_evaluate_shards_across_two_processes(base_params, demo_root, classifier_dir, tmp_path):
+    params = copy.deepcopy(base_params)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    params["training"].update(output_dir=str(tmp_path / "out"), device="cpu")
+    train, val, _, _ = ingest_jsonl(params)
+    _, val_set, _ = merge_and_tag(train, val, params)
+    _, full = split_eval_subsets(val_set, params)
+    from food_multids.pipelines.full_eval.nodes import full_evaluate
+
+    single, single_preds, _ = full_evaluate(classifier_dir, full, params)
+    params["training"]["num_processes"] = 2
+    sharded, sharded_preds, conf = full_evaluate(classifier_dir, full, params)
+    assert sharded["overall_samples"] == 260 and len(sharded_preds) == 260 and sharded_preds["sample_id"].is_unique
+    for key in ("digits_accuracy", "shapes_loss", "overall_accuracy", "shapes_macro_f1", "digits_top5_accuracy"):
+        assert sharded[key] == pytest.approx(single[key], abs=1e-6), key
+    merged = single_preds.merge(sharded_preds, on="sample_id", suffixes=("_1", "_2"))
+    assert (merged["prediction_1"] == merged["prediction_2"]).all()
+    assert conf["count"].sum() == 260
+
+
 @pytest.fixture(scope="module")
 def finished_project(tmp_path_factory, demo_root, tiny_model_dir):
     """One `kedro run` (train + full_eval + report) of the demo in a copy of the project."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 from food_multids.config import ProjectConfig
 from food_multids.evaluation.build_report import build_report
 from food_multids.evaluation.full import run_full_evaluation
+from food_multids.training.launcher import RESULT_FILE, launch_processes, resolve_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,19 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     table (sample id, dataset, label, prediction, top-k, confidence) and sparse confusion counts.
     """
     cfg = ProjectConfig.from_params(parameters, check_files=False)
-    result = run_full_evaluation(cfg, Path(best_model), full_eval_set)
-    _log_to_mlflow({f"final_eval_{k}": v for k, v in result.metrics.items()})
-    return {"model_dir": str(best_model), **result.metrics}, result.predictions, result.confusions
+    world = resolve_world_size(cfg)
+    if world == 1 and not cfg.training.hostfile:
+        result = run_full_evaluation(cfg, Path(best_model), full_eval_set)
+        metrics, predictions, confusions = result.metrics, result.predictions, result.confusions
+    else:  # one process per GPU, each on its shard; rank 0 gathers the rows
+        launch = cfg.training.resolved_output_dir() / "launch_eval"
+        launch_processes(cfg, world, launch, parameters, {"full_eval": full_eval_set},
+                         "food_multids.evaluation.worker", extra={"model_dir": str(best_model)})
+        metrics = json.loads((launch / RESULT_FILE).read_text())["metrics"]
+        predictions = pd.read_parquet(launch / "predictions.parquet")
+        confusions = pd.read_parquet(launch / "confusions.parquet")
+    _log_to_mlflow({f"final_eval_{k}": v for k, v in metrics.items()})
+    return {"model_dir": str(best_model), **metrics}, predictions, confusions
 
 
 def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame, confusions: pd.DataFrame,
