@@ -44,7 +44,9 @@ def _read_one(path: Path, index: int, cfg: ProjectConfig, split: str):
     table, problems = validate_file(rows, cfg.num_classes(), default, file_index=index)
     # Duplicate pre-check inside the file's own thread: one hash pass, in parallel with other files.
     unique = len(pc.unique(table.column("image"))) == table.num_rows
-    names = frozenset(pc.unique(table.column("dataset_name")).to_pylist())
+    column = table.column("dataset_name").combine_chunks()
+    codes, known = column.indices.to_numpy(), column.dictionary.to_pylist()
+    names = frozenset(known[c] for c in np.unique(codes))
     return table, problems, unique, names
 
 
@@ -65,7 +67,7 @@ def _read_split(split: str, files: tuple[Path, ...], cfg: ProjectConfig) -> tupl
     problems = [(split, str(path), line, reason, detail)
                 for path, (_, file_problems, _, _) in zip(files, results, strict=True)
                 for line, reason, detail in file_problems]
-    table = pa.concat_tables([r[0] for r in results], promote_options="permissive").combine_chunks()
+    table = pa.concat_tables([r[0] for r in results]).unify_dictionaries().combine_chunks()
     dup = find_duplicates(table) if _may_have_duplicates(results) else np.zeros(table.num_rows, dtype=bool)
     if dup.any():
         first: dict[tuple, str] = {}

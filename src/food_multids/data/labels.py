@@ -35,8 +35,10 @@ def _row_names(frames: Iterable[pd.DataFrame], spec: DatasetSpec) -> dict[int, s
     for frame in frames:
         if "label_name" not in frame.columns:
             continue
-        rows = frame.loc[(frame["dataset_name"].astype(str) == spec.name) & frame["label_name"].notna(), ["label", "label_name"]]
-        pairs = rows.drop_duplicates()
+        named = frame.loc[frame["label_name"].notna().to_numpy(dtype=bool), ["dataset_name", "label", "label_name"]]
+        if named.empty:  # the common case without names: no per-row string work at all
+            continue
+        pairs = named.loc[named["dataset_name"].astype(str) == spec.name, ["label", "label_name"]].drop_duplicates()
         for label, group in pairs.groupby("label")["label_name"]:
             names = sorted(set(map(str, group)))
             if len(names) > 1:

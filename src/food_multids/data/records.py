@@ -232,7 +232,11 @@ def validate_file(rows: FileRows, num_classes: dict[str, int], default_name: str
     label_name = rows.label_name if not pa.types.is_null(rows.label_name.type) else pa.nulls(n, pa.string())
     if not pa.types.is_string(label_name.type):
         label_name = label_name.cast(pa.string())
-    columns = {"image": resolved, "label": pa.array(labels), "dataset_name": names, "label_name": label_name,
+    # Dictionary-encoded with the configured order: the codes are the dataset ids, and no later step
+    # has to hash a million dataset names again.
+    dataset_codes = pa.DictionaryArray.from_arrays(pa.array(np.clip(ds_index, 0, None).astype(np.int32)),
+                                                   pa.array(known, type=pa.string()))
+    columns = {"image": resolved, "label": pa.array(labels), "dataset_name": dataset_codes, "label_name": label_name,
                "line": pa.array(rows.line)}
     table = pa.table(columns)
     if not keep.all():

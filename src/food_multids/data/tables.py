@@ -40,10 +40,13 @@ def tag_records(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], split: str,
     """Add dataset_id, num_classes and a stable sample_id; shuffle with `seed` when asked."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     names = pa.array([s.name for s in specs], type=pa.string())
-    dataset_name = table.column("dataset_name")
-    if not pa.types.is_string(dataset_name.type):
-        dataset_name = dataset_name.cast(pa.string())
-    codes = pc.index_in(dataset_name, value_set=names).to_numpy().astype(np.int16)
+    dataset_name = table.column("dataset_name").combine_chunks()
+    if pa.types.is_dictionary(dataset_name.type):
+        # Map the (few) dictionary entries, not the million rows.
+        lookup = pc.index_in(dataset_name.dictionary.cast(pa.string()), value_set=names).to_numpy(zero_copy_only=False)
+        codes = lookup[dataset_name.indices.to_numpy()].astype(np.int16)
+    else:
+        codes = pc.index_in(dataset_name.cast(pa.string()), value_set=names).to_numpy().astype(np.int16)
     num_classes = np.array([s.num_classes for s in specs], dtype=np.int32)
     file_index = table.column("file_index").to_numpy() if "file_index" in table.column_names else np.zeros(len(codes))
     line = table.column("line").to_numpy() if "line" in table.column_names else np.arange(len(codes))
@@ -65,8 +68,9 @@ def dataset_statistics(tables: dict[str, pd.DataFrame], specs: tuple[DatasetSpec
         ids = frame["dataset_id"].to_numpy(dtype=np.int64)
         labels = frame["label"].to_numpy(dtype=np.int64)
         counts = np.bincount(ids, minlength=len(specs))
-        pairs = np.unique(ids * (int(labels.max(initial=0)) + 1) + labels)
-        classes = np.bincount(pairs // (int(labels.max(initial=0)) + 1), minlength=len(specs))
+        width = int(labels.max(initial=0)) + 1
+        seen = np.bincount(ids * width + labels, minlength=len(specs) * width) > 0  # O(rows), no sort
+        classes = seen.reshape(len(specs), width).sum(axis=1)
         for spec in specs:
             n = int(counts[spec.index])
             rows.append({"split": split, "dataset_name": spec.name, "rows": n,
