@@ -47,7 +47,7 @@ def make_batch(path, n=4, padding_side="left", sizes=None, seed=0) -> dict:
 
 def forward(model, batch):
     return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                 batch["num_classes"])
+                 batch["num_classes"], batch["position_ids"])
 
 
 def test_masked_logits_are_minus_inf_beyond_each_datasets_classes():
@@ -191,3 +191,19 @@ def test_the_3b_shape_builds_on_the_meta_device():
     assert 3.70e9 < n < 3.80e9
     assert backbone.config.text_config.num_hidden_layers == 36 and backbone.config.vision_config.depth == 32
     assert all(p.device.type == "meta" for p in backbone.parameters())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collator_mrope_positions_equal_qwens_rope_index(tiny_model_dir, side):
+    model = make_model(tiny_model_dir).eval()
+    batch = make_batch(tiny_model_dir, n=3, padding_side=side, sizes=[(56, 56), (112, 56), (56, 84)])
+    image = (batch["input_ids"] == model.image_token_id).to(torch.int32)
+    expected, _ = model.backbone.get_rope_index(batch["input_ids"], image, image_grid_thw=batch["image_grid_thw"],
+                                                attention_mask=batch["attention_mask"])
+    assert torch.equal(batch["position_ids"], expected)
+    assert batch["position_ids"][1].max() > batch["attention_mask"].sum(1).max() / 2  # 3-D, not 1-D positions
+    with torch.no_grad():
+        ours = forward(model, batch)
+        stock = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
+                      batch["num_classes"], position_ids=None)
+    assert torch.equal(ours, stock)

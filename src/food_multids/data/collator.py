@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +125,29 @@ class PromptTokens:
         return cls(tuple(ids[:cut]), tuple(ids[cut + 1:]), image_id, pad)
 
 
+@lru_cache(maxsize=256)
+def mrope_positions(prefix_len: int, grid: tuple[int, int, int], suffix_len: int, merge_size: int = 2) -> np.ndarray:
+    """(3, length) M-RoPE position ids of one unpadded prompt: text runs count up on all three axes,
+    the image's merged tokens get (t, h, w) grid positions offset by the text before them, and the text
+    after resumes at offset + max(h, w). Same values as Qwen2.5-VL's get_rope_index, which loops over
+    samples on the host (a sync per sample); here they come from the loader, cached per resolution."""
+    t, h, w = grid[0], grid[1] // merge_size, grid[2] // merge_size
+    prefix = np.broadcast_to(np.arange(prefix_len), (3, prefix_len))
+    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    image = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + prefix_len
+    start = prefix_len + max(h, w)
+    suffix = np.broadcast_to(np.arange(start, start + suffix_len), (3, suffix_len))
+    out = np.concatenate([prefix, image, suffix], axis=1)
+    out.setflags(write=False)
+    return out
+
+
 class ClassificationCollator:
     """List of samples (None for an image that failed to load) -> one padded model batch."""
 
     def __init__(self, prompt: PromptTokens, merge_size: int = 2, padding_side: str = "left"):
         self.prompt = prompt
+        self.merge_size = merge_size
         self.merge_area = merge_size * merge_size
         self.padding_side = padding_side
 
@@ -141,14 +160,17 @@ class ClassificationCollator:
         width = max(lengths)
         input_ids = torch.full((len(kept), width), self.prompt.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(kept), width), dtype=torch.long)
+        positions = np.zeros((3, len(kept), width), dtype=np.int64)  # padding keeps position 0, as upstream
         for row, (s, n) in enumerate(zip(kept, lengths, strict=True)):
             ids = torch.tensor([*pre, *([self.prompt.image_token_id] * (n - len(pre) - len(suf))), *suf])
             start = width - n if self.padding_side == "left" else 0
             input_ids[row, start:start + n] = ids
             attention[row, start:start + n] = 1
+            positions[:, row, start:start + n] = mrope_positions(len(pre), tuple(s["grid"]), len(suf), self.merge_size)
         return {
             "input_ids": input_ids,
             "attention_mask": attention,
+            "position_ids": torch.from_numpy(positions),
             "pixel_values": torch.cat([s["pixel_values"] for s in kept]),
             "image_grid_thw": torch.tensor([s["grid"] for s in kept], dtype=torch.long),
             "labels": torch.tensor([s["label"] for s in kept], dtype=torch.long),

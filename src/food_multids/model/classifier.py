@@ -84,10 +84,20 @@ class MultiDatasetClassifier(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                image_grid_thw: torch.Tensor, num_classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, num_labels) in float32; masked per sample when masking is on."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw, use_cache=False)
+                image_grid_thw: torch.Tensor, num_classes: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, num_labels) in float32; masked per sample when masking is on.
+
+        position_ids: (3, batch, length) M-RoPE ids from the collator. Without them the image tokens'
+        3-D positions are rebuilt from input_ids here (transformers' per-sample host loop).
+        """
+        if position_ids is None:
+            image = (input_ids == self.image_token_id).to(torch.int32)
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                image_grid_thw=image_grid_thw, mm_token_type_ids=image, use_cache=False)
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                image_grid_thw=image_grid_thw, position_ids=position_ids, use_cache=False)
         pooled = self.pool(out.last_hidden_state, input_ids, attention_mask)
         logits = self.head(pooled.to(self.head.weight.dtype))
         if self.meta.enable_logits_masking and num_classes is not None:

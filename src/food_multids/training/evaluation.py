@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from food_multids.progress import progress
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "num_classes")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "num_classes", "position_ids")
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
