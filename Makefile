@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo run train full_eval test lint viz clean-outputs
+.PHONY: setup demo run train full_eval test lint viz mlflow-ui
 
 setup: $(VENV)/.installed demo
 
@@ -46,3 +46,7 @@ lint: $(VENV)/.installed
 
 viz: setup
 	$(BIN)/kedro viz run --host 127.0.0.1
+
+# kedro-mlflow starts the `mlflow` executable: it must be on PATH.
+mlflow-ui: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/kedro mlflow ui --host 127.0.0.1
