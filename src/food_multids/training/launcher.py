@@ -8,12 +8,14 @@ point rank 0 at the Kedro session's MLflow run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +28,33 @@ from food_multids.training.tracking import active_run_target
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
+
+
+@dataclass
+class WorkerContext:
+    """What a process started by the DeepSpeed launcher needs: its rank, the config and the launch folder."""
+
+    rank: int
+    cfg: ProjectConfig
+    spec: dict
+    launch: Path
+
+    def frame(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(self.launch / f"{name}.parquet")
+
+
+def worker_context(argv: list[str] | None = None) -> WorkerContext:
+    """Parse `--spec` (and the launcher's `--local_rank`), set up per-rank logging, load the config."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--local_rank", type=int, default=None)  # passed by some launchers
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s] rank{rank} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    spec = json.loads(args.spec.read_text())
+    cfg = ProjectConfig.from_params(spec["parameters"], check_files=False)
+    return WorkerContext(rank, cfg, spec, Path(spec["launch_dir"]))
 
 
 def resolve_world_size(cfg: ProjectConfig) -> int:
