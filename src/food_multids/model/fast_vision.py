@@ -9,19 +9,34 @@ thing (tested: equal outputs in float32). Unequal windows fall back to the stock
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
+# Window width per cu_seqlens tensor (0: unequal windows). Every layer of one forward receives the
+# same two tensors (window and full attention), so the host sync happens twice per forward instead
+# of once per layer; entries vanish with their tensors.
+_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _equal_width(cu_seqlens: torch.Tensor) -> int:
+    width = _WIDTHS.get(cu_seqlens)
+    if width is None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        first = int(lengths[0])
+        width = first if bool((lengths == first).all()) else 0
+        _WIDTHS[cu_seqlens] = width
+    return width
+
 
 def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                      max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    width = int(lengths[0])  # one host sync per layer (the stock path has one too)
+    width = _equal_width(cu_seqlens)
     seq = hidden_states.shape[0]
-    if position_embeddings is None or seq % width or not bool((lengths == width).all()):
+    if position_embeddings is None or width == 0 or seq % width:
         return self._stock_forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
