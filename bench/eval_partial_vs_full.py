@@ -19,7 +19,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
-from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.data.tables import stratified_subset
@@ -53,8 +53,7 @@ def main() -> None:
     init_distributed(torch.device("cpu"))
     model_dir = latest("data/06_models/best_model")
     model = MultiDatasetClassifier.from_pretrained(model_dir)
-    encoder = ImageEncoder.from_pretrained(model_dir, cfg.model.min_pixels, cfg.model.max_pixels)
-    collate = ClassificationCollator(PromptTokens.from_tokenizer(load_tokenizer(model_dir), model.meta.prompt))
+    encoder, collate = create_collator(model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt)
     full = pd.read_parquet(latest("data/05_model_input/full_eval_set.parquet"))
     subset = pd.read_parquet(latest("data/05_model_input/eval_subset.parquet"))
     batch = cfg.training.per_device_eval_batch_size

@@ -142,6 +142,12 @@ def mrope_positions(prefix_len: int, grid: tuple[int, int, int], suffix_len: int
     return out
 
 
+@lru_cache(maxsize=256)
+def prompt_ids(prefix: tuple[int, ...], suffix: tuple[int, ...], image_token_id: int, n_image: int) -> torch.Tensor:
+    """Token ids of one unpadded prompt with `n_image` image placeholders (cached per resolution)."""
+    return torch.tensor([*prefix, *([image_token_id] * n_image), *suffix], dtype=torch.long)
+
+
 class ClassificationCollator:
     """List of samples (None for an image that failed to load) -> one padded model batch."""
 
@@ -162,7 +168,7 @@ class ClassificationCollator:
         attention = torch.zeros((len(kept), width), dtype=torch.long)
         positions = np.zeros((3, len(kept), width), dtype=np.int64)  # padding keeps position 0, as upstream
         for row, (s, n) in enumerate(zip(kept, lengths, strict=True)):
-            ids = torch.tensor([*pre, *([self.prompt.image_token_id] * (n - len(pre) - len(suf))), *suf])
+            ids = prompt_ids(pre, suf, self.prompt.image_token_id, n - len(pre) - len(suf))
             start = width - n if self.padding_side == "left" else 0
             input_ids[row, start:start + n] = ids
             attention[row, start:start + n] = 1
@@ -181,3 +187,12 @@ class ClassificationCollator:
             "dataset_names": [s["dataset_name"] for s in kept],
             "skipped": len(samples) - len(kept),
         }
+
+
+def create_collator(model_dir: Path, model_cfg, tokenizer, prompt: str | None = None
+                    ) -> tuple[ImageEncoder, ClassificationCollator]:
+    """The image encoder and collator for a model directory and the `model:` settings (one recipe for
+    training, partial and full evaluation); `prompt` overrides model_cfg.prompt (e.g. a saved model's)."""
+    encoder = ImageEncoder.from_pretrained(model_dir, model_cfg.min_pixels, model_cfg.max_pixels)
+    tokens = PromptTokens.from_tokenizer(tokenizer, prompt or model_cfg.prompt)
+    return encoder, ClassificationCollator(tokens, encoder.merge_size, model_cfg.padding_side)

@@ -33,7 +33,6 @@ from food_multids.progress import progress
 
 logger = logging.getLogger(__name__)
 
-RECORD_COLUMNS = ["image", "label", "dataset_name", "label_name", "source_file", "line"]
 PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
 MAX_LISTED_PROBLEMS = 20
 

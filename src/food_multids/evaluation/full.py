@@ -11,7 +11,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
-from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
@@ -56,14 +56,13 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
         from food_multids.model.fast_vision import enable_batched_windows
 
         enable_batched_windows(model.backbone)
-    encoder = ImageEncoder.from_pretrained(model_dir, cfg.model.min_pixels, cfg.model.max_pixels)
-    prompt = PromptTokens.from_tokenizer(load_tokenizer(model_dir), model.meta.prompt)
+    encoder, collator = create_collator(model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt)
     batch_size = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
     workers = cfg.evaluation.dataloader_num_workers
     workers = cfg.training.dataloader_num_workers if workers is None else workers
     loader = DataLoader(RecordDataset(frame, encoder, cfg.training.max_consecutive_bad_images),
                         batch_sampler=ShardedEvalSampler(len(frame), batch_size, world, rank),
-                        collate_fn=ClassificationCollator(prompt, encoder.merge_size, cfg.model.padding_side),
+                        collate_fn=collator,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
     names = list(cfg.dataset_names)

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-SPLIT_NAMES = {"train": "train", "val": "validation"}
-
 
 @dataclass
 class Report:

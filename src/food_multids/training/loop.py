@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
-from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
@@ -98,17 +98,14 @@ class Trainer:
 
             enable_batched_windows(model.backbone)
         self.tokenizer = load_tokenizer(self.model_path)
-        encoder = ImageEncoder.from_pretrained(self.model_path, cfg.model.min_pixels, cfg.model.max_pixels)
-        self.encoder = encoder
-        self.collator = ClassificationCollator(PromptTokens.from_tokenizer(self.tokenizer, cfg.model.prompt),
-                                               encoder.merge_size, cfg.model.padding_side)
+        self.encoder, self.collator = create_collator(self.model_path, cfg.model, self.tokenizer)
         sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
         self.target_mix = mix_proportions(sizes, cfg.data.mix_strategy, [d.weight for d in cfg.datasets],
                                           cfg.data.mix_temperature)
         self.sampler = MixingSampler(self.train_df["dataset_id"].to_numpy(), self.t.per_device_train_batch_size,
                                      self.world, self.rank, self.t.seed, self.t.shuffle, cfg.data.mix_strategy,
                                      self.target_mix, cfg.data.resample_each_epoch)
-        self.train_loader = self._loader(RecordDataset(self.train_df, encoder, self.t.max_consecutive_bad_images),
+        self.train_loader = self._loader(RecordDataset(self.train_df, self.encoder, self.t.max_consecutive_bad_images),
                                          self.sampler)
         self.total_steps = self.t.optimizer_steps(len(self.sampler))
         ds_config = resolve_deepspeed_config(cfg, self.world, self.dtype)
