@@ -18,3 +18,25 @@ def test_batched_windows_give_the_stock_outputs(tiny_model_dir):
             a = stock.visual(pixels, grid_thw=grid).pooler_output
             b = fast.visual(pixels, grid_thw=grid).pooler_output
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_windows_train_under_gradient_checkpointing_with_the_stock_gradients(tiny_model_dir):
+    # The GPU default: batched windows + non-reentrant checkpointing, whose recompute calls the
+    # attention again with the same cu_seqlens tensors.
+    grads = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        backbone = load_backbone(tiny_model_dir, torch.float32).train()
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if batched:
+            assert enable_batched_windows(backbone) == 2
+        grid = torch.tensor([[1, 16, 16]] * 2)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 1176, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):  # a second step reuses nothing stale from the first
+            backbone.zero_grad()
+            backbone.visual(pixels, grid_thw=grid).pooler_output.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in backbone.visual.named_parameters() if p.grad is not None})
+    stock, fast = grads
+    assert stock.keys() == fast.keys() and len(stock) > 10
+    for name in stock:
+        assert torch.allclose(stock[name], fast[name], atol=1e-5, rtol=1e-4), name

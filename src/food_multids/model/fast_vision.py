@@ -9,25 +9,25 @@ thing (tested: equal outputs in float32). Unequal windows fall back to the stock
 from __future__ import annotations
 
 import types
-import weakref
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
-# Window width per cu_seqlens tensor (0: unequal windows). Every layer of one forward receives the
-# same two tensors (window and full attention), so the host sync happens twice per forward instead
-# of once per layer; entries vanish with their tensors.
-_WIDTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Every layer of one forward receives the same two cu_seqlens tensors (window and full attention), so
+# the width is read on the host twice per forward instead of once per layer. It is kept on the tensor
+# itself, so it lives and dies with it. (A WeakKeyDictionary keyed by the tensors failed under gradient
+# checkpointing's recompute: its key comparison ends in Tensor.__eq__, "Boolean value ... ambiguous".)
+_ATTR = "_food_multids_window_width"
 
 
 def _equal_width(cu_seqlens: torch.Tensor) -> int:
-    width = _WIDTHS.get(cu_seqlens)
+    width = getattr(cu_seqlens, _ATTR, None)
     if width is None:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         first = int(lengths[0])
         width = first if bool((lengths == first).all()) else 0
-        _WIDTHS[cu_seqlens] = width
+        setattr(cu_seqlens, _ATTR, width)
     return width
 
 
