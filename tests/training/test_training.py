@@ -101,6 +101,15 @@ def test_unknown_best_metric_is_a_clear_error(demo_params):
         train_deepspeed(*data_nodes(params), params)
 
 
+def test_non_finite_loss_stops_training_with_a_clear_error(demo_params):
+    # bf16 runs skip DeepSpeed's per-tensor overflow scan, so the loop itself must not carry on with NaN weights.
+    params = demo_params
+    params["training"].update(max_steps=8, logging_steps=2, eval_steps=100, save_steps=100, learning_rate=1e30,
+                              head_lr=1e30, vision_lr=1e30)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* up to step \d+.*check_grad_overflow"):
+        train_deepspeed(*data_nodes(params), params)
+
+
 def run_driver(params, tmp_path, name, wait=True):
     spec = tmp_path / f"{name}.json"
     spec.write_text(json.dumps(params))

@@ -95,6 +95,12 @@ def test_deepspeed_config_is_filled_from_training_settings(two_datasets, caplog)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert "optimizer" not in ds and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert "deepspeed.optimizer is ignored" in caplog.text
+    assert ds["bf16"]["check_grad_overflow"] is False  # no per-tensor scan + host sync per bf16 step
+    params["deepspeed"]["bf16"] = {"check_grad_overflow": True}
+    kept = resolve_deepspeed_config(ProjectConfig.from_params(params), world_size=2, dtype=torch.bfloat16)
+    assert kept["bf16"] == {"check_grad_overflow": True, "enabled": True}
+    fp32 = resolve_deepspeed_config(ProjectConfig.from_params(params), world_size=2, dtype=torch.float32)
+    assert not fp32["bf16"]["enabled"]
 
 
 def test_sharded_concat_sampling_covers_each_sample_once_per_epoch():

@@ -242,6 +242,12 @@ class Trainer:
         all_reduce_([window])
         elapsed = time.perf_counter() - self._window_start
         sums = window.cpu().numpy()
+        if not np.isfinite(sums[0]).all():
+            bad = [n for n, v in zip(self.names, sums[0], strict=True) if not np.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite training loss for {bad} in the {self.t.logging_steps} steps up to step {self.global_step}; "
+                "lower training.learning_rate, or set deepspeed.bf16.check_grad_overflow: true to skip steps with "
+                "non-finite gradients")
         metrics = summarize(sums[0], sums[1], sums[2], self.names)
         total = sums[2].sum()
         for i, name in enumerate(self.names):
