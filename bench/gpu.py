@@ -2,12 +2,22 @@
 weights, nothing downloaded) at 448x448, beside ../shared/bench/bare_loop_anchor.py in the same job.
 
     python bench/gpu.py                                   # on a GPU: 3B shape, conf/gpu settings
-    DEV=cpu SIZE=tiny IMG=112 B=2 EB=2 STEPS=2 python bench/gpu.py   # dry run on CPU
+    DEV=cpu SIZE=tiny IMG=56 TRAIN_VARIANTS=4:1,4:0 EVAL_BATCHES=4 COMPILE=0 python bench/gpu.py  # CPU dry run
 
-The step is the one the train node runs (MultiDatasetClassifier + batched vision windows + the
-DeepSpeed engine from training/engine.py, fed by the project's image encoder and collator); the
-evaluation step is training/evaluation.py's loop. Prints TRAIN/EVAL JSON lines for both and the ratios.
-Env: SIZE (tiny|3b), IMG, B, EB, STEPS, GC=1, ZERO, ANCHOR (path to bare_loop_anchor.py; "" skips it).
+What runs, in order (each phase prints one JSON line and appends it to $OUT/gpu_results.jsonl; a phase
+that fails prints FAIL and the next one still runs; optional phases are skipped past BUDGET_S seconds):
+  ENV      card and versions
+  ANCHOR   bare_loop_anchor.py as a subprocess (its own process, so its memory is gone before ours)
+  CHECK    logits of the project path (batched vision windows, M-RoPE ids from the collator) against
+           the stock path (per-window attention, transformers' get_rope_index) on the same weights
+  TRAIN    Trainer._train_micro_batch -- the train node's step: host batch from the project's image
+           encoder + collator, pinned, to_device, DeepSpeed forward/backward/step -- per (batch, GC)
+  SPLIT    forward+backward vs optimizer step time of the default variant
+  EVAL     training.evaluation.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
+  PROFILE  the heaviest GPU kernels of one training step -> $OUT/profile_train.txt
+  COMPILE  regional torch.compile of the vision blocks and decoder layers: eval, then train
+Env: SIZE (tiny|3b), IMG, TRAIN_VARIANTS ("B:GC,..."; the first is the default), EVAL_BATCHES, STEPS,
+ZERO, ANCHOR (path; "" skips), ANCHOR_ARGS ("VARIANT:B:GC,..."), COMPILE (0/1), BUDGET_S.
 """
 
 from __future__ import annotations
@@ -17,22 +27,52 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 DEV = os.environ.get("DEV", "cuda")
 SIZE = os.environ.get("SIZE", "3b")
 IMG = int(os.environ.get("IMG", "448"))
-B = int(os.environ.get("B", "16"))
-EB = int(os.environ.get("EB", "64"))
 STEPS = int(os.environ.get("STEPS", "10"))
+TRAIN_VARIANTS = [tuple(int(x) for x in v.split(":")) for v in os.environ.get("TRAIN_VARIANTS", "16:1,16:0,32:1,24:0").split(",")]
+EVAL_BATCHES = [int(x) for x in os.environ.get("EVAL_BATCHES", "64,128").split(",")]
 ANCHOR = os.environ.get("ANCHOR", str(ROOT.parent / "shared/bench/bare_loop_anchor.py"))
+ANCHOR_ARGS = [v.split(":") for v in os.environ.get("ANCHOR_ARGS", "stock:8:0").split(",") if v]
+COMPILE = os.environ.get("COMPILE", "1") == "1"
+BUDGET_S = float(os.environ.get("BUDGET_S", "420"))
+OUT = Path(os.environ.get("OUT") or ROOT / "bench/out")
+T0 = time.perf_counter()
+NUM_LABELS = 2101
+
+
+def emit(tag: str, **fields) -> None:
+    fields = {"t": round(time.perf_counter() - T0, 1), **fields}
+    print(tag, json.dumps(fields), flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with (OUT / "gpu_results.jsonl").open("a") as f:
+        f.write(json.dumps({"tag": tag, **fields}) + "\n")
+
+
+def phase(name: str, fn, *args, optional: bool = False):
+    if optional and time.perf_counter() - T0 > BUDGET_S:
+        emit("SKIP", phase=name, reason=f"past BUDGET_S={BUDGET_S}")
+        return None
+    try:
+        return fn(*args)
+    except Exception as exc:  # one failed phase must not cost the others (device time is scarce)
+        emit("FAIL", phase=name, error=f"{type(exc).__name__}: {exc}"[:1500])
+        traceback.print_exc()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def sync() -> None:
@@ -40,15 +80,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def project_config():
+def peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else 0.0
+
+
+# -- setup -----------------------------------------------------------------------------------------
+def project_config(batch: int, gc: bool):
     from food_multids.config import ProjectConfig
 
     params = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())
     params.update(yaml.safe_load((ROOT / "conf/gpu/parameters.yml").read_text()))
-    params["model"].update(min_pixels=IMG * IMG, max_pixels=IMG * IMG, num_labels=2101,
-                           gradient_checkpointing=os.environ.get("GC", "1") == "1",
+    params["model"].update(min_pixels=IMG * IMG, max_pixels=IMG * IMG, num_labels=NUM_LABELS, gradient_checkpointing=gc,
                            torch_dtype="bfloat16" if DEV == "cuda" else "float32")
-    params["training"].update(per_device_train_batch_size=B, device=DEV, max_steps=STEPS)
+    params["training"].update(per_device_train_batch_size=batch, device=DEV, max_steps=1000)
     params["deepspeed"]["zero_optimization"]["stage"] = int(os.environ.get("ZERO", "2"))
     return ProjectConfig.from_params(params, check_files=False)
 
@@ -62,90 +106,245 @@ def build_model(cfg, device):
     tokenizer = build_tokenizer()
     config = qwen2_5_vl_3b_config() if SIZE == "3b" else tiny_config(tokenizer)
     for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "sdpa"
+        c._attn_implementation = cfg.model.attn_implementation
     dtype = resolve_dtype(cfg.model.torch_dtype, device)
     torch.manual_seed(0)
     with torch.device(device):
         backbone = Qwen2_5_VLModel(config).to(dtype)
-    meta = ClassifierMeta(num_labels=2101, pooling="last",
+    meta = ClassifierMeta(num_labels=NUM_LABELS, pooling=cfg.model.pooling,
                           label_spaces={"food101": LabelSpace(0, 101), "food2k": LabelSpace(1, 2000)})
     model = MultiDatasetClassifier(backbone, meta, config.image_token_id).to(device)
-    if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from food_multids.model.fast_vision import enable_batched_windows
-
-    enable_batched_windows(backbone)
     return model, tokenizer, config, dtype
 
 
-def batches(n: int, tokenizer, config):
-    """Real path: random 448x448 RGB images -> ImageEncoder -> collator (prompt ids from the tokenizer)."""
+def host_batch(n: int, tokenizer, config, cfg, seed: int = 0) -> dict:
+    """What the train/eval loader yields: random RGB images through the image encoder and collator, pinned."""
     from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
 
     encoder = ImageEncoder(IMG * IMG, IMG * IMG)
-    prompt = PromptTokens.from_tokenizer(tokenizer, "What food is shown in this image?")
-    prompt = PromptTokens(prompt.prefix, prompt.suffix, config.image_token_id, prompt.pad_token_id)
-    rng = np.random.default_rng(0)
+    tokens = PromptTokens.from_tokenizer(tokenizer, cfg.model.prompt)
+    tokens = PromptTokens(tokens.prefix, tokens.suffix, config.image_token_id, tokens.pad_token_id)
+    rng = np.random.default_rng(seed)
     samples = []
     for i in range(n):
         patches, grid = encoder(Image.fromarray(rng.integers(0, 255, (IMG, IMG, 3), dtype=np.uint8)))
         samples.append({"pixel_values": patches, "grid": grid, "label": i % 101, "dataset_id": i % 2,
-                        "num_classes": 101 if i % 2 == 0 else 2000, "sample_id": i, "dataset_name": "ab"[i % 2]})
-    return ClassificationCollator(prompt)(samples)
+                        "num_classes": 101 if i % 2 == 0 else 2000, "sample_id": i, "dataset_name": ("food101", "food2k")[i % 2]})
+    batch = ClassificationCollator(tokens, encoder.merge_size, cfg.model.padding_side)(samples)
+    if DEV == "cuda":
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+# -- phases ----------------------------------------------------------------------------------------
+def env_phase() -> None:
+    import deepspeed
+    import transformers
+
+    card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    mem = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if DEV == "cuda" else 0
+    emit("ENV", card=card, mem_gib=mem, torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
+         deepspeed=deepspeed.__version__, python=sys.version.split()[0], size=SIZE, img=IMG)
+
+
+def anchor_phase(variant: str, batch: str, gc: str) -> None:
+    env = {**os.environ, "B": batch, "GC": gc, "IMG": str(IMG), "EB": "32", "STEPS": str(STEPS), "SIZE": SIZE,
+           "VARIANT": variant, "DEV": DEV}
+    out = subprocess.run([sys.executable, ANCHOR], env=env, capture_output=True, text=True, timeout=400)
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines()
+             if ln.startswith(("TRAIN ", "EVAL "))}
+    if "TRAIN" not in lines:
+        raise RuntimeError(f"anchor printed no TRAIN line (rc {out.returncode}): {out.stderr[-1200:]}")
+    emit("ANCHOR", train=lines["TRAIN"], eval=lines.get("EVAL"))
+    return lines
+
+
+def check_phase(model, tokenizer, config, cfg, dtype, device) -> None:
+    """Project path vs stock path on the same weights and images (eval mode, the run's dtype)."""
+    from food_multids.model.fast_vision import enable_batched_windows
+    from food_multids.training.evaluation import MODEL_INPUTS, to_device
+
+    batch = to_device(host_batch(4, tokenizer, config, cfg, seed=1), device, dtype)
+    inputs = {k: batch[k] for k in MODEL_INPUTS}
+    model.eval()
+    with torch.inference_mode():
+        stock = model(**{**inputs, "position_ids": None})  # per-window SDPA, get_rope_index's host loop
+        enable_batched_windows(model.backbone)
+        fast = model(**inputs)
+    model.train()
+    finite = torch.isfinite(stock)
+    same_mask = bool((finite == torch.isfinite(fast)).all())
+    a, b = fast[finite].double(), stock[finite].double()
+    rel = float((a - b).norm() / b.norm())
+    agree = float((fast.argmax(-1) == stock.argmax(-1)).float().mean())
+    emit("CHECK", dtype=str(dtype), rel_err=rel, same_mask=same_mask, argmax_agree=agree, seq_len=int(batch["input_ids"].shape[1]),
+         ok=same_mask and rel <= 1e-2)
+
+
+class StepHost(types.SimpleNamespace):
+    """The attributes Trainer._train_micro_batch reads, so the benchmark runs that very method."""
+
+
+def make_host(engine, device, dtype) -> StepHost:
+    return StepHost(engine=engine, device=device, dtype=dtype, micro_step=0,
+                    window=torch.zeros(4, 2, dtype=torch.float64, device=device))
+
+
+def reset_after_failure(engine) -> None:
+    """Best effort after e.g. an out-of-memory step, so the next variant starts from a clean ZeRO state."""
+    opt = engine.optimizer
+    opt.zero_grad(set_to_none=True)
+    if hasattr(opt, "params_already_reduced"):
+        opt.params_already_reduced = [False] * len(opt.params_already_reduced)
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, split: bool = False) -> dict:
+    from food_multids.training.evaluation import MODEL_INPUTS, to_device
+    from food_multids.training.loop import Trainer
+
+    if gc:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.backbone.gradient_checkpointing_disable()
+    batch = host_batch(batch_size, tokenizer, config, cfg)
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = STEPS if batch_size <= 16 else max(4, STEPS // 2)
+    try:
+        for i in range(3 + steps):
+            if i == 3:
+                sync()
+                start = time.perf_counter()
+            Trainer._train_micro_batch(host, batch)
+        sync()
+    except Exception:
+        reset_after_failure(host.engine)
+        raise
+    step_s = (time.perf_counter() - start) / steps
+    loss = float(host.window[0].sum() / host.window[2].sum())
+    # Model FLOPs as the anchor counts them: 6 x params x tokens (vision patches, language sequence); no recompute.
+    n_vis = sum(p.numel() for p in model.backbone.visual.parameters())
+    n_llm = sum(p.numel() for n, p in model.backbone.language_model.named_parameters() if "embed_tokens" not in n)
+    n_patch = int(batch["image_grid_thw"][0].prod())
+    flop_img = 6 * (n_vis * n_patch + n_llm * batch["input_ids"].shape[1])
+    result = {"B": batch_size, "gc": gc, "step_s": round(step_s, 4), "img_per_s": round(batch_size / step_s, 2),
+              "tflops": round(flop_img * batch_size / step_s / 1e12, 1), "peak_gib": peak_gib(), "mean_loss": round(loss, 3)}
+    emit("TRAIN", **result)
+    if split:  # where the step goes: forward+backward vs the optimizer step (synchronised, so a little slower)
+        fb = opt = 0.0
+        for _ in range(3):
+            b = to_device(batch, host.device, host.dtype)
+            sync()
+            t = time.perf_counter()
+            logits = host.engine(**{k: b[k] for k in MODEL_INPUTS})
+            host.engine.backward(torch.nn.functional.cross_entropy(logits, b["labels"]))
+            sync()
+            t2 = time.perf_counter()
+            host.engine.step()
+            sync()
+            fb, opt = fb + t2 - t, opt + time.perf_counter() - t2
+        emit("SPLIT", B=batch_size, gc=gc, fwd_bwd_s=round(fb / 3, 4), optimizer_step_s=round(opt / 3, 4))
+    return result
+
+
+def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device, tag: str = "EVAL") -> dict:
+    from food_multids.training.evaluation import evaluate
+
+    batch = host_batch(eval_batch, tokenizer, config, cfg, seed=2)
+    t = time.perf_counter()
+    evaluate(model, [batch], device, 2, top_k=5, dtype=dtype, progress_mode="never")  # warm-up (and compile)
+    sync()
+    first_s = time.perf_counter() - t
+    reps = 5
+    t = time.perf_counter()
+    out = evaluate(model, [batch] * reps, device, 2, top_k=5, dtype=dtype, progress_mode="never")
+    sync()
+    per_batch = (time.perf_counter() - t) / reps
+    result = {"EB": eval_batch, "img_per_s": round(eval_batch / per_batch, 1), "batch_s": round(per_batch, 4),
+              "first_call_s": round(first_s, 1), "rows": int(out.count.sum())}
+    emit(tag, **result)
+    return result
+
+
+def profile_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from food_multids.training.loop import Trainer
+
+    if gc:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.backbone.gradient_checkpointing_disable()
+    batch = host_batch(batch_size, tokenizer, config, cfg)
+    Trainer._train_micro_batch(host, batch)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        Trainer._train_micro_batch(host, batch)
+        sync()
+    key = "self_device_time_total" if DEV == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+    (OUT / "profile_train.txt").write_text(table)
+    print(table[:6000], flush=True)
+    emit("PROFILE", file="profile_train.txt", B=batch_size, gc=gc)
+
+
+def compile_layers(model) -> int:
+    blocks = list(model.backbone.visual.blocks) + list(model.backbone.language_model.layers)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def main() -> None:
+    from food_multids.model.fast_vision import enable_batched_windows
     from food_multids.training.engine import create_engine, init_distributed, resolve_deepspeed_config
-    from food_multids.training.evaluation import MODEL_INPUTS, to_device
 
+    (OUT / "gpu_results.jsonl").unlink(missing_ok=True)
+    phase("ENV", env_phase)
+    if ANCHOR and Path(ANCHOR).is_file():
+        anchors = [phase("ANCHOR", anchor_phase, *args) for args in ANCHOR_ARGS]
+    else:
+        anchors = []
+        emit("SKIP", phase="ANCHOR", reason=f"no anchor script at {ANCHOR!r}")
     device = torch.device(DEV)
-    cfg = project_config()
+    default_b, default_gc = TRAIN_VARIANTS[0]
+    cfg = project_config(default_b, bool(default_gc))
     init_distributed(device)
     model, tokenizer, config, dtype = build_model(cfg, device)
-    engine, _, _ = create_engine(model, cfg, resolve_deepspeed_config(cfg, 1, dtype), STEPS + 3, device)
-    batch = to_device(batches(B, tokenizer, config), device, dtype)
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
-    if DEV == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(3 + STEPS):
-        if i == 3:
-            sync()
-            start = time.perf_counter()
-        logits = engine(**inputs)
-        engine.backward(F.cross_entropy(logits, batch["labels"]))
-        engine.step()
-    sync()
-    step_s = (time.perf_counter() - start) / STEPS
-    train = {"who": "project", "size": SIZE, "img": IMG, "B": B, "gc": cfg.model.gradient_checkpointing,
-             "step_s": round(step_s, 4), "img_per_s": round(B / step_s, 2),
-             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if DEV == "cuda" else 0}
-    print("TRAIN", json.dumps(train), flush=True)
-    engine.eval()
-    eval_batch = to_device(batches(EB, tokenizer, config), device, dtype)
-    with torch.inference_mode():
-        for i in range(2 + 5):
-            if i == 2:
-                sync()
-                start = time.perf_counter()
-            logits = engine.module(**{k: eval_batch[k] for k in MODEL_INPUTS})
-            logits.argmax(-1)
-        sync()
-    eval_s = (time.perf_counter() - start) / 5
-    evaluation = {"who": "project", "EB": EB, "img_per_s": round(EB / eval_s, 1)}
-    print("EVAL", json.dumps(evaluation), flush=True)
-    if ANCHOR and Path(ANCHOR).is_file():
-        env = {**os.environ, "B": str(B), "IMG": str(IMG), "EB": str(EB), "STEPS": str(STEPS), "SIZE": SIZE,
-               "VARIANT": os.environ.get("ANCHOR_VARIANT", "stock")}
-        out = subprocess.run([sys.executable, ANCHOR], env=env, capture_output=True, text=True, timeout=1800)
-        lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in out.stdout.splitlines()
-                 if ln.startswith(("TRAIN ", "EVAL "))}
-        if "TRAIN" not in lines:
-            print("anchor failed:", out.stdout[-2000:], out.stderr[-2000:])
-            return
-        print("ANCHOR_TRAIN", json.dumps(lines["TRAIN"]))
-        print("ANCHOR_EVAL", json.dumps(lines["EVAL"]))
-        print(f"ratio project/anchor: train {train['img_per_s'] / lines['TRAIN']['img_per_s']:.2f}x, "
-              f"eval {evaluation['img_per_s'] / lines['EVAL']['img_per_s']:.2f}x  (targets: 40 and 150 img/s on one H100/H200)")
+    phase("CHECK", check_phase, model, tokenizer, config, cfg, dtype, device)
+    enable_batched_windows(model.backbone)  # as the train node does with model.batched_vision_windows (idempotent)
+    ds_config = resolve_deepspeed_config(cfg, 1, dtype)
+    emit("DSCONFIG", bf16=ds_config["bf16"], zero=ds_config["zero_optimization"])
+    engine, _, _ = create_engine(model, cfg, ds_config, 1000, device)
+    host = make_host(engine, device, dtype)
+    # Most wanted first: the default train variant, evaluation, then the other variants (the last may run out of memory).
+    trains = [phase(f"TRAIN {default_b}:{default_gc}", train_phase, host, model, default_b, bool(default_gc), tokenizer,
+                    config, cfg, True)]
+    evals = [phase(f"EVAL {eb}", eval_phase, model, eb, tokenizer, config, cfg, dtype, device) for eb in EVAL_BATCHES]
+    for b, gc in TRAIN_VARIANTS[1:]:
+        trains.append(phase(f"TRAIN {b}:{gc}", train_phase, host, model, b, bool(gc), tokenizer, config, cfg, optional=True))
+    phase("PROFILE", profile_phase, host, model, default_b, bool(default_gc), tokenizer, config, cfg, optional=True)
+    if COMPILE:
+        n = phase("COMPILE", compile_layers, model, optional=True)
+        if n:
+            emit("COMPILED", blocks=n)
+            evals.append(phase("EVAL compiled", eval_phase, model, EVAL_BATCHES[0], tokenizer, config, cfg, dtype, device,
+                               "EVAL_COMPILED", optional=True))
+            trains.append(phase("TRAIN compiled", train_phase, host, model, default_b, bool(default_gc), tokenizer, config,
+                                cfg, optional=True))
+    best_train = max((t["img_per_s"] for t in trains if t), default=0.0)
+    best_eval = max((e["img_per_s"] for e in evals if e), default=0.0)
+    anchor = next((a for a in anchors if a), None)
+    summary = {"train_default": trains[0]["img_per_s"] if trains and trains[0] else None, "train_best": best_train,
+               "eval_best": best_eval, "targets": {"train": 40, "eval": 150}}
+    if anchor:
+        summary.update(anchor_train=anchor["TRAIN"]["img_per_s"], anchor_eval=anchor.get("EVAL", {}).get("img_per_s"),
+                       ratio_train=round(best_train / anchor["TRAIN"]["img_per_s"], 2),
+                       ratio_eval=round(best_eval / anchor["EVAL"]["img_per_s"], 2) if anchor.get("EVAL") else None)
+    emit("SUMMARY", **summary)
 
 
 if __name__ == "__main__":
