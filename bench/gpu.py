@@ -1,23 +1,25 @@
 """GPU benchmark: the project's own training and evaluation step on the Qwen2.5-VL-3B shape (random
-weights, nothing downloaded) at 448x448, beside ../shared/bench/bare_loop_anchor.py in the same job.
+weights, nothing downloaded) at 448x448 with conf/gpu's settings, beside ../shared/bench/bare_loop_anchor.py
+in the same job.
 
     python bench/gpu.py                                   # on a GPU: 3B shape, conf/gpu settings
-    DEV=cpu SIZE=tiny IMG=56 TRAIN_VARIANTS=4:1,4:0 EVAL_BATCHES=4 COMPILE=0 python bench/gpu.py  # CPU dry run
+    DEV=cpu SIZE=tiny IMG=56 B=4 EVAL_BATCHES=4 COMPILE=0 python bench/gpu.py   # CPU dry run
 
 What runs, in order (each phase prints one JSON line and appends it to $OUT/gpu_results.jsonl; a phase
 that fails prints FAIL and the next one still runs; optional phases are skipped past BUDGET_S seconds):
   ENV      card and versions
   ANCHOR   bare_loop_anchor.py as a subprocess (its own process, so its memory is gone before ours)
-  CHECK    logits of the project path (batched vision windows, M-RoPE ids from the collator) against
-           the stock path (per-window attention, transformers' get_rope_index) on the same weights
+  CHECK    logits of the stock path (per-window attention, transformers' get_rope_index) against the
+           project's (model.fast_vision.prepare_model as the train node applies it: batched vision
+           windows, torch.compile when on; M-RoPE ids from the collator) on the same weights
   TRAIN    Trainer._train_micro_batch -- the train node's step: host batch from the project's image
-           encoder + collator, pinned, to_device, DeepSpeed forward/backward/step -- per (batch, GC)
-  SPLIT    forward+backward vs optimizer step time of the default variant
+           encoder + collator, pinned, to_device, DeepSpeed forward/backward/step -- for the configured
+           (batch, checkpointing), then each of TRAIN_VARIANTS
+  SPLIT    forward+backward vs optimizer step time of the configured variant
   EVAL     training.evaluation.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
   PROFILE  the heaviest GPU kernels of one training step -> $OUT/profile_train.txt
-  COMPILE  regional torch.compile of the vision blocks and decoder layers: eval, then train
-Env: SIZE (tiny|3b), IMG, TRAIN_VARIANTS ("B:GC,..."; the first is the default), EVAL_BATCHES, STEPS,
-ZERO, ANCHOR (path; "" skips), ANCHOR_ARGS ("VARIANT:B:GC,..."), COMPILE (0/1), BUDGET_S.
+Env: SIZE (tiny|3b), IMG, B, GC (0/1), COMPILE (0/1) override conf/gpu; TRAIN_VARIANTS ("B:GC,...");
+EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS ("VARIANT:B:GC,..."); BUDGET_S.
 """
 
 from __future__ import annotations
@@ -42,12 +44,11 @@ DEV = os.environ.get("DEV", "cuda")
 SIZE = os.environ.get("SIZE", "3b")
 IMG = int(os.environ.get("IMG", "448"))
 STEPS = int(os.environ.get("STEPS", "10"))
-TRAIN_VARIANTS = [tuple(int(x) for x in v.split(":")) for v in os.environ.get("TRAIN_VARIANTS", "16:1,16:0,32:1,24:0").split(",")]
-EVAL_BATCHES = [int(x) for x in os.environ.get("EVAL_BATCHES", "64,128").split(",")]
+TRAIN_VARIANTS = [tuple(int(x) for x in v.split(":")) for v in os.environ.get("TRAIN_VARIANTS", "").split(",") if v]
+EVAL_BATCHES = [int(x) for x in os.environ.get("EVAL_BATCHES", "128,64").split(",")]
 ANCHOR = os.environ.get("ANCHOR", str(ROOT.parent / "shared/bench/bare_loop_anchor.py"))
 ANCHOR_ARGS = [v.split(":") for v in os.environ.get("ANCHOR_ARGS", "stock:8:0").split(",") if v]
-COMPILE = os.environ.get("COMPILE", "1") == "1"
-BUDGET_S = float(os.environ.get("BUDGET_S", "420"))
+BUDGET_S = float(os.environ.get("BUDGET_S", "300"))
 OUT = Path(os.environ.get("OUT") or ROOT / "bench/out")
 T0 = time.perf_counter()
 NUM_LABELS = 2101
@@ -85,14 +86,21 @@ def peak_gib() -> float:
 
 
 # -- setup -----------------------------------------------------------------------------------------
-def project_config(batch: int, gc: bool):
+def project_config():
+    """conf/gpu's settings (as `kedro run --env gpu` resolves them), with B, GC, COMPILE overriding them."""
     from food_multids.config import ProjectConfig
 
     params = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())
     params.update(yaml.safe_load((ROOT / "conf/gpu/parameters.yml").read_text()))
-    params["model"].update(min_pixels=IMG * IMG, max_pixels=IMG * IMG, num_labels=NUM_LABELS, gradient_checkpointing=gc,
-                           torch_dtype="bfloat16" if DEV == "cuda" else "float32")
-    params["training"].update(per_device_train_batch_size=batch, device=DEV, max_steps=1000)
+    model, training = params["model"], params["training"]
+    for env, section, key in (("GC", model, "gradient_checkpointing"), ("COMPILE", model, "torch_compile")):
+        if os.environ.get(env):
+            section[key] = os.environ[env] == "1"
+    if os.environ.get("B"):
+        training["per_device_train_batch_size"] = int(os.environ["B"])
+    model.update(min_pixels=IMG * IMG, max_pixels=IMG * IMG, num_labels=NUM_LABELS,
+                 torch_dtype="bfloat16" if DEV == "cuda" else "float32")
+    training.update(device=DEV, max_steps=1000)
     params["deepspeed"]["zero_optimization"]["stage"] = int(os.environ.get("ZERO", "2"))
     return ProjectConfig.from_params(params, check_files=False)
 
@@ -159,9 +167,10 @@ def anchor_phase(variant: str, batch: str, gc: str) -> None:
     return lines
 
 
-def check_phase(model, tokenizer, config, cfg, dtype, device) -> None:
-    """Project path vs stock path on the same weights and images (eval mode, the run's dtype)."""
-    from food_multids.model.fast_vision import enable_batched_windows
+def check_phase(model, tokenizer, config, cfg, dtype, device) -> dict:
+    """Stock path vs the project's path (prepare_model: batched vision windows, torch.compile when on,
+    M-RoPE ids from the collator) on the same weights and images, eval mode, the run's dtype."""
+    from food_multids.model.fast_vision import prepare_model
     from food_multids.training.evaluation import MODEL_INPUTS, to_device
 
     batch = to_device(host_batch(4, tokenizer, config, cfg, seed=1), device, dtype)
@@ -169,7 +178,7 @@ def check_phase(model, tokenizer, config, cfg, dtype, device) -> None:
     model.eval()
     with torch.inference_mode():
         stock = model(**{**inputs, "position_ids": None})  # per-window SDPA, get_rope_index's host loop
-        enable_batched_windows(model.backbone)
+        speedups = prepare_model(model, cfg.model, training=True)  # what Trainer._build does
         fast = model(**inputs)
     model.train()
     finite = torch.isfinite(stock)
@@ -177,8 +186,9 @@ def check_phase(model, tokenizer, config, cfg, dtype, device) -> None:
     a, b = fast[finite].double(), stock[finite].double()
     rel = float((a - b).norm() / b.norm())
     agree = float((fast.argmax(-1) == stock.argmax(-1)).float().mean())
-    emit("CHECK", dtype=str(dtype), rel_err=rel, same_mask=same_mask, argmax_agree=agree, seq_len=int(batch["input_ids"].shape[1]),
-         ok=same_mask and rel <= 1e-2)
+    emit("CHECK", dtype=str(dtype), speedups=speedups, rel_err=rel, same_mask=same_mask, argmax_agree=agree,
+         seq_len=int(batch["input_ids"].shape[1]), ok=same_mask and rel <= 1e-2)
+    return speedups
 
 
 class StepHost(types.SimpleNamespace):
@@ -231,7 +241,7 @@ def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, 
     flop_img = 6 * (n_vis * n_patch + n_llm * batch["input_ids"].shape[1])
     result = {"B": batch_size, "gc": gc, "step_s": round(step_s, 4), "img_per_s": round(batch_size / step_s, 2),
               "tflops": round(flop_img * batch_size / step_s / 1e12, 1), "peak_gib": peak_gib(), "mean_loss": round(loss, 3)}
-    emit("TRAIN", **result)
+    emit("TRAIN", compiled=getattr(model.backbone.language_model.layers[0], "_compiled_call_impl", None) is not None, **result)
     if split:  # where the step goes: forward+backward vs the optimizer step (synchronised, so a little slower)
         fb = opt = 0.0
         for _ in range(3):
@@ -291,15 +301,8 @@ def profile_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg
     emit("PROFILE", file="profile_train.txt", B=batch_size, gc=gc)
 
 
-def compile_layers(model) -> int:
-    blocks = list(model.backbone.visual.blocks) + list(model.backbone.language_model.layers)
-    for block in blocks:
-        block.compile()
-    return len(blocks)
-
-
 def main() -> None:
-    from food_multids.model.fast_vision import enable_batched_windows
+    from food_multids.model.fast_vision import prepare_model
     from food_multids.training.engine import create_engine, init_distributed, resolve_deepspeed_config
 
     (OUT / "gpu_results.jsonl").unlink(missing_ok=True)
@@ -310,40 +313,32 @@ def main() -> None:
         anchors = []
         emit("SKIP", phase="ANCHOR", reason=f"no anchor script at {ANCHOR!r}")
     device = torch.device(DEV)
-    default_b, default_gc = TRAIN_VARIANTS[0]
-    cfg = project_config(default_b, bool(default_gc))
+    cfg = project_config()
+    default_b, default_gc = cfg.training.per_device_train_batch_size, cfg.model.gradient_checkpointing
     init_distributed(device)
     model, tokenizer, config, dtype = build_model(cfg, device)
-    phase("CHECK", check_phase, model, tokenizer, config, cfg, dtype, device)
-    enable_batched_windows(model.backbone)  # as the train node does with model.batched_vision_windows (idempotent)
+    if phase("CHECK", check_phase, model, tokenizer, config, cfg, dtype, device) is None:
+        prepare_model(model, cfg.model, training=True)
     ds_config = resolve_deepspeed_config(cfg, 1, dtype)
-    emit("DSCONFIG", bf16=ds_config["bf16"], zero=ds_config["zero_optimization"])
+    emit("CONFIG", B=default_b, gc=default_gc, torch_compile=cfg.model.torch_compile, bf16=ds_config["bf16"],
+         zero=ds_config["zero_optimization"])
     engine, _, _ = create_engine(model, cfg, ds_config, 1000, device)
     host = make_host(engine, device, dtype)
-    # Most wanted first: the default train variant, evaluation, then the other variants (the last may run out of memory).
-    trains = [phase(f"TRAIN {default_b}:{default_gc}", train_phase, host, model, default_b, bool(default_gc), tokenizer,
+    # Most wanted first: the configured variant, evaluation, then other variants (the last may run out of memory).
+    trains = [phase(f"TRAIN {default_b}:{int(default_gc)}", train_phase, host, model, default_b, default_gc, tokenizer,
                     config, cfg, True)]
     evals = [phase(f"EVAL {eb}", eval_phase, model, eb, tokenizer, config, cfg, dtype, device) for eb in EVAL_BATCHES]
-    for b, gc in TRAIN_VARIANTS[1:]:
+    for b, gc in TRAIN_VARIANTS:
         trains.append(phase(f"TRAIN {b}:{gc}", train_phase, host, model, b, bool(gc), tokenizer, config, cfg, optional=True))
-    phase("PROFILE", profile_phase, host, model, default_b, bool(default_gc), tokenizer, config, cfg, optional=True)
-    if COMPILE:
-        n = phase("COMPILE", compile_layers, model, optional=True)
-        if n:
-            emit("COMPILED", blocks=n)
-            evals.append(phase("EVAL compiled", eval_phase, model, EVAL_BATCHES[0], tokenizer, config, cfg, dtype, device,
-                               "EVAL_COMPILED", optional=True))
-            trains.append(phase("TRAIN compiled", train_phase, host, model, default_b, bool(default_gc), tokenizer, config,
-                                cfg, optional=True))
-    best_train = max((t["img_per_s"] for t in trains if t), default=0.0)
-    best_eval = max((e["img_per_s"] for e in evals if e), default=0.0)
+    phase("PROFILE", profile_phase, host, model, default_b, default_gc, tokenizer, config, cfg, optional=True)
     anchor = next((a for a in anchors if a), None)
-    summary = {"train_default": trains[0]["img_per_s"] if trains and trains[0] else None, "train_best": best_train,
-               "eval_best": best_eval, "targets": {"train": 40, "eval": 150}}
-    if anchor:
-        summary.update(anchor_train=anchor["TRAIN"]["img_per_s"], anchor_eval=anchor.get("EVAL", {}).get("img_per_s"),
-                       ratio_train=round(best_train / anchor["TRAIN"]["img_per_s"], 2),
-                       ratio_eval=round(best_eval / anchor["EVAL"]["img_per_s"], 2) if anchor.get("EVAL") else None)
+    summary = {"train": trains[0]["img_per_s"] if trains[0] else None, "eval": evals[0]["img_per_s"] if evals[0] else None,
+               "train_best": max((t["img_per_s"] for t in trains if t), default=None),
+               "eval_best": max((e["img_per_s"] for e in evals if e), default=None), "targets": {"train": 40, "eval": 150}}
+    if anchor and summary["train"] and summary["eval"]:
+        summary.update(anchor_train=anchor["TRAIN"]["img_per_s"], anchor_eval=anchor["EVAL"]["img_per_s"],
+                       ratio_train=round(summary["train"] / anchor["TRAIN"]["img_per_s"], 2),
+                       ratio_eval=round(summary["eval"] / anchor["EVAL"]["img_per_s"], 2))
     emit("SUMMARY", **summary)
 
 

@@ -150,6 +150,7 @@ class ModelConfig:
     freeze_merger: bool = False
     freeze_language_model: bool = False
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
 
     def validate(self, problems: _Problems) -> None:
         if isinstance(self.num_labels, int) and self.num_labels < 1:

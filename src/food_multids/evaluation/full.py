@@ -17,6 +17,7 @@ from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
 from food_multids.model.classifier import MultiDatasetClassifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.model.fast_vision import prepare_model
 from food_multids.training.engine import init_distributed, resolve_device
 from food_multids.training.evaluation import evaluate
 
@@ -52,10 +53,7 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     rank, world = init_distributed(device, cfg.training.master_port)
     dtype = resolve_dtype(cfg.model.torch_dtype, device)
     model = MultiDatasetClassifier.from_pretrained(model_dir, dtype, cfg.model.attn_implementation).to(device)
-    if cfg.model.batched_vision_windows:
-        from food_multids.model.fast_vision import enable_batched_windows
-
-        enable_batched_windows(model.backbone)
+    prepare_model(model, cfg.model, training=False)
     encoder, collator = create_collator(model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt)
     batch_size = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
     workers = cfg.evaluation.dataloader_num_workers

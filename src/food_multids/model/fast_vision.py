@@ -58,3 +58,39 @@ def enable_batched_windows(backbone: torch.nn.Module) -> int:
             module.forward = types.MethodType(_batched_forward, module)
             count += 1
     return count
+
+
+def compile_blocks(backbone: torch.nn.Module, recompile_limit: int = 64) -> int:
+    """Regional torch.compile: each vision block and language decoder layer compiled in place.
+
+    Identical blocks share one compiled graph (the parameters are graph inputs), so compiling costs
+    about one block of each kind rather than the whole model, and the hooks DeepSpeed puts on
+    parameters and the checkpointing wrapper around each layer stay outside the graphs. The vision
+    attention's host read of the window width is a graph break by design. Guard variants (window vs
+    full attention, train vs eval, another batch size) each count as a recompilation of the shared
+    code, so dynamo's recompile limit (8 by default) is raised to `recompile_limit`: past it dynamo
+    silently runs the block uncompiled. Returns the number of blocks compiled.
+    """
+    import torch._dynamo
+
+    limit = max(int(torch._dynamo.config.recompile_limit), recompile_limit)
+    torch._dynamo.config.recompile_limit = limit
+    blocks = list(backbone.visual.blocks) + list(backbone.language_model.layers)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
+    """The `model:` speed settings, applied the same way by training, full evaluation and bench/gpu.py:
+    gradient checkpointing (training only), batched vision windows, then regional torch.compile."""
+    backbone = model.backbone
+    done: dict[str, int | bool] = {"gradient_checkpointing": False, "batched_windows": 0, "compiled_blocks": 0}
+    if training and model_cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        done["gradient_checkpointing"] = True
+    if model_cfg.batched_vision_windows:
+        done["batched_windows"] = enable_batched_windows(backbone)
+    if model_cfg.torch_compile:
+        done["compiled_blocks"] = compile_blocks(backbone)
+    return done

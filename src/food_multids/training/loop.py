@@ -29,6 +29,7 @@ from food_multids.data.tables import stratified_subset
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.model.fast_vision import prepare_model
 from food_multids.paths import resolve_path
 from food_multids.progress import progress
 from food_multids.training import checkpoint as ckpt
@@ -91,12 +92,7 @@ class Trainer:
                               label_spaces=label_spaces(cfg, self.train_df), prompt=cfg.model.prompt)
         model = create_classifier(self.model_path, meta, cfg.model.torch_dtype, self.device, cfg.model.attn_implementation)
         model.freeze(cfg.model.freeze_vision_tower, cfg.model.freeze_merger, cfg.model.freeze_language_model)
-        if cfg.model.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.batched_vision_windows:
-            from food_multids.model.fast_vision import enable_batched_windows
-
-            enable_batched_windows(model.backbone)
+        self.speedups = prepare_model(model, cfg.model, training=True)
         self.tokenizer = load_tokenizer(self.model_path)
         self.encoder, self.collator = create_collator(self.model_path, cfg.model, self.tokenizer)
         sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
@@ -114,10 +110,11 @@ class Trainer:
         if self.is_main:
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info("Training %s on %s (%d process(es), ZeRO-%d, %s): %d optimizer steps, %d trainable parameters, "
-                        "epoch = %d micro-batches of %d per process; target mix %s", self.model_path.name,
+                        "epoch = %d micro-batches of %d per process; target mix %s; %s", self.model_path.name,
                         self.device.type, self.world, self.zero_stage, self.dtype, self.total_steps, n_train,
                         len(self.sampler), self.t.per_device_train_batch_size,
-                        {n: round(float(p), 3) for n, p in zip(self.names, self.target_mix, strict=True)})
+                        {n: round(float(p), 3) for n, p in zip(self.names, self.target_mix, strict=True)},
+                        self.speedups)
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
         workers = self.t.dataloader_num_workers
