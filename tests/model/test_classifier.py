@@ -207,3 +207,32 @@ def test_collator_mrope_positions_equal_qwens_rope_index(tiny_model_dir, side):
         stock = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
                       batch["num_classes"], position_ids=None)
     assert torch.equal(ours, stock)
+
+
+def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradients(tiny_model_dir):
+    # The GPU defaults' path (batched windows + regional torch.compile, here with checkpointing too)
+    # against the plain model: same function, same gradients, in float32.
+    import torch._dynamo
+
+    from food_multids.config import ModelConfig
+    from food_multids.model.fast_vision import prepare_model
+
+    plain, fast = make_model(tiny_model_dir), make_model(tiny_model_dir)
+    done = prepare_model(fast, ModelConfig(num_labels=7, gradient_checkpointing=True, torch_compile=True), training=True)
+    assert done == {"gradient_checkpointing": True, "batched_windows": 2, "cached_vision_indices": True,
+                    "compiled_blocks": 4}
+    blocks = list(fast.backbone.visual.blocks) + list(fast.backbone.language_model.layers)
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert torch._dynamo.config.recompile_limit >= 64  # past the limit dynamo silently runs blocks eagerly
+    batch = make_batch(tiny_model_dir, n=4, seed=3)
+    for model in (plain, fast):
+        model.train()
+        F.cross_entropy(forward(model, batch), batch["labels"]).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3), name
+    with torch.no_grad():
+        assert torch.allclose(forward(plain.eval(), batch), forward(fast.eval(), batch), atol=1e-5, rtol=1e-4)
+    untouched = prepare_model(make_model(tiny_model_dir), ModelConfig(num_labels=7, batched_vision_windows=False),
+                              training=False)
+    assert untouched == {"gradient_checkpointing": False, "batched_windows": 0, "cached_vision_indices": False,
+                         "compiled_blocks": 0}

@@ -40,3 +40,28 @@ def test_batched_windows_train_under_gradient_checkpointing_with_the_stock_gradi
     assert stock.keys() == fast.keys() and len(stock) > 10
     for name in stock:
         assert torch.allclose(stock[name], fast[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_cached_vision_indices_give_the_stock_outputs_and_gradients(tiny_model_dir):
+    from food_multids.model.fast_vision import enable_cached_vision_indices
+
+    torch.manual_seed(0)
+    stock = load_backbone(tiny_model_dir, torch.float32)
+    fast = load_backbone(tiny_model_dir, torch.float32)
+    enable_batched_windows(fast)
+    assert enable_cached_vision_indices(fast)
+    cache = fast.visual._vision_index_cache
+    for grid in ([[1, 16, 16]] * 3, [[1, 8, 12], [1, 16, 16]], [[1, 16, 16]] * 3):  # the third reuses the first entry
+        grid = torch.tensor(grid)
+        pixels = torch.randn(int(grid.prod(-1).sum()), 1176)
+        with torch.inference_mode():  # evaluation first: its cached tensors must not leak into training
+            assert torch.allclose(stock.visual(pixels, grid_thw=grid).pooler_output,
+                                  fast.visual(pixels, grid_thw=grid).pooler_output, atol=1e-5, rtol=1e-5)
+        for model in (stock, fast):
+            model.zero_grad()
+            model.visual(pixels, grid_thw=grid).pooler_output.square().sum().backward()
+        for (name, a), (_, b) in zip(stock.visual.named_parameters(), fast.visual.named_parameters(), strict=True):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    assert len(cache) == 4  # two geometries x (inference, training)
+    first = next(iter(cache.values()))
+    assert first["window_index"].device == pixels.device and set(first) >= {"cu_seqlens", "cu_window_seqlens"}

@@ -60,6 +60,57 @@ def enable_batched_windows(backbone: torch.nn.Module) -> int:
     return count
 
 
+_INDEX_CACHE_SIZE = 8
+
+
+def _cached_indices_forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs):
+    """The vision tower's forward with its per-image index loops (rotary positions, window order,
+    sequence boundaries) run once per batch geometry instead of every forward; the tensors are the
+    ones transformers' own vision_utils compute, handed back through the kwargs it accepts for them."""
+    if any(k in kwargs for k in ("position_ids", "cu_seqlens", "window_index", "cu_window_seqlens")):
+        return self._stock_visual_forward(hidden_states, grid_thw, **kwargs)
+    # Tensors made under inference_mode cannot be saved for backward: separate entries for eval and training.
+    key = (hidden_states.device, torch.is_inference_mode_enabled(), tuple(map(tuple, grid_thw.tolist())))
+    cache = self._vision_index_cache
+    indices = cache.get(key)
+    if indices is None:
+        from transformers.utils.generic import get_max_seqlen
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, self.config)
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw, spatial_merge_size=self.spatial_merge_size, window_size=self.window_size,
+            patch_size=self.patch_size)
+        # transformers builds window_index on the CPU and indexes device tensors with it: keep it on the device.
+        indices = {"position_ids": get_vision_position_ids(grid_thw, self.spatial_merge_size),
+                   "cu_seqlens": cu_seqlens, "window_index": window_index.to(hidden_states.device),
+                   "cu_window_seqlens": cu_window_seqlens}
+        max_window_seqlen = get_max_seqlen(cu_window_seqlens, self.config)
+        indices.update({k: v for k, v in (("max_seqlen", max_seqlen), ("max_window_seqlen", max_window_seqlen))
+                        if v is not None})
+        if len(cache) >= _INDEX_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = indices
+    return self._stock_visual_forward(hidden_states, grid_thw, **indices, **kwargs)
+
+
+def enable_cached_vision_indices(backbone: torch.nn.Module) -> bool:
+    """Cache the vision tower's index tensors per batch geometry (a few entries). Besides the Python
+    loops over images, this hands every forward the same cu_seqlens tensors, so the batched attention
+    reads the window width on the host once per geometry instead of twice per forward."""
+    visual = backbone.visual
+    if hasattr(visual, "_stock_visual_forward"):
+        return True
+    visual._stock_visual_forward = visual.forward
+    visual._vision_index_cache = {}
+    visual.forward = types.MethodType(_cached_indices_forward, visual)
+    return True
+
+
 def compile_blocks(backbone: torch.nn.Module, recompile_limit: int = 64) -> int:
     """Regional torch.compile: each vision block and language decoder layer compiled in place.
 
@@ -85,12 +136,14 @@ def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
     """The `model:` speed settings, applied the same way by training, full evaluation and bench/gpu.py:
     gradient checkpointing (training only), batched vision windows, then regional torch.compile."""
     backbone = model.backbone
-    done: dict[str, int | bool] = {"gradient_checkpointing": False, "batched_windows": 0, "compiled_blocks": 0}
+    done: dict[str, int | bool] = {"gradient_checkpointing": False, "batched_windows": 0, "cached_vision_indices": False,
+                                   "compiled_blocks": 0}
     if training and model_cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         done["gradient_checkpointing"] = True
     if model_cfg.batched_vision_windows:
         done["batched_windows"] = enable_batched_windows(backbone)
+        done["cached_vision_indices"] = enable_cached_vision_indices(backbone)
     if model_cfg.torch_compile:
         done["compiled_blocks"] = compile_blocks(backbone)
     return done
