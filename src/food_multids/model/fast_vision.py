@@ -1,9 +1,13 @@
-"""Batched vision-window attention for Qwen2.5-VL.
+"""Speed-ups for Qwen2.5-VL's forward, applied by `prepare_model` from the `model:` settings.
 
-The stock SDPA path splits the sequence into windows on the host (`lengths.tolist()`) and runs one
-attention call per window: 16 per 448-px image per layer. When every window has the same length
-(fixed-resolution batches, the usual case for classification) one batched call computes the same
-thing (tested: equal outputs in float32). Unequal windows fall back to the stock code.
+- Batched vision-window attention: the stock SDPA path splits the sequence into windows on the host
+  (`lengths.tolist()`) and runs one attention call per window: 16 per 448-px image per layer. When
+  every window has the same length (fixed-resolution batches, the usual case for classification)
+  one batched call computes the same thing (tested: equal outputs in float32). Unequal windows fall
+  back to the stock code.
+- Cached vision indices: the tower's per-image loops (window order, rotary positions, boundaries)
+  run once per batch geometry.
+- Regional torch.compile of the vision blocks and decoder layers.
 """
 
 from __future__ import annotations
@@ -134,7 +138,8 @@ def compile_blocks(backbone: torch.nn.Module, recompile_limit: int = 64) -> int:
 
 def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
     """The `model:` speed settings, applied the same way by training, full evaluation and bench/gpu.py:
-    gradient checkpointing (training only), batched vision windows, then regional torch.compile."""
+    gradient checkpointing (training only), batched vision windows with cached vision indices, then
+    regional torch.compile. Returns what was applied (logged by the trainer)."""
     backbone = model.backbone
     done: dict[str, int | bool] = {"gradient_checkpointing": False, "batched_windows": 0, "cached_vision_indices": False,
                                    "compiled_blocks": 0}
