@@ -28,9 +28,8 @@ os.environ.setdefault("IMG", "56")
 os.environ.setdefault("ANCHOR", "")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import gpu  # noqa: E402  (bench/gpu.py: the same model, config and batch recipe as the GPU benchmark)
+import torch  # noqa: E402
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -200,6 +200,13 @@ def make_host(engine, device, dtype) -> StepHost:
                     window=torch.zeros(4, 2, dtype=torch.float64, device=device))
 
 
+def set_checkpointing(model, on: bool) -> None:
+    if on:
+        model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.backbone.activation_checkpointing_disable()
+
+
 def reset_after_failure(engine) -> None:
     """Best effort after e.g. an out-of-memory step, so the next variant starts from a clean ZeRO state."""
     opt = engine.optimizer
@@ -214,10 +221,7 @@ def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, 
     from food_multids.training.evaluation import MODEL_INPUTS, to_device
     from food_multids.training.loop import Trainer
 
-    if gc:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.backbone.gradient_checkpointing_disable()
+    set_checkpointing(model, gc)
     batch = host_batch(batch_size, tokenizer, config, cfg)
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -283,10 +287,7 @@ def profile_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg
 
     from food_multids.training.loop import Trainer
 
-    if gc:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.backbone.gradient_checkpointing_disable()
+    set_checkpointing(model, gc)
     batch = host_batch(batch_size, tokenizer, config, cfg)
     Trainer._train_micro_batch(host, batch)
     sync()

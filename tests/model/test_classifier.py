@@ -223,6 +223,7 @@ def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradi
                     "compiled_blocks": 4}
     blocks = list(fast.backbone.visual.blocks) + list(fast.backbone.language_model.layers)
     assert all(b._compiled_call_impl is not None for b in blocks)
+    assert fast.state_dict().keys() == plain.state_dict().keys()  # checkpoints and save_pretrained unchanged
     assert torch._dynamo.config.recompile_limit >= 64  # past the limit dynamo silently runs blocks eagerly
     batch = make_batch(tiny_model_dir, n=4, seed=3)
     for model in (plain, fast):

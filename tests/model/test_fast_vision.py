@@ -27,7 +27,7 @@ def test_batched_windows_train_under_gradient_checkpointing_with_the_stock_gradi
     for batched in (False, True):
         torch.manual_seed(0)
         backbone = load_backbone(tiny_model_dir, torch.float32).train()
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if batched:
             assert enable_batched_windows(backbone) == 2
         grid = torch.tensor([[1, 16, 16]] * 2)

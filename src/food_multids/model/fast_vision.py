@@ -144,7 +144,7 @@ def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
     done: dict[str, int | bool] = {"gradient_checkpointing": False, "batched_windows": 0, "cached_vision_indices": False,
                                    "compiled_blocks": 0}
     if training and model_cfg.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         done["gradient_checkpointing"] = True
     if model_cfg.batched_vision_windows:
         done["batched_windows"] = enable_batched_windows(backbone)
