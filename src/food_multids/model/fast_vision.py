@@ -96,6 +96,9 @@ def _cached_indices_forward(self, hidden_states: torch.Tensor, grid_thw: torch.T
         max_window_seqlen = get_max_seqlen(cu_window_seqlens, self.config)
         indices.update({k: v for k, v in (("max_seqlen", max_seqlen), ("max_window_seqlen", max_window_seqlen))
                         if v is not None})
+        # Read the window widths here, outside any compiled block: inside one the read is a graph break.
+        _equal_width(cu_seqlens)
+        _equal_width(cu_window_seqlens)
         if len(cache) >= _INDEX_CACHE_SIZE:
             cache.pop(next(iter(cache)))
         cache[key] = indices
@@ -120,11 +123,12 @@ def compile_blocks(backbone: torch.nn.Module, recompile_limit: int = 64) -> int:
 
     Identical blocks share one compiled graph (the parameters are graph inputs), so compiling costs
     about one block of each kind rather than the whole model, and the hooks DeepSpeed puts on
-    parameters and the checkpointing wrapper around each layer stay outside the graphs. The vision
-    attention's host read of the window width is a graph break by design. Guard variants (window vs
+    parameters and the checkpointing wrapper around each layer stay outside the graphs. Guard variants (window vs
     full attention, train vs eval, another batch size) each count as a recompilation of the shared
     code, so dynamo's recompile limit (8 by default) is raised to `recompile_limit`: past it dynamo
-    silently runs the block uncompiled. Returns the number of blocks compiled.
+    silently runs the block uncompiled. With the cached vision indices the window width is read before
+    the blocks run, so each block compiles without a graph break (tested). Returns the number of
+    blocks compiled.
     """
     import torch._dynamo
 
