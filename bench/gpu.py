@@ -263,7 +263,7 @@ def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, 
     return result
 
 
-def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device, tag: str = "EVAL") -> dict:
+def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device) -> dict:
     from food_multids.training.evaluation import evaluate
 
     batch = host_batch(eval_batch, tokenizer, config, cfg, seed=2)
@@ -278,7 +278,7 @@ def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device, ta
     per_batch = (time.perf_counter() - t) / reps
     result = {"EB": eval_batch, "img_per_s": round(eval_batch / per_batch, 1), "batch_s": round(per_batch, 4),
               "first_call_s": round(first_s, 1), "rows": int(out.count.sum())}
-    emit(tag, **result)
+    emit("EVAL", **result)
     return result
 
 
