@@ -47,6 +47,23 @@ def make_dataset(root: Path, name: str, num_classes: int, per_class: int, split:
     return write_jsonl(root / name / f"{split}.jsonl", rows)
 
 
+SEPARABLE_COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (230, 20, 230)]
+
+
+def make_separable_dataset(root: Path, name: str, num_classes: int, per_class: int, split: str) -> Path:
+    """Like make_dataset, but every class has its own saturated colour (small per-image jitter): a set
+    that any working classifier separates, so a learning test does not hang on one CPU's trajectory."""
+    rows = []
+    rng = np.random.default_rng(zlib.crc32(f"sep/{name}/{split}".encode()))
+    for label in range(num_classes):
+        for k in range(per_class):
+            colour = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in SEPARABLE_COLOURS[label])
+            rel = f"img/{split}/{label}_{k}.png"
+            write_image(root / name / rel, colour)
+            rows.append({"image": rel, "label": label, "dataset_name": name})
+    return write_jsonl(root / name / f"{split}.jsonl", rows)
+
+
 @pytest.fixture(scope="session")
 def base_params() -> dict:
     return yaml.safe_load((REPO / "conf/base/parameters.yml").read_text())
