@@ -133,3 +133,34 @@ def test_the_gpu_environment_parses(base_params):
     cfg = ProjectConfig.from_params({**base_params, **gpu}, check_files=False)
     assert cfg.model.torch_dtype == "bfloat16" and cfg.deepspeed["zero_optimization"]["stage"] == 2
     assert cfg.num_classes() == {"food101": 101, "food2k": 2000} and cfg.model.num_labels == 2000
+
+
+@pytest.mark.parametrize(("section", "key", "value", "expected"), [
+    ("training", "dataloader_num_workers", "two", "params:training.dataloader_num_workers must be an integer, got 'two'"),
+    ("data", "mix_temperature", 0, "params:data.mix_temperature must be > 0"),
+    ("training", "max_grad_norm", -1.0, "params:training.max_grad_norm must be >= 0"),
+    ("training", "weight_decay", -0.1, "params:training.weight_decay must be >= 0"),
+    ("training", "warmup_steps", -5, "params:training.warmup_steps must be >= 0"),
+    ("evaluation", "report_thumbnails", -1, "params:evaluation.report_thumbnails must be >= 0"),
+    ("data", "max_image_pixels", 10, "params:data.max_image_pixels must be >= 784"),
+])
+def test_values_that_used_to_crash_later_are_config_errors(two_datasets, section, key, value, expected):
+    # Each of these passed validation before and crashed in a node (TypeError, ZeroDivisionError, ...).
+    params = with_overrides(two_datasets, **{section: {key: value}})
+    found = problems_of(params)
+    assert any(p.startswith(expected) for p in found), found
+    assert len(found) == 1, found  # a wrong type is reported once, not again as a crash in a range check
+
+
+@pytest.mark.parametrize("name", ["food 101", "food/101", "overall", "ä-food", "-food"])
+def test_dataset_names_mlflow_would_reject_are_config_errors(two_datasets, name):
+    params = copy.deepcopy(two_datasets)
+    configs = params["datasets"]["dataset_configs"]
+    configs[name] = configs.pop("alpha")
+    assert any(p.startswith(f"params:datasets.dataset_configs.{name} is not a usable dataset name")
+               for p in problems_of(params))
+
+
+def test_top_k_counts_only_datasets_with_more_classes(two_datasets):
+    cfg = ProjectConfig.from_params(with_overrides(two_datasets, evaluation={"top_k": 3}))
+    assert [d.name for d in cfg.topk_datasets()] == ["beta"]

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 from food_multids.paths import find_project_root, resolve_path
 
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation")
 
 
@@ -122,7 +124,13 @@ def _build(cls: type, section: Any, path: str, problems: _Problems, skip: tuple[
         if not f.init or f.name in skip:
             continue
         if f.name in section:
-            kwargs[f.name] = _coerce(section[f.name], hints[f.name], f"{path}.{f.name}", problems)
+            before = len(problems.items)
+            value = _coerce(section[f.name], hints[f.name], f"{path}.{f.name}", problems)
+            if len(problems.items) == before:
+                kwargs[f.name] = value
+            elif f.default is not dataclasses.MISSING:
+                # Already reported; the default keeps the range checks in validate() well-typed.
+                kwargs[f.name] = f.default
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.add(f"{path}.{f.name}", "is required")
     try:
@@ -195,6 +203,9 @@ class DataConfig:
     mix_strategy: Literal["concat", "weighted", "temperature"] = "concat"
     mix_temperature: float = 2.0
     resample_each_epoch: bool = False
+    # Images with more pixels are rejected at ingest (decoding them costs seconds per load; past
+    # Pillow's bomb limit they fail at every load).
+    max_image_pixels: int = 64_000_000
     # Filled by from_params: absolute paths, single-file mode flag.
     train_files: tuple[Path, ...] = field(default=(), init=False)
     val_files: tuple[Path, ...] = field(default=(), init=False)
@@ -202,6 +213,14 @@ class DataConfig:
     @property
     def single_file(self) -> bool:
         return not self.train_jsonl_list
+
+    def validate(self, problems: _Problems) -> None:
+        if self.mix_temperature <= 0:
+            problems.add("data.mix_temperature", f"must be > 0 (1 = proportional to size), got {self.mix_temperature}")
+        if self.image_check_workers < 1:
+            problems.add("data.image_check_workers", f"must be >= 1, got {self.image_check_workers}")
+        if self.max_image_pixels < 28 * 28:
+            problems.add("data.max_image_pixels", f"must be >= 784, got {self.max_image_pixels}")
 
 
 @dataclass(frozen=True)
@@ -249,9 +268,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, int) and value <= 0:
                 problems.add(f"training.{name}", f"must be > 0, got {value}")
-        for name in ("learning_rate", "vision_lr", "head_lr"):
+        for name in ("learning_rate", "vision_lr", "head_lr", "weight_decay", "max_grad_norm", "warmup_steps"):
             value = getattr(self, name)
-            if isinstance(value, float) and value < 0:
+            if value is not None and value < 0:
                 problems.add(f"training.{name}", f"must be >= 0, got {value}")
         if isinstance(self.warmup_ratio, float) and not 0 <= self.warmup_ratio < 1:
             problems.add("training.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
@@ -301,8 +320,13 @@ class EvalConfig:
     report_thumbnails: int = 8
 
     def validate(self, problems: _Problems) -> None:
-        if isinstance(self.top_k, int) and self.top_k < 1:
+        if self.top_k < 1:
             problems.add("evaluation.top_k", f"must be >= 1, got {self.top_k}")
+        for name in ("confusion_top_n", "report_thumbnails"):
+            if getattr(self, name) < 0:
+                problems.add(f"evaluation.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers < 0:
+            problems.add("evaluation.dataloader_num_workers", f"must be >= 0 or null, got {self.dataloader_num_workers}")
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             problems.add("evaluation.batch_size", f"must be >= 1 or null, got {self.batch_size}")
 
@@ -330,6 +354,10 @@ class ProjectConfig:
     def num_classes(self) -> dict[str, int]:
         return {d.name: d.num_classes for d in self.datasets}
 
+    def topk_datasets(self) -> tuple[DatasetSpec, ...]:
+        """Datasets with more classes than evaluation.top_k: elsewhere top-k accuracy is 1.0 by construction."""
+        return tuple(d for d in self.datasets if d.num_classes > self.evaluation.top_k)
+
     # -- parsing --------------------------------------------------------------------------------
     @classmethod
     def from_params(cls, params: dict, *, check_files: bool = True) -> ProjectConfig:
@@ -342,7 +370,7 @@ class ProjectConfig:
         data = _build(DataConfig, params.get("data"), "data", problems)
         training = _build(TrainConfig, params.get("training"), "training", problems)
         evaluation = _build(EvalConfig, params.get("evaluation"), "evaluation", problems)
-        for part in (model, training, evaluation):
+        for part in (model, data, training, evaluation):
             if part is not None:
                 part.validate(problems)
         deepspeed = _resolve_deepspeed(params.get("deepspeed"), problems)
@@ -402,6 +430,10 @@ def _resolve_datasets(section: Any, data: DataConfig, model: ModelConfig | None,
     specs = []
     for index, (name, entry) in enumerate(configs.items()):
         path = f"datasets.dataset_configs.{name}"
+        if not isinstance(name, str) or not DATASET_NAME.fullmatch(name) or name == "overall":
+            problems.add(path, "is not a usable dataset name: it becomes part of MLflow metric names "
+                               "(<name>_accuracy), so use letters, digits, '_', '-' and '.', starting with a "
+                               "letter or digit, and not 'overall'")
         spec = _build(DatasetSpec, entry, path, problems, skip=("name", "index"))
         if spec is not None:
             spec = dataclasses.replace(spec, name=str(name), index=index)

@@ -75,18 +75,26 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     meta = frame.set_index("sample_id")[["image", "dataset_name"]]
     preds = preds.join(meta, on="sample_id")
     preds["dataset_name"] = preds["dataset_name"].astype(str)
+    k = cfg.evaluation.top_k
+    ranked = cfg.topk_datasets()
+    if len(ranked) < len(cfg.datasets):
+        logger.warning("No top-%d accuracy for %s: they have at most %d classes, so it would be 1.0 by construction",
+                       k, [d.name for d in cfg.datasets if d not in ranked], k)
     for spec in cfg.datasets:
         mine = preds["dataset_id"] == spec.index
         labels = preds.loc[mine, "label"].to_numpy()
         predicted = preds.loc[mine, "prediction"].to_numpy()
         topk = np.array(preds.loc[mine, "topk"].tolist()).reshape(len(labels), -1)
         if len(labels):
-            metrics[f"{spec.name}_top{cfg.evaluation.top_k}_accuracy"] = topk_accuracy(labels, topk, cfg.evaluation.top_k)
+            if spec in ranked:
+                metrics[f"{spec.name}_top{k}_accuracy"] = topk_accuracy(labels, topk, k)
             metrics[f"{spec.name}_macro_f1"] = macro_f1(labels, predicted, spec.num_classes)
         preds.loc[mine, "label_name"] = _names(model, spec.name, labels)
         preds.loc[mine, "prediction_name"] = _names(model, spec.name, predicted)
-    all_topk = np.array(preds["topk"].tolist()).reshape(len(preds), -1)
-    metrics[f"overall_top{cfg.evaluation.top_k}_accuracy"] = topk_accuracy(preds["label"].to_numpy(), all_topk, cfg.evaluation.top_k)
+    in_ranked = preds["dataset_id"].isin([d.index for d in ranked]).to_numpy()
+    if in_ranked.any():  # over the datasets where top-k means something
+        ranked_topk = np.array(preds.loc[in_ranked, "topk"].tolist()).reshape(int(in_ranked.sum()), -1)
+        metrics[f"overall_top{k}_accuracy"] = topk_accuracy(preds.loc[in_ranked, "label"].to_numpy(), ranked_topk, k)
     if not model.meta.enable_logits_masking:
         metrics["out_of_range_predictions"] = float(out.out_of_range)
     metrics["skipped_images"] = float(out.skipped)

@@ -96,6 +96,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_path)
         self.encoder, self.collator = create_collator(self.model_path, cfg.model, self.tokenizer)
         sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
+        global_batch = self.t.per_device_train_batch_size * self.world
+        small = {n: int(c) for n, c in zip(self.names, sizes, strict=True) if c < global_batch}
+        if small and self.is_main:
+            logger.warning("Datasets with fewer training rows than one global batch (%d = %d per device x %d): %s; "
+                           "their rows repeat within an epoch's batches", global_batch,
+                           self.t.per_device_train_batch_size, self.world, small)
         self.target_mix = mix_proportions(sizes, cfg.data.mix_strategy, [d.weight for d in cfg.datasets],
                                           cfg.data.mix_temperature)
         self.sampler = MixingSampler(self.train_df["dataset_id"].to_numpy(), self.t.per_device_train_batch_size,
