@@ -100,7 +100,7 @@ class Trainer:
         small = {n: int(c) for n, c in zip(self.names, sizes, strict=True) if c < global_batch}
         if small and self.is_main:
             logger.warning("Datasets with fewer training rows than one global batch (%d = %d per device x %d): %s; "
-                           "their rows repeat within an epoch's batches", global_batch,
+                           "each epoch sees them in less than one batch (lower per_device_train_batch_size?)", global_batch,
                            self.t.per_device_train_batch_size, self.world, small)
         self.target_mix = mix_proportions(sizes, cfg.data.mix_strategy, [d.weight for d in cfg.datasets],
                                           cfg.data.mix_temperature)
