@@ -21,6 +21,7 @@ from typing import Any, Literal
 from food_multids.paths import find_project_root, resolve_path
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+PILLOW_BOMB_LIMIT = 2 * (1024 * 1024 * 1024 // 4 // 3)  # Pillow's Image.MAX_IMAGE_PIXELS x 2: it raises past that
 TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation")
 
 
@@ -219,8 +220,9 @@ class DataConfig:
             problems.add("data.mix_temperature", f"must be > 0 (1 = proportional to size), got {self.mix_temperature}")
         if self.image_check_workers < 1:
             problems.add("data.image_check_workers", f"must be >= 1, got {self.image_check_workers}")
-        if self.max_image_pixels < 28 * 28:
-            problems.add("data.max_image_pixels", f"must be >= 784, got {self.max_image_pixels}")
+        if not 28 * 28 <= self.max_image_pixels <= PILLOW_BOMB_LIMIT:
+            problems.add("data.max_image_pixels", f"must be between 784 and {PILLOW_BOMB_LIMIT} (past that Pillow "
+                                                  f"refuses to decode: DecompressionBombError), got {self.max_image_pixels}")
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(tiny_model_dir, tmp
     with caplog.at_level(logging.WARNING):
         batch = ClassificationCollator(prompt)([dataset[0], dataset[1]])
     assert batch["skipped"] == 1 and batch["labels"].tolist() == [0]
+    assert batch["skipped_dataset_ids"].tolist() == [int(dataset.dataset_ids[1])]
     assert f"Skipping unreadable image {bad}" in caplog.text
     assert dataset.failed == [str(bad)]
 
@@ -129,7 +130,7 @@ def test_a_run_of_bad_images_aborts(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     dataset = RecordDataset(frame_for([bad] * 5), ImageEncoder(3136, 3136), max_consecutive_failures=3)
-    assert dataset[0] is None and dataset[1] is None
+    assert dataset[0]["failed"] and dataset[1]["failed"]
     with pytest.raises(TooManyBadImages, match="3 images in a row failed to load"):
         dataset[2]
 
@@ -138,3 +139,22 @@ def test_a_batch_of_only_bad_images_is_an_error(tiny_model_dir):
     prompt = PromptTokens.from_tokenizer(load_tokenizer(tiny_model_dir), "x")
     with pytest.raises(RuntimeError, match="all 2 images of a batch failed"):
         ClassificationCollator(prompt)([None, None])
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    (np.full((8, 8), 32896, dtype=np.uint16), 128),  # 16-bit mid-grey
+    (np.full((8, 8), 0.5, dtype=np.float32), 128),  # float in [0, 1]
+    (np.full((8, 8), 100.0, dtype=np.float32), 100),  # float in [0, 255]
+])
+def test_wide_greyscale_images_are_scaled_by_value_range(tmp_path, values, expected):
+    path = tmp_path / ("img.png" if values.dtype == np.uint16 else "img.tiff")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode in ("I;16", "I", "F")
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (8, 8, 3) and (rgb == expected).all(), rgb[0, 0]
+
+
+def test_a_float_image_outside_known_ranges_is_an_error_naming_the_range(tmp_path):
+    Image.fromarray(np.full((4, 4), 1000.0, dtype=np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match=r"values in \[1000, 1000\]: expected \[0, 1\] or \[0, 255\]"):
+        load_rgb(tmp_path / "f.tiff")

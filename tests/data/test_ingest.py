@@ -164,3 +164,92 @@ def test_rows_without_dataset_name_take_the_file_dataset(tmp_path):
     assert result.train["dataset_name"].tolist() == ["food101"]
     assert result.val["label_name"].tolist() == ["x"]
     assert isinstance(result.rejected, pd.DataFrame) and result.rejected.empty
+
+
+def replace_file(params, lines: list[bytes], file_index: int = 0, split: str = "train") -> Path:
+    path = Path(params["data"][f"{split}_jsonl_list"][file_index])
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def good_row(k: int) -> bytes:
+    return json.dumps({"image": f"img/train/{k % 3}_{k // 3}.png", "label": k % 3, "dataset_name": "alpha"}).encode()
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+@pytest.mark.parametrize(("bad", "reason"), [
+    (b'{"image": "img/train/0_0.png", "label": 0, "dataset_name": "alpha", "label_name": "caf\xe9"}', "not UTF-8"),
+    (b'{"image": "img/train/\xff.png", "label": 0, "dataset_name": "alpha"}', "not UTF-8"),
+    (b'{"image": "img/train/0_0.png", "label": 1180591620717411303424, "dataset_name": "alpha"}', "label out of range"),
+    (b'{"image": "img/train/0_0.png", "label": "2", "dataset_name": "alpha"}', "non-integer label"),
+])
+def test_bad_bytes_and_labels_are_row_errors_under_both_policies(two_datasets, policy, bad, reason):
+    params = with_overrides(two_datasets, data={"on_bad_rows": policy})
+    path = replace_file(params, [good_row(1), good_row(2), bad])
+    if policy == "error":
+        with pytest.raises(RecordError, match=f"{path}:3: {reason}"):
+            run_ingest(params)
+        return
+    result = run_ingest(params)
+    assert result.rejected[["line", "reason"]].values.tolist() == [[3, reason]]
+    assert sorted(result.train.loc[result.train["source_file"] == str(path), "line"]) == [1, 2]
+
+
+@pytest.mark.parametrize("every_row", [True, False])
+def test_string_labels_are_rejected_whether_one_row_or_every_row_has_them(two_datasets, every_row):
+    # One rule for the fast (pyarrow) and the line-by-line parse: a label is a JSON integer.
+    params = with_overrides(two_datasets, data={"on_bad_rows": "skip"})
+    rows = [json.dumps({"image": f"img/train/{k}_0.png", "label": str(k), "dataset_name": "alpha"}).encode()
+            for k in range(3)]
+    if not every_row:
+        rows[0] = good_row(0)
+    path = replace_file(params, rows)
+    result = run_ingest(with_overrides(params, data={"on_bad_rows": "skip"})) if not every_row else None
+    if every_row:
+        with pytest.raises(RecordError, match=rf"{path}: no valid rows left \(3 dropped: {{'non-integer label': 3}}\)"):
+            run_ingest(params)
+    else:
+        assert result.rejected["line"].tolist() == [2, 3]
+        assert "is a string: labels are JSON integers" in result.rejected["detail"].iloc[0]
+
+
+def test_class_name_labels_are_row_errors_with_file_and_line(two_datasets):
+    params = copy.deepcopy(two_datasets)
+    path = replace_file(params, [json.dumps({"image": "img/train/0_0.png", "label": "zero", "dataset_name": "alpha"}).encode()])
+    with pytest.raises(RecordError, match=rf"{path}:1: non-integer label: label 'zero' is a string.*label_name"):
+        run_ingest(params)
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(two_datasets):
+    params = with_overrides(two_datasets, data={"on_bad_rows": "skip"})
+    path = replace_file(params, [b"\xef\xbb\xbf" + good_row(0), good_row(1), b'{"image": broken'])
+    result = run_ingest(params)
+    assert sorted(result.train.loc[result.train["source_file"] == str(path), "line"]) == [1, 2]
+    assert result.rejected[["line", "reason"]].values.tolist() == [[3, "malformed JSON"]]
+
+
+def test_the_same_image_written_two_ways_is_one_image(two_datasets, tmp_path):
+    params = with_overrides(two_datasets, data={"on_bad_rows": "skip"})
+    absolute = str(tmp_path / "alpha/img/train/0_0.png")
+    path = replace_file(params, [good_row(0), json.dumps({"image": "./img/../img/train/0_0.png", "label": 0,
+                                                          "dataset_name": "alpha"}).encode(), good_row(1)])
+    val = replace_file(params, [json.dumps({"image": absolute, "label": 0, "dataset_name": "alpha"}).encode()], split="val")
+    result = run_ingest(params)
+    assert result.rejected[["file", "line", "reason"]].values.tolist() == [[str(path), 2, "duplicate row"]]
+    assert absolute in set(result.train["image"])
+    assert result.val.loc[result.val["source_file"] == str(val), "image"].tolist() == [absolute]
+    from food_multids.data.tables import count_overlap
+
+    assert count_overlap(result.train, result.val) == 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP"])
+def test_images_over_the_pixel_cap_are_rejected_at_ingest(two_datasets, tmp_path, fmt):
+    big = write_image(tmp_path / f"alpha/img/train/big.{fmt.lower()}", size=(300, 200), fmt=fmt)
+    params = with_overrides(two_datasets, data={"on_bad_rows": "skip", "max_image_pixels": 50_000})
+    corrupt(params, [{"image": str(big), "label": 0, "dataset_name": "alpha"}])
+    result = run_ingest(params)
+    assert result.rejected["reason"].tolist() == ["image too large"]
+    assert "300x200 = 0.1 M pixels > data.max_image_pixels 0.1 M" in result.rejected["detail"].iloc[0]
+    assert str(big) not in set(result.train["image"])
+    assert check_image_file(str(big), 60_000) is None

@@ -45,10 +45,36 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h, w
 
 
+def _wide_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale -> 8-bit 'L' by value range.
+
+    Pillow's own convert clips these to 0..255 (a 16-bit photo turns near black-and-white, a float
+    one in [0, 1] turns black). Integers: 0..255 kept, up to 65535 scaled as 16-bit, larger by the
+    maximum. Floats: [0, 1] or [0, 255]; any other range is an error naming it.
+    """
+    values = np.asarray(img, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode == "F":
+        if low >= 0 and high <= 1:
+            scale = 255.0
+        elif low >= 0 and high <= 255:
+            scale = 1.0
+        else:
+            raise ValueError(f"float image with values in [{low:g}, {high:g}]: expected [0, 1] or [0, 255]")
+    elif low < 0:
+        raise ValueError(f"{img.mode} image with negative values (min {low:g})")
+    else:
+        scale = 1.0 if high <= 255 else 255.0 / 65535.0 if high <= 65535 else 255.0 / high
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open any mode as RGB; transparency is composited on white (as qwen-vl-utils does)."""
+    """Open any mode as RGB; transparency is composited on white (as qwen-vl-utils does); 16-bit and
+    float greyscale are scaled by value range."""
     with Image.open(path) as img:
         img.load()
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            return _wide_to_8bit(img).convert("RGB")
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             canvas = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -149,7 +175,7 @@ def prompt_ids(prefix: tuple[int, ...], suffix: tuple[int, ...], image_token_id:
 
 
 class ClassificationCollator:
-    """List of samples (None for an image that failed to load) -> one padded model batch."""
+    """List of samples (a `failed` marker for an image that could not be loaded) -> one padded model batch."""
 
     def __init__(self, prompt: PromptTokens, merge_size: int = 2, padding_side: str = "left"):
         self.prompt = prompt
@@ -158,7 +184,9 @@ class ClassificationCollator:
         self.padding_side = padding_side
 
     def __call__(self, samples: list[dict | None]) -> dict:
-        kept = [s for s in samples if s is not None]
+        kept = [s for s in samples if s is not None and not s.get("failed")]
+        # Failed images of real rows (not an eval shard's weight-0 padding slots), by dataset.
+        failed = [s["dataset_id"] for s in samples if s is not None and s.get("failed") and s.get("weight", 1.0) > 0]
         if not kept:
             raise RuntimeError(f"all {len(samples)} images of a batch failed to load (see the warnings above)")
         pre, suf = self.prompt.prefix, self.prompt.suffix
@@ -186,6 +214,7 @@ class ClassificationCollator:
             "weights": torch.tensor([s.get("weight", 1.0) for s in kept], dtype=torch.float32),
             "dataset_names": [s["dataset_name"] for s in kept],
             "skipped": len(samples) - len(kept),
+            "skipped_dataset_ids": torch.tensor(failed, dtype=torch.long),
         }
 
 

@@ -18,7 +18,8 @@ class TooManyBadImages(RuntimeError):
 
 
 class RecordDataset(Dataset):
-    """Item i: encoded image, label, dataset id and name, num_classes, sample id; None if unreadable.
+    """Item i: encoded image, label, dataset id and name, num_classes, sample id; a `failed` marker
+    with the dataset id when the image cannot be read.
 
     A corrupt image is skipped with a warning naming the file; `max_consecutive_failures` in a row
     (per loader worker) abort with an error, since that means a broken mount rather than bad files.
@@ -54,7 +55,8 @@ class RecordDataset(Dataset):
                 raise TooManyBadImages(
                     f"{self._consecutive_failures} images in a row failed to load, last {path}: check the image "
                     "folder is mounted and readable (training.max_consecutive_bad_images)") from exc
-            return None
+            # Counted per dataset by the collator and reported, rather than silently missing.
+            return {"failed": True, "dataset_id": int(self.dataset_ids[i]), "weight": weight}
         self._consecutive_failures = 0
         return {"pixel_values": patches, "grid": grid, "label": int(self.labels[i]),
                 "dataset_id": int(self.dataset_ids[i]), "num_classes": int(self.num_classes[i]),

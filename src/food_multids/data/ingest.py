@@ -17,6 +17,7 @@ from food_multids.config import ProjectConfig, default_dataset_for_file
 from food_multids.data.records import (
     MAX_LISTED_PROBLEMS,
     PROBLEM_COLUMNS,
+    TOO_LARGE,
     RecordError,
     check_image_files,
     find_duplicates,
@@ -82,13 +83,14 @@ def _read_split(split: str, files: tuple[Path, ...], cfg: ProjectConfig) -> tupl
         table = table.filter(pa.array(~dup))
     if cfg.data.check_images and table.num_rows:
         found = check_image_files(table.column("image").to_pylist(), cfg.data.image_check_workers,
-                                  f"checking {split} images")
+                                  f"checking {split} images", cfg.data.max_image_pixels)
         bad = np.array([f is not None for f in found])
         if bad.any():
             files_, lines = table.column("source_file").to_pylist(), table.column("line").to_pylist()
             images = table.column("image").to_pylist()
             for i in np.flatnonzero(bad):
-                reason = "missing image file" if found[i] == "image file not found" else "bad image file"
+                reason = ("missing image file" if found[i] == "image file not found"
+                          else TOO_LARGE if found[i].startswith(TOO_LARGE) else "bad image file")
                 problems.append((split, files_[i], lines[i], reason, f"{found[i]}: {images[i]}"))
             table = table.filter(pa.array(~bad))
     return table, problems

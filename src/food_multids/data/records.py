@@ -13,6 +13,7 @@ re-read line by line so every problem is reported as `file:LINE: what (value)`.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import io
 import json
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
 MAX_LISTED_PROBLEMS = 20
+TOO_LARGE = "image too large"
 
 
 class RecordError(ValueError):
@@ -47,7 +49,7 @@ class FileRows:
 
     path: Path
     image: pa.Array
-    label: pa.Array
+    label: pa.Array | list  # a list of JSON values when parsed line by line
     dataset_name: pa.Array
     label_name: pa.Array
     line: np.ndarray
@@ -105,10 +107,17 @@ def _read_fast(path: Path, data: bytes) -> FileRows | None:
 
 
 def _read_slow(path: Path, data: bytes) -> FileRows:
-    """Line-by-line parse that reports malformed lines; values keep their JSON types for validation."""
+    """Line-by-line parse that reports malformed lines; labels keep their JSON values for validation."""
     images, labels, names, label_names, lines, problems = [], [], [], [], [], []
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not raw.strip():
+    for number, raw_bytes in enumerate(data.split(b"\n"), start=1):
+        if not raw_bytes.strip():
+            continue
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw_bytes[exc.start:exc.start + 1]
+            problems.append((number, "not UTF-8", f"byte 0x{bad.hex()} at column {exc.start + 1} is not UTF-8: "
+                                                  f"{_clip(raw_bytes.decode('utf-8', errors='replace'))}"))
             continue
         try:
             row = json.loads(raw)
@@ -126,8 +135,7 @@ def _read_slow(path: Path, data: bytes) -> FileRows:
         label_name = row.get("label_name")
         label_names.append(None if label_name is None else str(label_name))
         lines.append(number)
-    label_array = pa.array([json.dumps(v) if v is not None else None for v in labels], type=pa.string())
-    return FileRows(path, pa.array(images, type=pa.string()), label_array, pa.array(names, type=pa.string()),
+    return FileRows(path, pa.array(images, type=pa.string()), labels, pa.array(names, type=pa.string()),
                     pa.array(label_names, type=pa.string()), np.asarray(lines, dtype=np.int64), problems)
 
 
@@ -137,38 +145,52 @@ def _clip(text: str, width: int = 80) -> str:
 
 
 def read_jsonl(path: Path) -> FileRows:
-    """Parse one JSONL file (fast path first, exact line-by-line path when pyarrow rejects it)."""
+    """Parse one JSONL file (fast path first, exact line-by-line path when pyarrow rejects it or the
+    file is not all UTF-8: pyarrow would pass invalid bytes through to crash a later step)."""
     data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # written by some editors; not part of the first row
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _read_slow(path, data)
     rows = _read_fast(path, data)
     return rows if rows is not None else _read_slow(path, data)
 
 
 # -- validation -------------------------------------------------------------------------------------
-def _labels_as_int(label: pa.Array) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """(values, valid mask, per-row problem or None). Integers pass; everything else is explained."""
-    n = len(label)
-    if pa.types.is_integer(label.type):
+_LABEL_LIMIT = 2**62  # beyond any num_classes, and safe in int64 arithmetic
+
+
+def _label_problem(value: object) -> tuple[str, str] | None:
+    """(reason, detail) when `value` is not a usable class index (range is checked later), else None."""
+    if value is None:
+        return "missing label", "no 'label' field"
+    if isinstance(value, str):
+        return "non-integer label", (f"label {value!r} is a string: labels are JSON integers (the class index, "
+                                     "0-based); put class names in label_name")
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(value, float) and not value.is_integer()):
+        return "non-integer label", f"label {value!r} is not an integer"
+    if abs(value) >= _LABEL_LIMIT:
+        return "label out of range", f"label {value!r} is beyond any num_classes"
+    return None
+
+
+def _labels_as_int(label: pa.Array | list) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str] | None]]:
+    """(values, valid mask, per-row (reason, detail) or None). One rule for every input: JSON integers
+    pass (3.0 too: pyarrow widens a column to double when any row has a fraction); strings never do."""
+    if isinstance(label, pa.Array) and pa.types.is_integer(label.type):
         valid = ~np.asarray(label.is_null().to_numpy(zero_copy_only=False))
         values = label.fill_null(-1).to_numpy().astype(np.int64)
-        reasons = [None] * n
-        if not valid.all():
-            for i in np.flatnonzero(~valid):
-                reasons[i] = "missing label"
-        return values, valid, reasons
-    values = np.full(n, -1, dtype=np.int64)
-    valid = np.zeros(n, dtype=bool)
-    reasons: list[str | None] = [None] * n
-    for i, raw in enumerate(label.to_pylist()):
-        value = json.loads(raw) if isinstance(raw, str) and pa.types.is_string(label.type) else raw
-        if value is None:
-            reasons[i] = "missing label"
-        elif isinstance(value, float) and value.is_integer():
-            # pyarrow widens a column to double when any row has a fraction: 3 and 3.0 are both 3.
-            values[i], valid[i] = int(value), True
-        elif isinstance(value, bool) or not isinstance(value, int):
-            reasons[i] = f"non-integer label ({value!r})"
-        else:
-            values[i], valid[i] = value, True
+        reasons: list[tuple[str, str] | None] = [None] * len(label)
+        for i in np.flatnonzero(~valid | (np.abs(values) >= _LABEL_LIMIT)):
+            reasons[i] = _label_problem(None if not valid[i] else int(values[i]))
+        return values, np.array([r is None for r in reasons], dtype=bool), reasons
+    raw = label.to_pylist() if isinstance(label, pa.Array) else label
+    reasons = [_label_problem(v) for v in raw]
+    valid = np.array([r is None for r in reasons], dtype=bool)
+    values = np.array([int(v) if ok else -1 for v, ok in zip(raw, valid, strict=True)], dtype=np.int64)
     return values, valid, reasons
 
 
@@ -216,7 +238,7 @@ def validate_file(rows: FileRows, num_classes: dict[str, int], default_name: str
     labels, label_ok, label_reasons = _labels_as_int(rows.label)
     if not label_ok.all():
         for i in np.flatnonzero(~label_ok & ~bad):
-            problems.append((int(rows.line[i]), label_reasons[i].split(" (")[0], label_reasons[i]))
+            problems.append((int(rows.line[i]), *label_reasons[i]))
         bad |= ~label_ok
     flag(labels < 0, "negative label", lambda i: f"label {labels[i]} is negative")
     limits = np.array([num_classes[k] for k in known], dtype=np.int64)
@@ -227,7 +249,7 @@ def validate_file(rows: FileRows, num_classes: dict[str, int], default_name: str
     keep = ~bad
     folder = str(rows.path.parent) + os.sep
     is_abs = pc.starts_with(image, os.sep)
-    resolved = pc.if_else(is_abs, image, pc.binary_join_element_wise(pa.scalar(folder), image, ""))
+    resolved = _normalise_paths(pc.if_else(is_abs, image, pc.binary_join_element_wise(pa.scalar(folder), image, "")))
     label_name = rows.label_name if not pa.types.is_null(rows.label_name.type) else pa.nulls(n, pa.string())
     if not pa.types.is_string(label_name.type):
         label_name = label_name.cast(pa.string())
@@ -245,6 +267,19 @@ def validate_file(rows: FileRows, num_classes: dict[str, int], default_name: str
     table = table.add_column(4, "source_file", source)
     table = table.add_column(5, "file_index", pa.array(np.full(kept, file_index, dtype=np.int16)))
     return table, problems
+
+
+def _normalise_paths(paths: pa.Array) -> pa.Array:
+    """'dir/./a.png', 'dir/x/../a.png' and 'dir//a.png' become 'dir/a.png', so the duplicate and
+    train/val overlap checks see one image as one path. Only the rows that need it leave Arrow."""
+    needs = pc.fill_null(pc.match_substring_regex(paths, r"(^|/)\.{1,2}(/|$)|//"), False)
+    if not pc.any(needs).as_py():
+        return paths
+    positions = np.flatnonzero(np.asarray(needs.to_numpy(zero_copy_only=False)))
+    values = paths.to_pylist()
+    for i in positions:
+        values[i] = os.path.normpath(values[i])
+    return pa.array(values, type=pa.string())
 
 
 def find_duplicates(table: pa.Table) -> np.ndarray:
@@ -270,14 +305,36 @@ _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", 
           (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
 
 
-def check_image_file(path: str) -> str | None:
+def _header_size(kind: str, head: bytes) -> tuple[int, int] | None:
+    """(width, height) read from the first bytes of PNG, GIF and BMP files; None for other kinds."""
+    if kind == "png" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if kind == "gif" and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if kind == "bmp" and len(head) >= 26:
+        return int.from_bytes(head[18:22], "little", signed=True), abs(int.from_bytes(head[22:26], "little", signed=True))
+    return None
+
+
+def _image_size(path: str, kind: str, head: bytes) -> tuple[int, int]:
+    size = _header_size(kind, head)
+    if size is not None:
+        return size
+    from PIL import Image
+
+    with Image.open(path) as img:  # reads the header only (JPEG: up to the frame marker)
+        return img.size
+
+
+def check_image_file(path: str, max_pixels: int | None = None) -> str | None:
     """Cheap header and end-of-file check; None when the file looks like a whole image.
 
-    Full decoding is the loader's job; this catches missing, empty, non-image and truncated files.
+    Full decoding is the loader's job; this catches missing, empty, non-image and truncated files,
+    and (with max_pixels) images too large to decode in reasonable time.
     """
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
+            head = fh.read(32)
             size = os.fstat(fh.fileno()).st_size
             kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
             if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
@@ -303,10 +360,19 @@ def check_image_file(path: str) -> str | None:
         return "truncated BMP (file shorter than its header says)"
     if kind == "webp" and int.from_bytes(head[4:8], "little") + 8 > size:
         return "truncated WEBP (file shorter than its header says)"
+    if max_pixels is not None:
+        try:
+            width, height = _image_size(path, kind, head)
+        except Exception as exc:  # PIL raises many types for a damaged header
+            return f"unreadable image header ({type(exc).__name__}: {exc})"
+        if width * height > max_pixels:
+            return (f"{TOO_LARGE} ({width}x{height} = {width * height / 1e6:.1f} M pixels > data.max_image_pixels "
+                    f"{max_pixels / 1e6:.1f} M; resize it or raise the setting)")
     return None
 
 
-def check_image_files(paths: Sequence[str], workers: int, desc: str) -> list[str | None]:
+def check_image_files(paths: Sequence[str], workers: int, desc: str, max_pixels: int | None = None
+                      ) -> list[str | None]:
     """check_image_file over many paths in threads (the work is file I/O), with a progress bar."""
     if not paths:
         return []
@@ -316,7 +382,7 @@ def check_image_files(paths: Sequence[str], workers: int, desc: str) -> list[str
         bar = progress(total=len(paths), desc=desc, unit="img")
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
-            results.extend(pool.map(check_image_file, part))
+            results.extend(pool.map(check_image_file, part, [max_pixels] * len(part)))
             bar.update(len(part))
         bar.close()
     return results

@@ -28,8 +28,10 @@ def final_table(cfg: ProjectConfig, metrics: dict) -> pd.DataFrame:
         if f"{name}_samples" not in metrics:
             continue
         rows.append({"dataset": name, "samples": int(metrics[f"{name}_samples"]), "loss": metrics[f"{name}_loss"],
-                     "top-1": metrics[f"{name}_accuracy"], f"top-{k}": metrics.get(f"{name}_top{k}_accuracy"),
-                     "macro-F1": metrics.get(f"{name}_macro_f1", float("nan"))})
+                     "top-1": metrics[f"{name}_accuracy"], f"top-{k}": metrics.get(f"{name}_top{k}_accuracy", float("nan")),
+                     "macro-F1": metrics.get(f"{name}_macro_f1", float("nan")),
+                     # Images that could not be decoded at load time are not in `samples`: say how many.
+                     "skipped at load": int(metrics.get(f"{name}_skipped_images" if name != "overall" else "skipped_images", 0))})
     return pd.DataFrame(rows)
 
 

@@ -98,6 +98,8 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     if not model.meta.enable_logits_masking:
         metrics["out_of_range_predictions"] = float(out.out_of_range)
     metrics["skipped_images"] = float(out.skipped)
+    for spec in cfg.datasets:
+        metrics[f"{spec.name}_skipped_images"] = float(out.skipped_per_dataset[spec.index])
     confusions = (preds.groupby(["dataset_name", "label", "prediction"]).size().rename("count").reset_index())
     logger.info("Full evaluation of %s:", model_dir)
     for line in format_eval_lines(metrics, names):

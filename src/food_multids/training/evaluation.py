@@ -38,7 +38,8 @@ class EvalOutput:
     correct: np.ndarray
     count: np.ndarray
     out_of_range: int = 0  # predictions >= the sample's num_classes (only possible with masking off)
-    skipped: int = 0
+    skipped: int = 0  # images that could not be loaded, all ranks
+    skipped_per_dataset: np.ndarray | None = None
     predictions: dict[str, list] = field(default_factory=dict)  # this rank's rows when collected
 
 
@@ -52,13 +53,14 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, num_datasets, dtype=torch.float64, device=device)  # loss, correct, count, out-of-range
-    skipped = 0
+    # loss, correct, count, out-of-range, images that failed to load
+    sums = torch.zeros(5, num_datasets, dtype=torch.float64, device=device)
     rows: dict[str, list] = {k: [] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss", "topk", "topk_prob")}
     bar = progress(total=len(loader), desc=desc, unit="batch", mode=progress_mode, leave=False)
     for batch in loader:
-        skipped += batch["skipped"]
         batch = to_device(batch, device, dtype)
+        failed = batch["skipped_dataset_ids"]
+        sums[4].index_add_(0, failed, torch.ones_like(failed, dtype=torch.float64))
         logits = model(**{k: batch[k] for k in MODEL_INPUTS})
         labels, ds, weights = batch["labels"], batch["dataset_ids"], batch["weights"].double()
         loss = F.cross_entropy(logits, labels, reduction="none").double()
@@ -86,4 +88,5 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     all_reduce_([sums])
     model.train(was_training)
     totals = sums.cpu().numpy()
-    return EvalOutput(totals[0], totals[1], totals[2], int(totals[3].sum()), skipped, rows if top_k else {})
+    return EvalOutput(totals[0], totals[1], totals[2], int(totals[3].sum()), int(totals[4].sum()),
+                      totals[4], rows if top_k else {})

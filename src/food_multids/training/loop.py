@@ -225,7 +225,8 @@ class Trainer:
             self.window[0].index_add_(0, ds, losses.detach().double())
             self.window[1].index_add_(0, ds, (logits.argmax(-1) == batch["labels"]).double())
             self.window[2].index_add_(0, ds, torch.ones_like(losses, dtype=torch.float64))
-            self.window[3, 0] += batch["skipped"]
+            failed = batch["skipped_dataset_ids"]
+            self.window[3].index_add_(0, failed, torch.ones_like(failed, dtype=torch.float64))
 
     def _after_step(self, bar) -> bool:
         step = self.global_step
@@ -258,7 +259,10 @@ class Trainer:
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[-1])
         metrics["images_per_second"] = float(total / elapsed) if elapsed > 0 else 0.0
         metrics["epoch"] = self.epoch + self.batch_in_epoch / len(self.sampler)
-        metrics["skipped_images"] = float(sums[3, 0])
+        metrics["skipped_images"] = float(sums[3].sum())
+        for i, name in enumerate(self.names):
+            if sums[3, i]:
+                metrics[f"{name}_skipped_images"] = float(sums[3, i])
         self.window.zero_()
         self._window_start = time.perf_counter()
         if not self.is_main:
