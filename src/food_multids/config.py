@@ -252,6 +252,7 @@ class TrainConfig:
     metric_for_best_model: str = "overall_accuracy"
     greater_is_better: bool | None = None
     resume_from_checkpoint: bool | str = False
+    overwrite_output_dir: bool = False
     early_stopping_patience: int | None = None
     eval_subset_strategy: Literal["fixed", "fresh"] = "fixed"
     dataloader_num_workers: int = 0

@@ -1,7 +1,8 @@
 """Periodic DeepSpeed checkpoints and the best model directory, both safe against a kill mid-write.
 
 Layout under training.output_dir:
-  checkpoints/step-00000040/        DeepSpeed checkpoint (all ranks write) + COMPLETE.json (rank 0, last)
+  checkpoints/step-00000040/        DeepSpeed checkpoint (all ranks write) + COMPLETE.json (rank 0, last,
+                                    with the SHA-256 of every file, checked before a resume loads them)
   best/step-00000040/               classifier directory (save_pretrained), written to a temp dir, fsynced, renamed
   best.json                         pointer to the current best, replaced atomically (os.replace)
 A checkpoint without COMPLETE.json, or a best directory without the pointer, is never used.
@@ -9,10 +10,12 @@ A checkpoint without COMPLETE.json, or a best directory without the pointer, is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -62,9 +65,52 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1][1] if done else None
 
 
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint's files differ from the SHA-256 sums recorded when it was written."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_sums(path: Path) -> dict[str, str]:
+    """SHA-256 of every file under a checkpoint folder (hashlib releases the GIL: files in parallel)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sums = list(pool.map(_sha256, files))
+    return {p.relative_to(path).as_posix(): s for p, s in zip(files, sums, strict=True)}
+
+
 def mark_complete(path: Path, step: int, extra: dict) -> None:
+    """Seal a checkpoint: fsync its files, then write COMPLETE.json with their SHA-256 sums."""
     fsync_tree(path)
-    write_json_atomic(path / COMPLETE, {"step": step, **extra})
+    write_json_atomic(path / COMPLETE, {"step": step, **extra, "sha256": checkpoint_sums(path)})
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file against COMPLETE.json before DeepSpeed loads it.
+
+    Resuming runs torch.load(weights_only=False) inside DeepSpeed, which can execute code from a
+    crafted file: only files written by this run's own save, byte for byte, are loaded.
+    """
+    recorded = json.loads((path / COMPLETE).read_text()).get("sha256")
+    if recorded is None:
+        raise CheckpointIntegrityError(f"{path / COMPLETE} has no SHA-256 sums (written by an older version): this "
+                                       "checkpoint cannot be verified; start fresh or resume with the version that wrote it")
+    actual = checkpoint_sums(path)
+    for name in sorted(set(recorded) | set(actual)):
+        if name not in actual:
+            raise CheckpointIntegrityError(f"checkpoint file {path / name} is missing (listed in {COMPLETE})")
+        if name not in recorded:
+            raise CheckpointIntegrityError(f"checkpoint file {path / name} was not written by the run "
+                                           f"(not in {COMPLETE}): remove it if you trust it")
+        if actual[name] != recorded[name]:
+            raise CheckpointIntegrityError(f"checkpoint file {path / name} has changed since it was written "
+                                           f"(SHA-256 {actual[name][:12]}..., recorded {recorded[name][:12]}...)")
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None, keep_step: int | None) -> list[Path]:

@@ -24,12 +24,12 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = Non
     return out
 
 
-def all_reduce_(tensors: list[torch.Tensor]) -> None:
+def all_reduce_(tensors: list[torch.Tensor], op: str = "sum") -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ import pandas as pd
 import torch
 
 from food_multids.config import ProjectConfig
+from food_multids.interrupts import RunInterrupted
 from food_multids.paths import find_project_root, resolve_path
 from food_multids.training.loop import Trainer, TrainingResult
+from food_multids.training.output_dir import OutputDirLock, check_writable
 from food_multids.training.tracking import active_run_target
 
 logger = logging.getLogger(__name__)
@@ -93,7 +96,15 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
     cmd = launcher_command(cfg, world, spec, module)
     logger.info("Starting %d processes: %s", world, " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, check=False)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        proc.wait()
+    except (RunInterrupted, KeyboardInterrupt):
+        # The launcher passes SIGTERM to every rank, which stop at their next agreed step with a
+        # checkpoint (it kills ranks that take longer than 30 s).
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
     if proc.returncode != 0:
         raise RuntimeError(f"the DeepSpeed launcher exited with code {proc.returncode} (command: {' '.join(cmd)}); "
                            "see the rank logs above")
@@ -101,6 +112,15 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
 
 def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_subset: pd.DataFrame,
                  full_eval: pd.DataFrame) -> TrainingResult:
+    """Train in this process or under the DeepSpeed launcher, owning training.output_dir throughout."""
+    output_dir = cfg.training.resolved_output_dir()
+    check_writable(output_dir)
+    with OutputDirLock(output_dir):
+        return _run_training(cfg, params, train, eval_subset, full_eval)
+
+
+def _run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_subset: pd.DataFrame,
+                  full_eval: pd.DataFrame) -> TrainingResult:
     world = resolve_world_size(cfg)
     run_id, tracking_uri = active_run_target()
     if world == 1 and not cfg.training.hostfile:

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import stratified_subset
+from food_multids.interrupts import StopFlag, TrainingInterrupted
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
@@ -40,6 +42,7 @@ from food_multids.training.engine import (
     resolve_device,
 )
 from food_multids.training.evaluation import MODEL_INPUTS, evaluate, to_device
+from food_multids.training.output_dir import OutputDirError, describe_write_failure
 from food_multids.training.tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class Trainer:
         self.evals_without_improvement, self.eval_count = 0, 0
         self.records: list[dict] = []
         self.stopped_early = False
+        self.stop = StopFlag()
 
     # -- setup -------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -149,17 +153,36 @@ class Trainer:
                 raise FileNotFoundError(f"params:training.resume_from_checkpoint: {source} is not a complete "
                                         f"checkpoint (no {ckpt.COMPLETE}); complete ones: "
                                         f"{[str(p) for _, p in ckpt.complete_checkpoints(self.output_dir)]}")
-        if source is None and self.is_main and self.output_dir.exists():
-            leftovers = [p for p in self.output_dir.iterdir() if p.name in ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)]
-            if leftovers:
-                logger.warning("Starting fresh in %s: removing %s of an earlier run (set "
-                               "training.resume_from_checkpoint: auto to continue it instead)", self.output_dir,
-                               [p.name for p in leftovers])
-                for p in leftovers:
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if self.is_main and self.output_dir.exists():
+            for staged in self.output_dir.glob(".best-staging-*"):  # a kill while a best model was written
+                shutil.rmtree(staged, ignore_errors=True)
+        if source is None:
+            self._clear_earlier_run()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
         return source
+
+    def _clear_earlier_run(self) -> None:
+        """Remove a finished earlier run's files; refuse to delete an unfinished one's unless told to."""
+        names = ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)
+        leftovers = [p for p in self.output_dir.iterdir() if p.name in names] if self.output_dir.is_dir() else []
+        finished = (self.output_dir / FINISHED).is_file()
+        # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work.
+        if leftovers and not finished and not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False:
+            done = ckpt.complete_checkpoints(self.output_dir)
+            best = ckpt.read_best_pointer(self.output_dir)
+            raise OutputDirError(
+                f"training.output_dir {self.output_dir} holds an unfinished run (complete checkpoints at steps "
+                f"{[s for s, _ in done]}, best model at step {best['step'] if best else None}); set "
+                "training.resume_from_checkpoint: auto to continue it, or training.overwrite_output_dir: true to "
+                "discard it")
+        self._barrier()  # every rank has decided before rank 0 deletes anything
+        if not self.is_main or not leftovers:
+            return
+        logger.warning("Starting fresh in %s: removing %s of an earlier %s run", self.output_dir,
+                       [p.name for p in leftovers], "finished" if finished else "unfinished")
+        for p in leftovers:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _state(self) -> dict:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
@@ -185,7 +208,15 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> TrainingResult:
+        """Train to the end; SIGINT/SIGTERM stop after the current optimizer step with a checkpoint
+        saved, raising TrainingInterrupted."""
+        with self.stop.active():
+            return self._run()
+
+    def _run(self) -> TrainingResult:
         source = self._prepare_output_dir()
+        if source is not None:
+            ckpt.verify_checkpoint(source)  # before anything is loaded from it
         self._build()
         if source is not None:
             self._restore(source)
@@ -235,9 +266,37 @@ class Trainer:
             self._log_train_window(bar)
         if step % self.t.eval_steps == 0 or last:
             self._evaluate_and_track()
-        if step % self.t.save_steps == 0 or last:
+        saved = step % self.t.save_steps == 0 or last
+        if saved:
             self._save_checkpoint()
+        if not (last or self.stopped_early) and self._stop_requested():
+            if not saved:
+                self._save_checkpoint()
+            self._interrupted(bar)
         return last or self.stopped_early
+
+    def _stop_requested(self) -> bool:
+        """A signal arrived (on any rank). One process: a plain attribute read every step. Several: all
+        ranks must stop at the same step, so they agree at logging steps (which sync anyway)."""
+        if self.world == 1:
+            return self.stop.signum is not None
+        if self.global_step % self.t.logging_steps:
+            return False
+        from food_multids.training.evaluation import all_reduce_
+
+        flag = torch.tensor([1.0 if self.stop.signum is not None else 0.0], device=self.device)
+        all_reduce_([flag], op="max")
+        return bool(flag.item())
+
+    def _interrupted(self, bar) -> None:
+        if bar is not None:
+            bar.close()
+        path = self.output_dir / "checkpoints" / ckpt.step_tag(self.global_step)
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
+        raise TrainingInterrupted(self.stop.signum or signal.SIGTERM,
+                                  f"training stopped by {name} at step {self.global_step} of {self.total_steps}; "
+                                  f"resumable checkpoint {path}; run again with training.resume_from_checkpoint: "
+                                  "auto to continue exactly where it stopped")
 
     def _log_train_window(self, bar) -> None:
         from food_multids.training.evaluation import all_reduce_
@@ -330,8 +389,12 @@ class Trainer:
         if self.is_main:
             staged = self.output_dir / f".best-staging-{self.global_step}"
             shutil.rmtree(staged, ignore_errors=True)
-            self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
-            path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
+            try:
+                self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
+                path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
+            except (OSError, RuntimeError) as exc:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise describe_write_failure("best model", staged, exc) from exc
             metric, value = self.best["metric"], self.best["value"]
             logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
             self.mlflow.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
@@ -347,11 +410,17 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         tag = ckpt.step_tag(self.global_step)
-        self.engine.save_checkpoint(str(self.output_dir / "checkpoints"), tag=tag, client_state=self._state())
+        path = self.output_dir / "checkpoints" / tag
+        try:
+            self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state())
+        except (OSError, RuntimeError) as exc:  # the incomplete folder has no COMPLETE marker: never used
+            raise describe_write_failure(f"checkpoint of step {self.global_step}", path, exc) from exc
         self._barrier()
         if self.is_main:
-            path = self.output_dir / "checkpoints" / tag
-            ckpt.mark_complete(path, self.global_step, {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
+            try:
+                ckpt.mark_complete(path, self.global_step, {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
+            except OSError as exc:
+                raise describe_write_failure(f"checkpoint of step {self.global_step}", path, exc) from exc
             removed = ckpt.prune_checkpoints(self.output_dir, self.t.save_total_limit,
                                              self.best["step"] if self.best else None)
             logger.info("Checkpoint %s%s", path, f" (removed {[p.name for p in removed]})" if removed else "")
