@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,7 +152,20 @@ def comparable(records):
     return [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "images_per_second"}} for r in records]
 
 
-def test_resume_after_sigkill_ends_with_the_same_metrics(demo_params, tmp_path):
+def start_and_signal(params, tmp_path, name, signum):
+    """Start a training process, send `signum` once its first checkpoint is complete; return (proc, output)."""
+    proc = run_driver(params, tmp_path, name, wait=False)
+    out_dir = Path(params["training"]["output_dir"])
+    deadline = time.time() + 300
+    while not complete_checkpoints(out_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signum)
+    output, _ = proc.communicate(timeout=300)
+    assert not (out_dir / "FINISHED.json").exists(), "the run finished before the signal arrived"
+    return proc, output
+
+
+def test_resume_after_sigkill_or_sigterm_ends_with_the_same_metrics(demo_params, tmp_path):
     params = demo_params
     params["data"].update(mix_strategy="weighted")
     params["datasets"]["dataset_configs"]["digits"]["weight"] = 1.0
@@ -159,25 +173,32 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(demo_params, tmp_path):
     params["training"].update(num_train_epochs=3, logging_steps=6, eval_steps=12, save_steps=15,
                               output_dir=str(tmp_path / "straight"))
     straight = run_driver(params, tmp_path, "straight")
+    total = straight["manifest"]["total_steps"]
 
+    # SIGKILL: nothing runs after the signal; the newest complete checkpoint is where it goes on.
     params["training"].update(output_dir=str(tmp_path / "killed"), resume_from_checkpoint="auto")
-    proc = run_driver(params, tmp_path, "killed", wait=False)
-    out_dir = tmp_path / "killed"
-    deadline = time.time() + 300
-    while not complete_checkpoints(out_dir) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out_dir / "FINISHED.json").exists(), "the run finished before it could be killed"
-    killed_at = complete_checkpoints(out_dir)[-1][0]
-    assert killed_at < straight["manifest"]["total_steps"]
+    start_and_signal(params, tmp_path, "killed", signal.SIGKILL)
+    killed_at = complete_checkpoints(tmp_path / "killed")[-1][0]
+    assert killed_at < total
     # A newer checkpoint without its COMPLETE marker (a kill mid-write) must be ignored.
-    (out_dir / "checkpoints" / "step-00099999").mkdir()
-
+    (tmp_path / "killed" / "checkpoints" / "step-00099999").mkdir()
     resumed = run_driver(params, tmp_path, "resumed")
     assert comparable(resumed["history"]["records"]) == comparable(straight["history"]["records"])
     assert resumed["history"]["best"] == straight["history"]["best"]
     assert resumed["manifest"]["final_step"] == straight["manifest"]["final_step"]
+
+    # SIGTERM (a cluster's pre-emption): stop after the current step with a checkpoint there, exit non-zero.
+    params["training"].update(output_dir=str(tmp_path / "termed"))
+    proc, output = start_and_signal(params, tmp_path, "termed", signal.SIGTERM)
+    assert proc.returncode != 0
+    stopped = re.search(r"TrainingInterrupted: training stopped by SIGTERM at step (\d+) of (\d+); resumable "
+                        r"checkpoint (\S+); run again with training.resume_from_checkpoint: auto", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert complete_checkpoints(tmp_path / "termed")[-1] == (step, Path(stopped.group(3))) and step < total
+    resumed = run_driver(params, tmp_path, "termed_resumed")
+    assert comparable(resumed["history"]["records"]) == comparable(straight["history"]["records"])
+    assert resumed["history"]["best"] == straight["history"]["best"]
 
 
 def test_two_processes_share_the_work_and_rank0_logs_once(demo_params, tmp_path):

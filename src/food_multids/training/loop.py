@@ -392,7 +392,7 @@ class Trainer:
             try:
                 self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
                 path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
-            except (OSError, RuntimeError) as exc:
+            except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError ...
                 shutil.rmtree(staged, ignore_errors=True)
                 raise describe_write_failure("best model", staged, exc) from exc
             metric, value = self.best["metric"], self.best["value"]
@@ -413,7 +413,7 @@ class Trainer:
         path = self.output_dir / "checkpoints" / tag
         try:
             self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state())
-        except (OSError, RuntimeError) as exc:  # the incomplete folder has no COMPLETE marker: never used
+        except Exception as exc:  # the incomplete folder has no COMPLETE marker: never used
             raise describe_write_failure(f"checkpoint of step {self.global_step}", path, exc) from exc
         self._barrier()
         if self.is_main:

@@ -1,0 +1,91 @@
+"""Project hooks under real `kedro run` processes: a damaged MLflow store, Ctrl-C during training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from food_multids.hooks import MlflowStoreError, check_sqlite_store
+from food_multids.training.checkpoint import complete_checkpoints
+
+KEDRO = str(Path(sys.executable).with_name("kedro"))
+
+
+def kedro_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("FOOD_MULTIDS_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env.update(KEDRO_DISABLE_TELEMETRY="true", FOOD_MULTIDS_PROGRESS="never")
+    return env
+
+
+def make_store(path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{path}")
+    run = client.create_run(client.create_experiment("x"))
+    for step in range(200):
+        client.log_metric(run.info.run_id, "m", float(step), step=step)
+
+
+def test_a_truncated_store_is_named_with_the_way_out(tmp_path):
+    store = tmp_path / "mlflow.db"
+    make_store(store)
+    check_sqlite_store(store)  # intact: no error
+    data = store.read_bytes()
+    store.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MlflowStoreError, match=rf"the MLflow store {store} is truncated .*mv {store} {store}.damaged"):
+        check_sqlite_store(store)
+    store.write_bytes(b"not a database at all" * 10)
+    with pytest.raises(MlflowStoreError, match="is not an sqlite database"):
+        check_sqlite_store(store)
+
+
+def test_a_page_damaged_store_is_named(tmp_path):
+    store = tmp_path / "mlflow.db"
+    make_store(store)
+    page = int.from_bytes(store.read_bytes()[16:18], "big")
+    with store.open("r+b") as fh:  # overwrite the schema page's body, keeping the file header
+        fh.seek(100)
+        fh.write(b"\xff" * (page - 100))
+    with pytest.raises(MlflowStoreError, match=rf"the MLflow store {store} cannot be read \(.*\)"):
+        check_sqlite_store(store)
+    with pytest.raises(sqlite3.DatabaseError):  # what MLflow itself would have met
+        sqlite3.connect(store).execute("SELECT name FROM sqlite_master").fetchall()
+
+
+@pytest.mark.slow
+def test_kedro_run_names_a_truncated_store_before_any_node(project_copy):
+    store = project_copy / "mlflow.db"
+    make_store(store)
+    store.write_bytes(store.read_bytes()[:5000])
+    proc = subprocess.run([KEDRO, "run", "--pipelines", "data"], cwd=project_copy, env=kedro_env(),
+                          capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"the MLflow store {store} is truncated" in output, output[-3000:]
+    assert not (project_copy / "data/02_intermediate/train_records.parquet").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_saves_a_checkpoint_and_marks_the_run_killed(project_copy):
+    out_dir = project_copy / "data/06_models/train_output"
+    proc = subprocess.Popen([KEDRO, "run", "--pipelines", "train", "--params", "training.save_steps=10"],
+                            cwd=project_copy, env=kedro_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not complete_checkpoints(out_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, output[-3000:]
+    assert "training stopped by SIGINT at step" in output, output[-3000:]
+    assert not (out_dir / "FINISHED.json").exists()
+    client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("food_multids").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert complete_checkpoints(out_dir)[-1][0] > 10  # the stop step's own checkpoint, past the periodic one

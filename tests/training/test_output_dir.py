@@ -1,0 +1,143 @@
+"""Who owns training.output_dir: concurrent runs, unfinished work, read-only and full disks, tampered checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.train.nodes import train_deepspeed
+from food_multids.training import checkpoint as ckpt
+from food_multids.training.output_dir import LOCK_FILE, OutputDirError, OutputDirLock
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def params(base_params, demo_root, tiny_model_dir, tmp_path) -> dict:
+    params = copy.deepcopy(base_params)
+    params["model"]["name_or_path"] = str(tiny_model_dir)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", max_steps=2, logging_steps=1,
+                              eval_steps=2, save_steps=2)
+    return params
+
+
+@pytest.fixture(scope="module")
+def data(base_params, demo_root):
+    p = copy.deepcopy(base_params)
+    p["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    p["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    train, val, _, _ = ingest_jsonl(p)
+    train_set, val_set, _ = merge_and_tag(train, val, p)
+    return (train_set, *split_eval_subsets(val_set, p))
+
+
+def hold_lock(directory: Path) -> subprocess.Popen:
+    code = ("import sys, time; from pathlib import Path; from food_multids.training.output_dir import OutputDirLock\n"
+            "with OutputDirLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_in_a_busy_output_dir_is_refused_and_a_dead_holders_lock_is_taken_over(params, data, caplog):
+    out = Path(params["training"]["output_dir"])
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(OutputDirError, match=rf"{out} is in use by another run: PID {holder.pid} on .*training.output_dir"):
+            train_deepspeed(*data, params)
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid  # the dead holder's record is still there
+    _, manifest = train_deepspeed(*data, params)
+    assert manifest["final_step"] == 2
+    assert f"left by PID {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert (out / LOCK_FILE).read_text() == ""  # released
+
+
+def test_an_unfinished_run_is_kept_unless_resumed_or_overwritten(params, data):
+    out = Path(params["training"]["output_dir"])
+    train_deepspeed(*data, params)
+    (out / "FINISHED.json").unlink()  # as after a crash
+    (out / ".best-staging-9").mkdir()  # as after a kill while the best model was written
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(OutputDirError, match=r"holds an unfinished run \(complete checkpoints at steps \[2\], best model "
+                                             r"at step 2\); set training.resume_from_checkpoint: auto .*overwrite_output_dir: true"):
+        train_deepspeed(*data, params)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before and (out / "best.json").is_file()
+    params["training"]["overwrite_output_dir"] = True
+    _, manifest = train_deepspeed(*data, params)
+    assert manifest["final_step"] == 2 and not (out / ".best-staging-9").exists()
+
+
+def test_a_tampered_checkpoint_file_is_named_before_anything_loads_it(params, data):
+    out = Path(params["training"]["output_dir"])
+    train_deepspeed(*data, params)
+    (out / "FINISHED.json").unlink()
+    path = ckpt.latest_checkpoint(out)
+    states = next(path.rglob("mp_rank_00_model_states.pt"))
+    states.write_bytes(states.read_bytes() + b"crafted")
+    params["training"].update(resume_from_checkpoint="auto", max_steps=4)
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"{states} has changed since it was written"):
+        train_deepspeed(*data, params)
+    extra = states.parent / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    states.write_bytes(states.read_bytes()[: -len(b"crafted")])
+    extra.write_bytes(b"not ours")
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"{extra} was not written by the run"):
+        train_deepspeed(*data, params)
+    extra.unlink()
+    _, manifest = train_deepspeed(*data, params)  # intact again: resumes
+    assert manifest["final_step"] == 4
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A real 1 MiB tmpfs (root can mount one); yields a function to mount it with options."""
+    mounts = []
+
+    def mount(options: str) -> Path:
+        target = tmp_path / f"mnt{len(mounts)}"
+        target.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
+        mounts.append(target)
+        return target
+
+    yield mount
+    for target in mounts:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_a_read_only_output_dir_is_refused_before_training(params, data, small_mount):
+    target = small_mount("size=1m,ro")
+    params["training"]["output_dir"] = str(target / "out")
+    with pytest.raises(OutputDirError, match=rf"training.output_dir {target / 'out'} is not writable \(Read-only file system\)"):
+        train_deepspeed(*data, params)
+
+
+def test_a_full_disk_names_the_path_being_written(params, data, small_mount):
+    target = small_mount("size=1m")
+    params["training"]["output_dir"] = str(target / "out")
+    with pytest.raises(OutputDirError, match=rf"writing the (best model|checkpoint of step 2) to {target / 'out'}/\S+ "
+                                             r"failed: no space left on the device"):
+        train_deepspeed(*data, params)
+    assert not ckpt.complete_checkpoints(target / "out")
+
+
+def test_lock_file_names_the_holder(tmp_path):
+    with OutputDirLock(tmp_path / "o"):
+        holder = json.loads((tmp_path / "o" / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["started"] <= time.time()
