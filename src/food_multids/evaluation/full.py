@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
-from food_multids.model.classifier import MultiDatasetClassifier
+from food_multids.model.classifier import CLASSIFIER_FILE, ClassifierMeta, MultiDatasetClassifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.model.fast_vision import prepare_model
+from food_multids.training.checkpoint import TRAINING_INFO
 from food_multids.training.engine import init_distributed, resolve_device
 from food_multids.training.evaluation import evaluate
 
@@ -48,7 +50,38 @@ def gather_rows(rows: dict[str, list], world: int) -> dict[str, list]:
     return {key: [v for part in parts for v in part[key]] for key in rows}
 
 
+class ModelMismatchError(ValueError):
+    """The model's label spaces are not the configured datasets."""
+
+
+def check_label_spaces(cfg: ProjectConfig, model_dir: Path, meta: ClassifierMeta) -> None:
+    """The model must know every configured dataset at the same head position with the same class count;
+    otherwise targets index past its classes (IndexError deep in the loss) or mean other classes."""
+    have = {name: (space.dataset_id, space.num_classes) for name, space in meta.label_spaces.items()}
+    want = {d.name: (d.index, d.num_classes) for d in cfg.datasets}
+    if have == want:
+        return
+    show = lambda spaces: ", ".join(f"{n} (#{i}, {c} classes)" for n, (i, c) in spaces.items())  # noqa: E731
+    raise ModelMismatchError(
+        f"the model {model_dir} was trained on the label spaces {show(have)}, but datasets.dataset_configs "
+        f"configures {show(want)}: evaluate it with the dataset_configs it was trained with, or pick the model "
+        "trained on these with --load-versions best_model:<version>")
+
+
+def read_model_info(model_dir: Path) -> dict:
+    """The run, step and metric that produced a model directory (empty for one saved before they were recorded)."""
+    info_file = model_dir / TRAINING_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return {**info, "source_path": str(Path(model_dir).resolve())}
+
+
+def check_model_dir(cfg: ProjectConfig, model_dir: Path) -> None:
+    if (model_dir / CLASSIFIER_FILE).is_file():  # otherwise from_pretrained says what is missing
+        check_label_spaces(cfg, model_dir, ClassifierMeta.from_json((model_dir / CLASSIFIER_FILE).read_text()))
+
+
 def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame) -> FullEvalResult:
+    check_model_dir(cfg, model_dir)
     device = resolve_device(cfg)
     rank, world = init_distributed(device, cfg.training.master_port)
     dtype = resolve_dtype(cfg.model.torch_dtype, device)

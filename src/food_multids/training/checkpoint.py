@@ -21,6 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
+TRAINING_INFO = "training_info.json"  # inside a best model directory: its run, step and metric
 BEST_POINTER = "best.json"
 
 

@@ -391,6 +391,8 @@ class Trainer:
             shutil.rmtree(staged, ignore_errors=True)
             try:
                 self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
+                # The model says which run and step it comes from, whichever catalog version is loaded later.
+                ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, {**self.best, "mlflow_run_id": self.mlflow.run_id})
                 path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
             except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError ...
                 shutil.rmtree(staged, ignore_errors=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from kedro.io import DataCatalog, MemoryDataset
@@ -171,3 +172,31 @@ def test_kedro_viz_build_shows_the_seven_nodes_and_their_edges(finished_project)
     for edge in chain:
         assert edge in edges, edge
     assert any(n["type"] == "parameters" for n in graph["nodes"])
+
+
+def test_a_model_whose_label_spaces_differ_from_the_config_is_refused_before_evaluating(base_params, classifier_dir):
+    from food_multids.evaluation.full import ModelMismatchError
+    from food_multids.pipelines.full_eval.nodes import full_evaluate
+
+    params = copy.deepcopy(base_params)
+    params["datasets"]["dataset_configs"] = {"digits": {"num_classes": 10}, "letters": {"num_classes": 26}}
+    with pytest.raises(ModelMismatchError, match=rf"the model {classifier_dir} was trained on the label spaces digits "
+                                                 r"\(#0, 10 classes\), shapes \(#1, 40 classes\), but .* letters \(#1, 26 "
+                                                 r"classes\).*--load-versions best_model:<version>"):
+        full_evaluate(classifier_dir, pd.DataFrame(), params)
+
+
+def test_the_report_names_the_model_that_was_evaluated_not_the_newest_info(classifier_dir, caplog):
+    from food_multids.pipelines.full_eval.nodes import evaluated_model_info
+    from food_multids.training.checkpoint import TRAINING_INFO
+
+    (classifier_dir / TRAINING_INFO).write_text(json.dumps({"metric": "overall_accuracy", "value": 0.5, "step": 40,
+                                                            "greater_is_better": True, "subset": "fixed",
+                                                            "mlflow_run_id": "older"}))
+    from food_multids.evaluation.full import read_model_info
+
+    newest = {"metric": "overall_accuracy", "value": 0.9, "step": 120, "mlflow_run_id": "newer", "source_path": "/gone"}
+    info = evaluated_model_info({"model_info": read_model_info(classifier_dir)}, newest)
+    assert (info["step"], info["value"], info["mlflow_run_id"]) == (40, 0.5, "older")
+    assert info["source_path"] == str(classifier_dir.resolve())
+    assert "comes from run older step 40, not from best_model_info's run newer step 120" in caplog.text

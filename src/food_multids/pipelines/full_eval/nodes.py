@@ -10,7 +10,7 @@ import pandas as pd
 
 from food_multids.config import ProjectConfig
 from food_multids.evaluation.build_report import build_report
-from food_multids.evaluation.full import run_full_evaluation
+from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
 from food_multids.training.launcher import RESULT_FILE, launch_processes, resolve_world_size
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     table (sample id, dataset, label, prediction, top-k, confidence) and sparse confusion counts.
     """
     cfg = ProjectConfig.from_params(parameters, check_files=False)
+    check_model_dir(cfg, Path(best_model))  # before starting any process
     world = resolve_world_size(cfg)
     if world == 1 and not cfg.training.hostfile:
         result = run_full_evaluation(cfg, Path(best_model), full_eval_set)
@@ -47,14 +48,34 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
         predictions = pd.read_parquet(launch / "predictions.parquet")
         confusions = pd.read_parquet(launch / "confusions.parquet")
     _log_to_mlflow({f"final_eval_{k}": v for k, v in metrics.items()})
-    return {"model_dir": str(best_model), **metrics}, predictions, confusions
+    return {"model_dir": str(best_model), "model_info": read_model_info(Path(best_model)), **metrics}, predictions, confusions
+
+
+def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:
+    """What the report names: the model full_evaluate actually loaded (it records its own run and step).
+
+    `best_model_info` is the newest catalog version, which is not the evaluated model when the newest
+    best_model version was deleted or an older one pinned with --load-versions.
+    """
+    info = eval_metrics.get("model_info") or {}
+    if not info.get("step"):
+        return best_model_info
+    for key in ("mlflow_run_id", "step"):
+        if best_model_info.get(key) != info.get(key):
+            logger.warning("The evaluated model %s comes from run %s step %s, not from best_model_info's run %s "
+                           "step %s (newest version): the report describes the evaluated model",
+                           info.get("source_path"), info.get("mlflow_run_id"), info.get("step"),
+                           best_model_info.get("mlflow_run_id"), best_model_info.get("step"))
+            break
+    return {**best_model_info, **info, "eval_subset_strategy": info.get("subset", best_model_info.get("eval_subset_strategy"))}
 
 
 def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame, confusions: pd.DataFrame,
            dataset_stats: pd.DataFrame, best_model_info: dict, parameters: dict) -> tuple[str, str]:
     """Self-contained HTML report and Markdown summary; both also logged to MLflow as artifacts."""
     cfg = ProjectConfig.from_params(parameters, check_files=False)
-    built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best_model_info)
+    best = evaluated_model_info(eval_metrics, best_model_info)
+    built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best)
     page, summary = built.html(), "\n".join(built.markdown)
     _log_to_mlflow(texts={"report/report.html": page, "report/report.md": summary})
     return page, summary
