@@ -141,3 +141,11 @@ def test_lock_file_names_the_holder(tmp_path):
     with OutputDirLock(tmp_path / "o"):
         holder = json.loads((tmp_path / "o" / LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid() and holder["started"] <= time.time()
+
+
+def test_a_batch_larger_than_a_dataset_is_a_warning(params, data, caplog):
+    digits_rows = int((data[0]["dataset_name"] == "digits").sum())
+    params["training"].update(per_device_train_batch_size=digits_rows + 1, max_steps=1, eval_steps=1, save_steps=1)
+    train_deepspeed(*data, params)
+    assert f"fewer training rows than one global batch ({digits_rows + 1} = {digits_rows + 1} per device x 1): " \
+           f"{{'digits': {digits_rows}" in caplog.text

@@ -200,3 +200,29 @@ def test_the_report_names_the_model_that_was_evaluated_not_the_newest_info(class
     assert (info["step"], info["value"], info["mlflow_run_id"]) == (40, 0.5, "older")
     assert info["source_path"] == str(classifier_dir.resolve())
     assert "comes from run older step 40, not from best_model_info's run newer step 120" in caplog.text
+
+
+def test_images_failing_at_load_are_counted_per_dataset_and_top_k_skips_small_label_spaces(
+        base_params, demo_root, classifier_dir, tmp_path, caplog):
+    from food_multids.pipelines.full_eval.nodes import full_evaluate
+
+    params = copy.deepcopy(base_params)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    params["evaluation"]["top_k"] = 10  # digits has 10 classes: its top-10 accuracy would be 1.0 by construction
+    train, val, _, _ = ingest_jsonl(params)
+    _, val_set, _ = merge_and_tag(train, val, params)
+    _, full = split_eval_subsets(val_set, params)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # passed ingest once, damaged since
+    full = full.copy()
+    full["image"] = full["image"].astype(object)
+    full.loc[full.index[full["dataset_name"] == "digits"][:2], "image"] = str(bad)
+    metrics, preds, _ = full_evaluate(classifier_dir, full, params)
+    assert metrics["digits_skipped_images"] == 2 and metrics["shapes_skipped_images"] == 0
+    assert metrics["skipped_images"] == 2 and metrics["digits_samples"] == 98 and len(preds) == 258
+    assert "shapes_top10_accuracy" in metrics and "digits_top10_accuracy" not in metrics
+    mine = preds[preds["dataset_name"] == "shapes"]
+    expected = np.mean([label in row for label, row in zip(mine["label"], mine["topk"], strict=True)])
+    assert metrics["overall_top10_accuracy"] == pytest.approx(expected)  # over the datasets where it means something
+    assert "No top-10 accuracy for ['digits']" in caplog.text
