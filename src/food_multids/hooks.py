@@ -27,6 +27,8 @@ def check_sqlite_store(path: Path) -> None:
     """
     if not path.is_file() or path.stat().st_size == 0:
         return  # MLflow creates it
+    if any(path.with_name(path.name + suffix).exists() for suffix in ("-journal", "-wal")):
+        return  # an interrupted write sqlite rolls back on the next open: not damage
     fix = (f"move it aside (mv {path} {path}.damaged) so that MLflow starts a new store, or restore it from a "
            "backup; `sqlite3 FILE .recover` can salvage what is readable")
     with path.open("rb") as fh:
@@ -79,7 +81,7 @@ class ProjectHooks:
         self._signals = contextlib.ExitStack()
         self._signals.enter_context(raise_on_signals())
 
-    @hook_impl
+    @hook_impl(tryfirst=True)  # before other hooks can raise past it
     def after_pipeline_run(self) -> None:
         self._restore_signals()
 

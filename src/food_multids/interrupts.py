@@ -39,7 +39,8 @@ def _handlers(handler: Callable[[int, object], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    # A signal set to be ignored (e.g. SIGINT for `kedro run &` in some shells) stays ignored.
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -143,6 +143,7 @@ def test_a_batch_of_only_bad_images_is_an_error(tiny_model_dir):
 
 @pytest.mark.parametrize(("values", "expected"), [
     (np.full((8, 8), 32896, dtype=np.uint16), 128),  # 16-bit mid-grey
+    (np.full((8, 8), 200, dtype=np.uint16), 1),  # a dark 16-bit image stays dark (scaled by bit depth, not content)
     (np.full((8, 8), 0.5, dtype=np.float32), 128),  # float in [0, 1]
     (np.full((8, 8), 100.0, dtype=np.float32), 100),  # float in [0, 255]
 ])

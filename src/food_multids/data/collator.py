@@ -50,9 +50,10 @@ def _wide_to_8bit(img: Image.Image) -> Image.Image:
 
     Pillow's own convert clips these to 0..255 (a 16-bit photo turns near black-and-white, a float
     one in [0, 1] turns black). Integers: 0..255 kept, up to 65535 scaled as 16-bit, larger by the
-    maximum. Floats: [0, 1] or [0, 255]; any other range is an error naming it.
+    maximum; 16-bit modes always by their bit depth. Floats: [0, 1] or [0, 255]; any other range is
+    an error naming it.
     """
-    values = np.asarray(img, dtype=np.float64)
+    values = np.asarray(img, dtype=np.float32)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if img.mode == "F":
         if low >= 0 and high <= 1:
@@ -64,7 +65,9 @@ def _wide_to_8bit(img: Image.Image) -> Image.Image:
     elif low < 0:
         raise ValueError(f"{img.mode} image with negative values (min {low:g})")
     else:
-        scale = 1.0 if high <= 255 else 255.0 / 65535.0 if high <= 65535 else 255.0 / high
+        # 16-bit modes by their bit depth (a dark 16-bit image stays dark); 32-bit 'I' by its values.
+        sixteen = img.mode.startswith("I;16")
+        scale = 255.0 / 65535.0 if sixteen else 1.0 if high <= 255 else 255.0 / 65535.0 if high <= 65535 else 255.0 / high
     return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
 
 

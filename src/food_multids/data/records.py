@@ -279,7 +279,7 @@ def _normalise_paths(paths: pa.Array) -> pa.Array:
     values = paths.to_pylist()
     for i in positions:
         values[i] = os.path.normpath(values[i])
-    return pa.array(values, type=pa.string())
+    return pa.array(values, type=paths.type)
 
 
 def find_duplicates(table: pa.Table) -> np.ndarray:
@@ -361,8 +361,12 @@ def check_image_file(path: str, max_pixels: int | None = None) -> str | None:
     if kind == "webp" and int.from_bytes(head[4:8], "little") + 8 > size:
         return "truncated WEBP (file shorter than its header says)"
     if max_pixels is not None:
+        from PIL import Image
+
         try:
             width, height = _image_size(path, kind, head)
+        except Image.DecompressionBombError as exc:  # past Pillow's own limit: too large by any cap
+            return f"{TOO_LARGE} ({exc}; data.max_image_pixels {max_pixels / 1e6:.1f} M)"
         except Exception as exc:  # PIL raises many types for a damaged header
             return f"unreadable image header ({type(exc).__name__}: {exc})"
         if width * height > max_pixels:

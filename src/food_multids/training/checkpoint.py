@@ -101,7 +101,8 @@ def verify_checkpoint(path: Path) -> None:
     recorded = json.loads((path / COMPLETE).read_text()).get("sha256")
     if recorded is None:
         raise CheckpointIntegrityError(f"{path / COMPLETE} has no SHA-256 sums (written by an older version): this "
-                                       "checkpoint cannot be verified; start fresh or resume with the version that wrote it")
+                                       "checkpoint cannot be verified; resume with the version that wrote it, or set "
+                                       "training.overwrite_output_dir: true to start fresh")
     actual = checkpoint_sums(path)
     for name in sorted(set(recorded) | set(actual)):
         if name not in actual:

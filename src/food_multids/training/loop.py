@@ -27,7 +27,7 @@ from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import stratified_subset
-from food_multids.interrupts import StopFlag, TrainingInterrupted
+from food_multids.interrupts import RunInterrupted, StopFlag, TrainingInterrupted
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
@@ -167,8 +167,10 @@ class Trainer:
         names = ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)
         leftovers = [p for p in self.output_dir.iterdir() if p.name in names] if self.output_dir.is_dir() else []
         finished = (self.output_dir / FINISHED).is_file()
-        # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work.
-        if leftovers and not finished and not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False:
+        # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work:
+        # a complete checkpoint or a best model.
+        work = ckpt.complete_checkpoints(self.output_dir) or ckpt.read_best_pointer(self.output_dir)
+        if work and not finished and not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False:
             done = ckpt.complete_checkpoints(self.output_dir)
             best = ckpt.read_best_pointer(self.output_dir)
             raise OutputDirError(
@@ -211,11 +213,16 @@ class Trainer:
         """Train to the end; SIGINT/SIGTERM stop after the current optimizer step with a checkpoint
         saved, raising TrainingInterrupted."""
         with self.stop.active():
-            return self._run()
+            result = self._run()
+        if self.stop.signum is not None:  # arrived during the last step: the run is complete, but stop here
+            raise TrainingInterrupted(self.stop.signum, f"stopped by {signal.Signals(self.stop.signum).name} as "
+                                      f"training finished (step {self.global_step}); the run is complete in "
+                                      f"{self.output_dir}")
+        return result
 
     def _run(self) -> TrainingResult:
         source = self._prepare_output_dir()
-        if source is not None:
+        if source is not None and self.is_main:  # one rank reads the files; a mismatch stops the launcher
             ckpt.verify_checkpoint(source)  # before anything is loaded from it
         self._build()
         if source is not None:
@@ -394,6 +401,9 @@ class Trainer:
                 # The model says which run and step it comes from, whichever catalog version is loaded later.
                 ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, {**self.best, "mlflow_run_id": self.mlflow.run_id})
                 path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
+            except RunInterrupted:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
             except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError ...
                 shutil.rmtree(staged, ignore_errors=True)
                 raise describe_write_failure("best model", staged, exc) from exc
@@ -415,6 +425,8 @@ class Trainer:
         path = self.output_dir / "checkpoints" / tag
         try:
             self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state())
+        except RunInterrupted:
+            raise
         except Exception as exc:  # the incomplete folder has no COMPLETE marker: never used
             raise describe_write_failure(f"checkpoint of step {self.global_step}", path, exc) from exc
         self._barrier()
