@@ -118,3 +118,14 @@ def project_copy(tmp_path, demo_root, tiny_model_dir) -> Path:
     shutil.copytree(demo_root, root / "data/01_raw/demo")
     shutil.copytree(tiny_model_dir, root / "data/06_models/tiny_qwen2_5_vl")
     return root
+
+
+@pytest.fixture
+def demo_params(base_params, demo_root, tiny_model_dir, tmp_path) -> dict:
+    """base parameters on the demo data and the tiny model, writing under tmp_path/out."""
+    params = copy.deepcopy(base_params)
+    params["model"]["name_or_path"] = str(tiny_model_dir)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never")
+    return params

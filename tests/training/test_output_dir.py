@@ -22,14 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def params(base_params, demo_root, tiny_model_dir, tmp_path) -> dict:
-    params = copy.deepcopy(base_params)
-    params["model"]["name_or_path"] = str(tiny_model_dir)
-    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
-    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
-    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", max_steps=2, logging_steps=1,
-                              eval_steps=2, save_steps=2)
-    return params
+def params(demo_params) -> dict:
+    demo_params["training"].update(max_steps=2, logging_steps=1, eval_steps=2, save_steps=2)
+    return demo_params
 
 
 @pytest.fixture(scope="module")

@@ -27,16 +27,6 @@ DRIVER = Path(__file__).with_name("driver.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def demo_params(base_params, demo_root, tiny_model_dir, tmp_path) -> dict:
-    params = copy.deepcopy(base_params)
-    params["model"]["name_or_path"] = str(tiny_model_dir)
-    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
-    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
-    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never")
-    return params
-
-
 def data_nodes(params):
     train, val, _, _ = ingest_jsonl(params)
     train_set, val_set, _ = merge_and_tag(train, val, params)
