@@ -61,7 +61,9 @@ def check_label_spaces(cfg: ProjectConfig, model_dir: Path, meta: ClassifierMeta
     want = {d.name: (d.index, d.num_classes) for d in cfg.datasets}
     if have == want:
         return
-    show = lambda spaces: ", ".join(f"{n} (#{i}, {c} classes)" for n, (i, c) in spaces.items())  # noqa: E731
+    def show(spaces: dict[str, tuple[int, int]]) -> str:
+        return ", ".join(f"{n} (#{i}, {c} classes)" for n, (i, c) in spaces.items())
+
     raise ModelMismatchError(
         f"the model {model_dir} was trained on the label spaces {show(have)}, but datasets.dataset_configs "
         f"configures {show(want)}: evaluate it with the dataset_configs it was trained with, or pick the model "

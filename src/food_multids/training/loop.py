@@ -27,7 +27,7 @@ from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import stratified_subset
-from food_multids.interrupts import RunInterrupted, StopFlag, TrainingInterrupted
+from food_multids.interrupts import StopFlag, TrainingInterrupted
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
@@ -41,8 +41,8 @@ from food_multids.training.engine import (
     resolve_deepspeed_config,
     resolve_device,
 )
-from food_multids.training.evaluation import MODEL_INPUTS, evaluate, to_device
-from food_multids.training.output_dir import OutputDirError, describe_write_failure
+from food_multids.training.evaluation import MODEL_INPUTS, all_reduce_, evaluate, to_device
+from food_multids.training.output_dir import OutputDirError, reporting_write_failure
 from food_multids.training.tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -167,12 +167,10 @@ class Trainer:
         names = ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)
         leftovers = [p for p in self.output_dir.iterdir() if p.name in names] if self.output_dir.is_dir() else []
         finished = (self.output_dir / FINISHED).is_file()
+        done, best = ckpt.complete_checkpoints(self.output_dir), ckpt.read_best_pointer(self.output_dir)
         # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work:
         # a complete checkpoint or a best model.
-        work = ckpt.complete_checkpoints(self.output_dir) or ckpt.read_best_pointer(self.output_dir)
-        if work and not finished and not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False:
-            done = ckpt.complete_checkpoints(self.output_dir)
-            best = ckpt.read_best_pointer(self.output_dir)
+        if (done or best) and not finished and not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False:
             raise OutputDirError(
                 f"training.output_dir {self.output_dir} holds an unfinished run (complete checkpoints at steps "
                 f"{[s for s, _ in done]}, best model at step {best['step'] if best else None}); set "
@@ -289,8 +287,6 @@ class Trainer:
             return self.stop.signum is not None
         if self.global_step % self.t.logging_steps:
             return False
-        from food_multids.training.evaluation import all_reduce_
-
         flag = torch.tensor([1.0 if self.stop.signum is not None else 0.0], device=self.device)
         all_reduce_([flag], op="max")
         return bool(flag.item())
@@ -306,8 +302,6 @@ class Trainer:
                                   "auto to continue exactly where it stopped")
 
     def _log_train_window(self, bar) -> None:
-        from food_multids.training.evaluation import all_reduce_
-
         window = self.window.clone()
         all_reduce_([window])
         elapsed = time.perf_counter() - self._window_start
@@ -396,17 +390,16 @@ class Trainer:
         if self.is_main:
             staged = self.output_dir / f".best-staging-{self.global_step}"
             shutil.rmtree(staged, ignore_errors=True)
+            info = {**self.best, "mlflow_run_id": self.mlflow.run_id}
             try:
-                self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
-                # The model says which run and step it comes from, whichever catalog version is loaded later.
-                ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, {**self.best, "mlflow_run_id": self.mlflow.run_id})
-                path = ckpt.publish_best(self.output_dir, staged, {**self.best, "mlflow_run_id": self.mlflow.run_id})
-            except RunInterrupted:
+                with reporting_write_failure("best model", staged):
+                    self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
+                    # The model says which run and step it comes from, whichever catalog version is loaded later.
+                    ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, info)
+                    path = ckpt.publish_best(self.output_dir, staged, info)
+            except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
-            except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError ...
-                shutil.rmtree(staged, ignore_errors=True)
-                raise describe_write_failure("best model", staged, exc) from exc
             metric, value = self.best["metric"], self.best["value"]
             logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
             self.mlflow.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
@@ -423,18 +416,13 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         tag = ckpt.step_tag(self.global_step)
         path = self.output_dir / "checkpoints" / tag
-        try:
+        what = f"checkpoint of step {self.global_step}"
+        with reporting_write_failure(what, path):  # an incomplete folder has no COMPLETE marker: never used
             self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state())
-        except RunInterrupted:
-            raise
-        except Exception as exc:  # the incomplete folder has no COMPLETE marker: never used
-            raise describe_write_failure(f"checkpoint of step {self.global_step}", path, exc) from exc
         self._barrier()
         if self.is_main:
-            try:
+            with reporting_write_failure(what, path):
                 ckpt.mark_complete(path, self.global_step, {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch})
-            except OSError as exc:
-                raise describe_write_failure(f"checkpoint of step {self.global_step}", path, exc) from exc
             removed = ckpt.prune_checkpoints(self.output_dir, self.t.save_total_limit,
                                              self.best["step"] if self.best else None)
             logger.info("Checkpoint %s%s", path, f" (removed {[p.name for p in removed]})" if removed else "")

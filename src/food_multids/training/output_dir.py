@@ -9,6 +9,7 @@ over NFS are not kept apart.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -18,7 +19,10 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from food_multids.interrupts import RunInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,18 @@ def check_writable(output_dir: Path) -> None:
     except OSError as exc:
         raise OutputDirError(f"training.output_dir {output_dir} is not writable ({exc.strerror or exc}): point "
                              "training.output_dir at a writable folder") from exc
+
+
+@contextlib.contextmanager
+def reporting_write_failure(what: str, path: Path) -> Iterator[None]:
+    """Turn any failure while writing `what` to `path` (OSError, torch's RuntimeError, safetensors'
+    SafetensorError ...) into an OutputDirError naming both; a stop by signal passes through."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except Exception as exc:
+        raise describe_write_failure(what, path, exc) from exc
 
 
 def describe_write_failure(what: str, path: Path, exc: BaseException) -> OutputDirError:
