@@ -1,8 +1,9 @@
-"""Kedro project settings: config loader with a project_root resolver, kedro-mlflow hooks via plugins."""
+"""Kedro project settings: a layered config loader with a project_root resolver; kedro-mlflow hooks via plugins."""
 
-from kedro.config import OmegaConfigLoader
+import warnings
 
-from food_multids.hooks import ProjectHooks
+from food_multids.config_loader import LayeredConfigLoader
+from food_multids.hooks import PreflightHooks, ProjectHooks
 from food_multids.paths import find_project_root
 
 
@@ -10,11 +11,16 @@ def _project_root(*_: object) -> str:
     return find_project_root().as_posix()
 
 
-HOOKS = (ProjectHooks(),)
+# Third-party noise printed four times on every `kedro run`: omegaconf's resolver API as Kedro and
+# kedro-mlflow call it.
+warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
+
+HOOKS = (PreflightHooks(), ProjectHooks())
 # Telemetry asks for consent interactively; the project never sends it.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 
-CONFIG_LOADER_CLASS = OmegaConfigLoader
+# Parameters are layered: conf/<env>/parameters.yml overrides only the keys it names (config_loader.py).
+CONFIG_LOADER_CLASS = LayeredConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
