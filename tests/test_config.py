@@ -127,10 +127,11 @@ def test_project_defaults_parse(base_params, demo_root, monkeypatch):
 def test_the_gpu_environment_parses(base_params):
     import yaml
 
+    from food_multids.config_loader import layer_parameters
     from tests.conftest import REPO
 
     gpu = yaml.safe_load((REPO / "conf/gpu/parameters.yml").read_text())
-    cfg = ProjectConfig.from_params({**base_params, **gpu}, check_files=False)
+    cfg = ProjectConfig.from_params(layer_parameters(base_params, gpu), check_files=False)
     assert cfg.model.torch_dtype == "bfloat16" and cfg.deepspeed["zero_optimization"]["stage"] == 2
     assert cfg.num_classes() == {"food101": 101, "food2k": 2000} and cfg.model.num_labels == 2000
 
@@ -164,3 +165,45 @@ def test_dataset_names_mlflow_would_reject_are_config_errors(two_datasets, name)
 def test_top_k_counts_only_datasets_with_more_classes(two_datasets):
     cfg = ProjectConfig.from_params(with_overrides(two_datasets, evaluation={"top_k": 3}))
     assert [d.name for d in cfg.topk_datasets()] == ["beta"]
+
+
+def test_base_parameters_document_every_setting_the_config_accepts(base_params):
+    """conf/base/parameters.yml is the reference: every accepted key is there, and nothing else."""
+    import dataclasses
+
+    from food_multids.config import (
+        TOP_LEVEL_KEYS,
+        DataConfig,
+        DatasetSpec,
+        EvalConfig,
+        ModelConfig,
+        TrainConfig,
+    )
+
+    def accepted(cls, skip=()):
+        return {f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip}
+
+    assert set(base_params) == set(TOP_LEVEL_KEYS)
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("training", TrainConfig),
+                         ("evaluation", EvalConfig)):
+        assert set(base_params[section]) == accepted(cls), section
+    assert set(base_params["datasets"]) == {"dataset_configs"}
+    for name, entry in base_params["datasets"]["dataset_configs"].items():
+        assert set(entry) == accepted(DatasetSpec, skip=("name", "index")), name
+
+
+def test_the_best_model_metric_must_be_one_evaluation_produces(two_datasets):
+    problems = problems_of(with_overrides(two_datasets, training={"metric_for_best_model": "beta_acc"}))
+    assert problems == ["params:training.metric_for_best_model is 'beta_acc', which the partial evaluation does not "
+                        "produce: did you mean 'beta_accuracy'? choose one of alpha_accuracy, alpha_loss, "
+                        "beta_accuracy, beta_loss, overall_accuracy, overall_loss"]
+    assert problems_of(with_overrides(two_datasets, training={"metric_for_best_model": "out_of_range_predictions"}))
+    unmasked = with_overrides(two_datasets, model={"num_labels": 5, "enable_logits_masking": False},
+                              training={"metric_for_best_model": "out_of_range_predictions", "greater_is_better": False})
+    assert ProjectConfig.from_params(unmasked).training.metric_for_best_model == "out_of_range_predictions"
+
+
+def test_a_config_error_names_the_environments_files():
+    assert "(conf/base/parameters.yml, then conf/gpu/parameters.yml and --params):" in str(ConfigError(["x"], "gpu"))
+    assert "(conf/base/parameters.yml and --params):" in str(ConfigError(["x"], "base"))
+    assert "<env>" not in str(ConfigError(["x"]))

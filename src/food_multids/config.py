@@ -28,10 +28,19 @@ TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluat
 class ConfigError(ValueError):
     """Every problem found in the parameters, one per line."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], env: str | None = None):
         self.problems = problems
-        head = f"{len(problems)} problem(s) in the parameters (conf/<env>/parameters.yml):"
+        head = f"{len(problems)} problem(s) in the parameters ({parameters_source(env)}):"
         super().__init__("\n  - ".join([head, *problems]))
+
+
+def parameters_source(env: str | None) -> str:
+    """Where a run's parameters come from, for messages: base, then the run environment on top."""
+    if env is None:
+        return "conf/base/parameters.yml, then the run environment's parameters.yml and --params"
+    if env == "base":
+        return "conf/base/parameters.yml and --params"
+    return f"conf/base/parameters.yml, then conf/{env}/parameters.yml and --params"
 
 
 class _Problems:
@@ -357,17 +366,24 @@ class ProjectConfig:
     def num_classes(self) -> dict[str, int]:
         return {d.name: d.num_classes for d in self.datasets}
 
+    def best_model_metrics(self) -> list[str]:
+        """What training.metric_for_best_model can name: the partial evaluation's keys (samples aside)."""
+        return best_model_metrics(self.dataset_names, self.model.enable_logits_masking)
+
     def topk_datasets(self) -> tuple[DatasetSpec, ...]:
         """Datasets with more classes than evaluation.top_k: elsewhere top-k accuracy is 1.0 by construction."""
         return tuple(d for d in self.datasets if d.num_classes > self.evaluation.top_k)
 
     # -- parsing --------------------------------------------------------------------------------
     @classmethod
-    def from_params(cls, params: dict, *, check_files: bool = True) -> ProjectConfig:
-        """Parse and validate the whole `parameters` dict; raise ConfigError listing every problem."""
+    def from_params(cls, params: dict, *, check_files: bool = True, env: str | None = None) -> ProjectConfig:
+        """Parse and validate the whole `parameters` dict; raise ConfigError listing every problem.
+
+        `env` (the Kedro run environment) only names the files in the error message.
+        """
         problems = _Problems()
         if not isinstance(params, dict):
-            raise ConfigError([f"parameters must be a mapping, got {type(params).__name__}"])
+            raise ConfigError([f"parameters must be a mapping, got {type(params).__name__}"], env)
         problems.unknown_keys(params, TOP_LEVEL_KEYS, "")
         model = _build(ModelConfig, params.get("model"), "model", problems)
         data = _build(DataConfig, params.get("data"), "data", problems)
@@ -381,10 +397,24 @@ class ProjectConfig:
         if data is not None:
             data = _resolve_files(data, problems, check_files)
             datasets = _resolve_datasets(params.get("datasets"), data, model, problems)
+        if training is not None and model is not None and datasets:
+            allowed = best_model_metrics([d.name for d in datasets], model.enable_logits_masking)
+            if training.metric_for_best_model not in allowed:
+                close = difflib.get_close_matches(training.metric_for_best_model, allowed, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.add("training.metric_for_best_model",
+                             f"is {training.metric_for_best_model!r}, which the partial evaluation does not "
+                             f"produce: {hint}choose one of {', '.join(allowed)}")
         if problems.items:
-            raise ConfigError(problems.items)
+            raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
                    deepspeed=deepspeed)
+
+
+def best_model_metrics(names: typing.Sequence[str], masking: bool) -> list[str]:
+    """The partial evaluation's metric keys (see metrics.summarize), without the sample counts."""
+    keys = [f"{name}_{metric}" for name in [*names, "overall"] for metric in ("accuracy", "loss")]
+    return keys if masking else [*keys, "out_of_range_predictions"]
 
 
 def _resolve_files(data: DataConfig, problems: _Problems, check_files: bool) -> DataConfig:

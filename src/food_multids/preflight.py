@@ -1,0 +1,157 @@
+"""Checks a `kedro run` passes before its first node (and before an MLflow run is opened).
+
+Everything a node would otherwise find minutes in (a missing JSONL file after the image check, a
+model folder without config.json when training starts, an unknown best-model metric at the first
+evaluation, no trained model for `full_eval`) is found here, all at once. `check_run` returns the
+problems and warnings; the hook in hooks.py raises `PreflightError` with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from food_multids.config import ConfigError, ModelConfig, ProjectConfig, TrainConfig, parameters_source
+from food_multids.paths import resolve_path
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+DEMO_MODEL = ModelConfig.__dataclass_fields__["name_or_path"].default
+DEMO_ENVS = ("base", "local")
+# Which command writes a catalog dataset a pipeline reads, in the order a user would run them.
+MAKERS = (("data", "kedro run --pipelines data"), ("train", "kedro run --pipelines train"),
+          ("full_eval", "kedro run --pipelines full_eval"))
+
+
+class PreflightError(click.ClickException):
+    """The run cannot start: every problem found, one per line. Click prints it without a traceback."""
+
+    def __init__(self, problems: list[str], env: str | None):
+        self.problems = problems
+        head = f"{len(problems)} problem(s) before the first node (parameters: {parameters_source(env)}):"
+        super().__init__("\n  - ".join([head, *problems]))
+
+
+@dataclass
+class RunPlan:
+    """What a run will do: its nodes, the catalog datasets it reads first and the files it writes."""
+
+    env: str
+    node_names: set[str]
+    free_inputs: list[str]
+    output_paths: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers: dict[str, str],
+              load: Callable[[str], object]) -> Findings:
+    """Every problem that would stop `plan` later; `exists`/`load` read the catalog."""
+    found = Findings()
+    cfg = None
+    try:
+        cfg = ProjectConfig.from_params(params, check_files="ingest_jsonl" in plan.node_names, env=plan.env)
+    except ConfigError as exc:
+        found.problems.extend(exc.problems)
+    missing = [name for name in plan.free_inputs if not exists(name)]
+    for name in missing:
+        how = makers.get(name)
+        found.problems.append(f"the catalog dataset '{name}' has no saved version yet"
+                              + (f": make it with `{how}` first" if how else ""))
+    # Read from the raw parameters too, so that these are reported beside any parameter problem.
+    name_or_path = setting(params, "model", "name_or_path", DEMO_MODEL)
+    if "train_deepspeed" in plan.node_names and isinstance(name_or_path, str):
+        found.problems.extend(check_model_source(name_or_path))
+    output_dir = setting(params, "training", "output_dir", TrainConfig.output_dir)
+    if "train_deepspeed" in plan.node_names and isinstance(output_dir, str):
+        found.problems.extend(check_writable_dir(resolve_path(output_dir), "params:training.output_dir"))
+    if cfg is not None and "full_evaluate" in plan.node_names and "train_deepspeed" not in plan.node_names \
+            and "best_model" not in missing:
+        found.problems.extend(check_evaluated_model(cfg, load))
+    for name, path in plan.output_paths.items():
+        found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
+    if {"train_deepspeed", "full_evaluate"} & plan.node_names and isinstance(name_or_path, str):
+        warning = demo_model_warning(plan.env, name_or_path)
+        if warning:
+            found.warnings.append(warning)
+    return found
+
+
+def setting(params: dict, section: str, key: str, default: object) -> object:
+    part = params.get(section) if isinstance(params, dict) else None
+    return part.get(key, default) if isinstance(part, dict) else default
+
+
+def check_model_source(name_or_path: str) -> list[str]:
+    """model.name_or_path must be a local folder with a config.json of a supported family."""
+    path = resolve_path(name_or_path)
+    where = f"params:model.name_or_path {path}"
+    if not path.is_dir():
+        return [f"{where} does not exist: point it at a local Qwen2.5-VL folder (weights are never downloaded; "
+                "fetch e.g. Qwen2.5-VL-3B-Instruct beforehand) or a saved classifier"]
+    config = path / "config.json"
+    if not config.is_file():
+        return [f"{where} has no config.json: it must be a Hugging Face model folder (config.json, weights, "
+                "tokenizer files), e.g. a downloaded Qwen2.5-VL-3B-Instruct"]
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        return [f"{where}: {config} is not a readable JSON object ({exc})"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return [f"{where} holds a '{model_type}' model (config.json model_type); supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"]
+    return []
+
+
+def check_writable_dir(folder: Path, what: str) -> list[str]:
+    """The nearest existing folder at or above `folder` must be writable (nothing is created here)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{what}: {existing} is a file, not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{what}: the folder {existing} is not writable"]
+    return []
+
+
+def check_evaluated_model(cfg: ProjectConfig, load: Callable[[str], object]) -> list[str]:
+    """`full_eval` alone: the saved best model must have the configured label spaces."""
+    from food_multids.evaluation.full import ModelMismatchError, check_model_dir
+
+    try:
+        check_model_dir(cfg, Path(str(load("best_model"))))
+    except ModelMismatchError as exc:
+        return [str(exc)]
+    except Exception as exc:  # an unreadable model directory: say which
+        return [f"the catalog dataset 'best_model' cannot be read: {exc}"]
+    return []
+
+
+def demo_model_warning(env: str, name_or_path: str) -> str | None:
+    """Outside base/local, training or evaluating the demo's random tiny model is almost surely a mistake."""
+    path = resolve_path(name_or_path).resolve()  # '..', '.' and symlinks too
+    if env in DEMO_ENVS or path != resolve_path(DEMO_MODEL).resolve():
+        return None
+    return (f"the '{env}' environment runs with model.name_or_path = {path}, the demo's "
+            f"random tiny model: set model.name_or_path in conf/{env}/parameters.yml to your checkpoint")
+
+
+def makers_of(pipelines: dict, wanted: Iterable[str]) -> dict[str, str]:
+    """For each wanted dataset, the first command (data, train, full_eval) whose pipeline writes it."""
+    makers: dict[str, str] = {}
+    for name in wanted:
+        for pipeline_name, command in MAKERS:
+            pipeline = pipelines.get(pipeline_name)
+            if pipeline is not None and name in pipeline.all_outputs():
+                makers[name] = command
+                break
+    return makers
