@@ -89,3 +89,31 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_marks_the_run_killed(proj
     runs = client.search_runs([client.get_experiment_by_name("food_multids").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED"]
     assert complete_checkpoints(out_dir)[-1][0] > 10  # the stop step's own checkpoint, past the periodic one
+
+
+def test_a_pinned_best_model_brings_the_history_and_info_of_its_own_run(tmp_path, caplog):
+    import json
+
+    from kedro.io import DataCatalog
+
+    from food_multids.hooks import pin_companions
+
+    conf = {name: {"type": "json.JSONDataset", "filepath": f"data/{name}.json", "versioned": True}
+            for name in ("training_history", "best_model_info", "checkpoint_manifest")}
+    for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
+        for name in ("training_history", "best_model_info"):  # no checkpoint_manifest of the older run
+            path = tmp_path / f"data/{name}.json/{version}/{name}.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"version": version}))
+    absolute = {n: {**c, "filepath": str(tmp_path / c["filepath"])} for n, c in conf.items()}
+    now = "2026-03-01T00.00.00.000Z"  # this session's save version
+    catalog = DataCatalog.from_config(absolute, save_version=now)
+    assert catalog.load("training_history") == {"version": "2026-02-01T00.00.00.000Z"}  # newest by default
+    pin_companions(catalog, conf, {"best_model": "2026-01-01T00.00.00.000Z"}, now, tmp_path)
+    assert catalog.load("training_history") == {"version": "2026-01-01T00.00.00.000Z"}
+    assert catalog.load("best_model_info") == {"version": "2026-01-01T00.00.00.000Z"}
+    assert "checkpoint_manifest has no version 2026-01-01T00.00.00.000Z" in caplog.text
+    explicit = DataCatalog.from_config(absolute, save_version=now)
+    pin_companions(explicit, conf, {"best_model": "2026-01-01T00.00.00.000Z",
+                                    "training_history": "2026-02-01T00.00.00.000Z"}, now, tmp_path)
+    assert explicit.load("training_history") == {"version": "2026-02-01T00.00.00.000Z"}  # the user's pin wins

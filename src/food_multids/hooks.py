@@ -1,4 +1,5 @@
-"""Project hooks: the project root for relative paths, a readable MLflow store, and signals as clean stops."""
+"""Project hooks: checks before the first node, the project root for relative paths, a readable MLflow
+store, MLflow runs named and linked, and signals as clean stops."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from kedro.framework.hooks import hook_impl
 from food_multids.interrupts import RunInterrupted, raise_on_signals
 
 logger = logging.getLogger(__name__)
+# Written by the train pipeline in the same session as best_model, so they share its version string.
+BEST_MODEL_COMPANIONS = ("training_history", "best_model_info", "checkpoint_manifest", "dataset_stats")
 
 
 class MlflowStoreError(RuntimeError):
@@ -54,9 +57,75 @@ def _sqlite_path(uri: str | None) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?")[0])
 
 
+class PreflightHooks:
+    """Checks the whole run before its first node and before kedro-mlflow opens an MLflow run."""
+
+    def __init__(self) -> None:
+        self.conf_catalog: dict = {}
+        self.project_path = Path.cwd()
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self.project_path = Path(context.project_path)
+
+    @hook_impl
+    def after_catalog_created(self, catalog, conf_catalog, parameters, save_version, load_versions) -> None:
+        self.conf_catalog = conf_catalog or {}
+        pin_companions(catalog, self.conf_catalog, load_versions or {}, save_version, self.project_path)
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow starts a run: a config error leaves no run behind
+    def before_pipeline_run(self, run_params: dict, pipeline, catalog) -> None:
+        from kedro.framework.project import pipelines
+
+        from food_multids.preflight import PreflightError, RunPlan, check_run, makers_of
+
+        env = run_params.get("env") or "local"
+        free = sorted(n for n in pipeline.inputs() if n != "parameters" and not n.startswith("params:"))
+        outputs = {}
+        for name in pipeline.all_outputs():
+            config = self.conf_catalog.get(name) or {}
+            if config.get("filepath"):  # a versioned dataset's filepath is a folder of versions
+                path = self.project_path / config["filepath"]
+                outputs[name] = path if config.get("versioned") else path.parent
+        plan = RunPlan(env=env, node_names={n.name for n in pipeline.nodes}, free_inputs=free, output_paths=outputs)
+        found = check_run(plan, catalog.load("parameters"), catalog.exists, makers_of(pipelines, free), catalog.load)
+        for warning in found.warnings:
+            logger.warning("\n%s\n!! %s\n%s", "!" * 100, warning, "!" * 100)
+        if found.problems:
+            raise PreflightError(found.problems, env)
+
+
+def pin_companions(catalog, conf_catalog: dict, load_versions: dict, save_version: str, project_path: Path) -> None:
+    """`--load-versions best_model:<v>`: the report must describe that model's run, so the datasets that
+    run wrote beside it (same version string) are loaded at <v> too unless pinned otherwise."""
+    from kedro.io import AbstractDataset
+
+    version = load_versions.get("best_model")
+    if not version:
+        return
+    for name in BEST_MODEL_COMPANIONS:
+        config = conf_catalog.get(name)
+        if name in load_versions or not config or "filepath" not in config:
+            continue
+        folder = project_path / config["filepath"] / version
+        if not folder.exists():
+            logger.warning("best_model is pinned to %s but %s has no version %s: the newest %s is used",
+                           version, name, version, name)
+            continue
+        replacing = logging.getLogger("kedro.io.data_catalog")
+        level = replacing.level
+        replacing.setLevel(logging.ERROR)  # its "Replacing dataset" warning: this replacement is the point
+        try:
+            catalog[name] = AbstractDataset.from_config(name, {**config, "filepath": str(folder.parent)},
+                                                        load_version=version, save_version=save_version)
+        finally:
+            replacing.setLevel(level)
+        logger.info("%s loaded at version %s, beside the pinned best_model", name, version)
+
+
 class ProjectHooks:
     def __init__(self) -> None:
-        self._signals: contextlib.ExitStack | None = None
+        self._run_scope: contextlib.ExitStack | None = None
         self._run_id: str | None = None
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
@@ -73,21 +142,30 @@ class ProjectHooks:
             check_sqlite_store(path)
 
     @hook_impl(trylast=True)  # after kedro-mlflow has started the run
-    def before_pipeline_run(self) -> None:
+    def before_pipeline_run(self, run_params: dict, pipeline, catalog) -> None:
         import mlflow
 
         run = mlflow.active_run()
         self._run_id = run.info.run_id if run else None
-        self._signals = contextlib.ExitStack()
-        self._signals.enter_context(raise_on_signals())
+        if self._run_id:
+            from food_multids.mlflow_runs import describe_run
+
+            try:
+                describe_run(self._run_id, run_params, {n.name for n in pipeline.nodes}, catalog)
+            except Exception as exc:  # naming is a courtesy: never the reason a run does not start
+                logger.warning("Could not name or link MLflow run %s: %s", self._run_id, exc)
+        self._run_scope = contextlib.ExitStack()
+        if self._run_id and "train_deepspeed" in {n.name for n in pipeline.nodes}:
+            self._run_scope.callback(start_system_metrics(self._run_id))
+        self._run_scope.enter_context(raise_on_signals())
 
     @hook_impl(tryfirst=True)  # before other hooks can raise past it
     def after_pipeline_run(self) -> None:
-        self._restore_signals()
+        self._close_run_scope()
 
     @hook_impl(trylast=True)  # after kedro-mlflow has ended the run as FAILED
     def on_pipeline_error(self, error: Exception) -> None:
-        self._restore_signals()
+        self._close_run_scope()
         if isinstance(error, RunInterrupted) and self._run_id:
             import mlflow
             from mlflow.tracking import MlflowClient
@@ -96,7 +174,19 @@ class ProjectHooks:
             MlflowClient(mlflow.get_tracking_uri()).set_terminated(self._run_id, "KILLED")
             logger.warning("MLflow run %s marked KILLED: %s", self._run_id, error)
 
-    def _restore_signals(self) -> None:
-        if self._signals is not None:
-            self._signals.close()
-            self._signals = None
+    def _close_run_scope(self) -> None:
+        if self._run_scope is not None:
+            self._run_scope.close()
+            self._run_scope = None
+
+
+def start_system_metrics(run_id: str):
+    """CPU, memory, disk, network (and GPU where nvidia-ml-py finds one) of this machine as `system/*`
+    metrics of the run, sampled every 10 s by a thread of this process while the training processes
+    run. Not mlflow's global switch: kedro-mlflow reopens the run for every node, and each reopening
+    would start another sampler. Returns the function that stops it."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id)
+    monitor.start()
+    return monitor.finish

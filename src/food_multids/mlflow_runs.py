@@ -1,0 +1,78 @@
+"""MLflow runs that read well: named for what they are, and evaluations linked to their training run.
+
+A run is named `<pipelines> · <env> · <model folder> · <start time>` (kedro-mlflow would call it
+`__default__`). A `full_eval` or `report` run on its own evaluates a model trained in another run: it
+becomes a child of that training run (tag `mlflow.parentRunId`, so the UI nests it under it), records
+`food_multids.training_run_id`, and the training run records `food_multids.eval_run_id`, the newest
+evaluation of its model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_LABELS = {"__default__": "train+full_eval"}
+# MLflow 3's UI opens an experiment on GenAI views unless it is tagged as model development.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, started: float) -> str:
+    pipelines = "+".join(PIPELINE_LABELS.get(n, n) for n in (pipeline_names or ["__default__"]))
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
+    return f"{pipelines} · {env} · {Path(name_or_path).name or name_or_path} · {stamp}"
+
+
+def training_run_of(catalog, node_names: set[str]) -> str | None:
+    """The MLflow run that trained the model this run evaluates (None when this run trains it)."""
+    from food_multids.training.checkpoint import TRAINING_INFO
+
+    if "train_deepspeed" in node_names:
+        return None
+    try:
+        if "full_evaluate" in node_names:
+            info_file = Path(str(catalog.load("best_model"))) / TRAINING_INFO
+            return json.loads(info_file.read_text()).get("mlflow_run_id") if info_file.is_file() else None
+        if "report" in node_names:
+            return (catalog.load("eval_metrics").get("model_info") or {}).get("mlflow_run_id")
+    except Exception as exc:  # a missing or unreadable input: the node reports it properly
+        logger.debug("no training run to link: %s", exc)
+    return None
+
+
+def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -> None:
+    """Name and tag the active run; link an evaluation run with the training run of its model."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from food_multids.paths import resolve_path
+
+    client = MlflowClient()
+    params = catalog.load("parameters")
+    name_or_path = str((params.get("model") or {}).get("name_or_path", ""))
+    env = run_params.get("env") or "local"
+    run = client.get_run(run_id)
+    name = run_name(run_params.get("pipeline_names"), env, name_or_path, run.info.start_time / 1000)
+    client.update_run(run_id, name=name)
+    client.set_tag(run_id, "food_multids.env", env)
+    client.set_tag(run_id, "food_multids.model", str(resolve_path(name_or_path)) if name_or_path else "")
+    experiment = client.get_experiment(run.info.experiment_id)
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # an experiment created before mlflow.yml tagged it
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    training_run = training_run_of(catalog, node_names)
+    if not training_run or training_run == run_id:
+        return
+    try:
+        client.get_run(training_run)
+    except MlflowException:
+        logger.warning("The evaluated model was trained in MLflow run %s, which is not in this store: not linked",
+                       training_run)
+        return
+    client.set_tag(run_id, "mlflow.parentRunId", training_run)
+    client.set_tag(run_id, "food_multids.training_run_id", training_run)
+    client.set_tag(training_run, "food_multids.eval_run_id", run_id)
+    logger.info("MLflow run '%s' evaluates the model of training run %s (linked both ways)", name, training_run)

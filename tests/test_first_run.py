@@ -1,0 +1,126 @@
+"""A user's first real run, as `kedro run` processes in a copy of the project: the seed YAML in an env,
+checks before the first node, and MLflow runs that read well."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.test_hooks import KEDRO, kedro_env
+
+
+def kedro(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([KEDRO, "run", *args], cwd=root, env=env or kedro_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def run_count(root: Path) -> int:
+    store = root / "mlflow.db"
+    if not store.exists():
+        return 0
+    with sqlite3.connect(store) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return db.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+
+
+def write_env(root: Path, name: str, params: dict) -> None:
+    (root / "conf" / name).mkdir()
+    (root / "conf" / name / "parameters.yml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.slow
+def test_configuration_problems_stop_the_run_before_any_node_and_any_mlflow_run(project_copy):
+    write_env(project_copy, "seed", {
+        "model": {"num_labels": 2000, "enable_logits_masking": True},
+        "data": {"train_jsonl_list": ["/data/food101/train.jsonl", "/data/food2k/train.jsonl"],
+                 "val_jsonl_list": ["/data/food101/test.jsonl", "/data/food2k/test.jsonl"]},
+        "datasets": {"dataset_configs": {"food101": {"num_classes": 101, "eval_ratio": 0.2},
+                                         "food2k": {"num_classes": 2000, "eval_ratio": 0.1}}},
+        "training": {"metric_for_best_model": "food2k_acc"},
+    })
+    proc = kedro(project_copy, "--env", "seed", "--params", "model.name_or_path=/models/Qwen2.5-VL-3B-Instruct")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out
+    assert ("Error: 6 problem(s) before the first node (parameters: conf/base/parameters.yml, then "
+            "conf/seed/parameters.yml and --params):") in out
+    for line in ("params:data.train_jsonl_list[0] file not found: /data/food101/train.jsonl",
+                 "params:data.val_jsonl_list[1] file not found: /data/food2k/test.jsonl",
+                 "params:training.metric_for_best_model is 'food2k_acc', which the partial evaluation does not "
+                 "produce: did you mean 'food2k_accuracy'?",
+                 "params:model.name_or_path /models/Qwen2.5-VL-3B-Instruct does not exist"):
+        assert line in out, line
+    assert "Running node" not in out and not (project_copy / "data/02_intermediate").exists()
+    assert run_count(project_copy) == 0
+
+    proc = kedro(project_copy, "--pipelines", "full_eval")  # nothing trained yet in this project
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert ("the catalog dataset 'best_model' has no saved version yet: make it with `kedro run --pipelines train` "
+            "first") in out
+    assert "the catalog dataset 'full_eval_set' has no saved version yet: make it with `kedro run --pipelines data`" in out
+    assert run_count(project_copy) == 0
+
+
+@pytest.mark.slow
+def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and_pinnable(project_copy, base_params):
+    demo = "data/01_raw/demo"
+    write_env(project_copy, "seed", {
+        "model": {"num_labels": 40},
+        "data": {"train_jsonl_list": [f"{demo}/digits/train.jsonl", f"{demo}/shapes/train.jsonl"],
+                 "val_jsonl_list": [f"{demo}/digits/val.jsonl", f"{demo}/shapes/val.jsonl"]},
+        "datasets": {"dataset_configs": {"digits": {"num_classes": 10, "eval_ratio": 0.3},
+                                         "shapes": {"num_classes": 40, "eval_ratio": 0.5}}},
+        "training": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 2},
+    })
+    env = {**kedro_env(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    proc = kedro(project_copy, "--env", "seed", "--pipelines", "data", env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert run_count(project_copy) == 0  # data-only runs open no MLflow run
+
+    first = kedro(project_copy, "--env", "seed", "--pipelines", "train", env=env)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-3000:]
+    demo_model = (project_copy / "data/06_models/tiny_qwen2_5_vl").resolve()
+    assert (f"the 'seed' environment runs with model.name_or_path = {demo_model}, the demo's random tiny model: set "
+            "model.name_or_path in conf/seed/parameters.yml") in out
+    client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
+    [train_run] = client.search_runs([client.get_experiment_by_name("food_multids").experiment_id])
+    assert train_run.info.run_name.startswith("train · seed · tiny_qwen2_5_vl · ")
+    assert train_run.data.tags["food_multids.env"] == "seed"
+    logged = train_run.data.params
+    assert logged["parameters.model.pooling"] == str(base_params["model"]["pooling"])  # kept from base
+    assert float(logged["parameters.training.learning_rate"]) == base_params["training"]["learning_rate"]
+    assert logged["parameters.datasets.dataset_configs.digits.eval_ratio"] == "0.3" and logged["parameters.training.max_steps"] == "4"
+    assert any(key.startswith("system/cpu_utilization") for key in train_run.data.metrics)
+    experiment = client.get_experiment(train_run.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+    second = kedro(project_copy, "--env", "seed", "--pipelines", "train", env=env)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    versions = sorted(p.name for p in (project_copy / "data/06_models/best_model").iterdir())
+    assert len(versions) == 2
+    pinned = kedro(project_copy, "--env", "seed", "--pipelines", "full_eval", "--load-versions",
+                   f"best_model:{versions[0]}", env=env)
+    out = pinned.stdout + pinned.stderr
+    assert pinned.returncode == 0, out[-3000:]
+    assert "not from best_model_info's run" not in out  # the info of the pinned run came with it
+    runs = {r.info.run_id: r for r in client.search_runs([train_run.info.experiment_id])}
+    [eval_run] = [r for r in runs.values() if r.info.run_name.startswith("full_eval · seed · ")]
+    assert eval_run.data.tags["mlflow.parentRunId"] == train_run.info.run_id
+    assert eval_run.data.tags["food_multids.training_run_id"] == train_run.info.run_id
+    assert client.get_run(train_run.info.run_id).data.tags["food_multids.eval_run_id"] == eval_run.info.run_id
+    report = sorted((project_copy / "data/08_reporting/report.md").iterdir())[-1] / "report.md"
+    summary = report.read_text()
+    assert f"| MLflow training run | {train_run.info.run_id} |" in summary
+    assert f"| MLflow run of this report | {eval_run.info.run_id} |" in summary
+    assert f"| evaluated model | {(project_copy / 'data/06_models/best_model' / versions[0]).resolve()}" in summary
+    assert "| git commit | (not a git checkout) |" in summary
+    history = json.loads((project_copy / f"data/06_models/training_history.json/{versions[0]}/training_history.json").read_text())
+    assert history["records"], "the pinned run's history"
