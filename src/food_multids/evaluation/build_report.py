@@ -3,22 +3,90 @@
 from __future__ import annotations
 
 import html
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from food_multids.config import ProjectConfig
 from food_multids.evaluation.report import (
+    NOT_DEFINED,
     Report,
     confusion_figure,
     curves_figure,
     figure_tag,
+    has_missing,
     history_frame,
+    markdown_cell,
     mix_figure,
     partial_vs_full_figure,
     table_html,
     table_markdown,
     thumbnails_html,
 )
+
+MISSING_NOTE = (f"{NOT_DEFINED} not defined: macro-F1 is computed within one label space, so there is no overall "
+                "value across datasets; top-k accuracy is left out for datasets with k classes or fewer (it would be "
+                "1.0 by construction).")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a report comes from: filled by the report node, shown in the header."""
+
+    training_run_id: str | None
+    report_run_id: str | None
+    created: float
+    git_commit: str | None
+    model_dir: str
+    backbone: str
+
+
+def markdown_text(value: object) -> str:
+    return markdown_cell(str(value))
+
+
+def git_commit(folder: Path) -> str | None:
+    """HEAD of the git checkout holding `folder` (with -dirty for uncommitted changes), or None."""
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def header_table(where: Provenance) -> pd.DataFrame:
+    rows = [("MLflow training run", where.training_run_id or "(not recorded)"),
+            ("MLflow run of this report", where.report_run_id or "(no active run)"),
+            ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(where.created))),
+            ("git commit", where.git_commit or "(not a git checkout)"),
+            ("evaluated model", where.model_dir),
+            ("backbone (model.name_or_path)", where.backbone)]
+    return pd.DataFrame(rows, columns=["", "value"])
+
+
+def per_class_table(predictions: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Accuracy, support and the most frequent wrong prediction of every class of one dataset, worst first."""
+    mine = predictions[predictions["dataset_name"] == dataset]
+    if mine.empty:
+        return pd.DataFrame(columns=["class", "accuracy", "support", "top confusion"])
+    named = "label_name" in mine and "prediction_name" in mine
+    label = mine["label_name"].where(mine["label_name"].notna(), mine["label"].astype(str)) if named else mine["label"].astype(str)
+    pred = mine["prediction_name"].where(mine["prediction_name"].notna(), mine["prediction"].astype(str)) if named else mine["prediction"].astype(str)
+    frame = pd.DataFrame({"label": mine["label"].to_numpy(), "class": label.to_numpy(), "pred": pred.to_numpy(),
+                          "correct": (mine["label"] == mine["prediction"]).to_numpy()})
+    wrong = frame[~frame["correct"]].groupby(["label", "pred"]).size().rename("n").reset_index()
+    wrong = wrong.sort_values(["label", "n", "pred"], ascending=[True, False, True]).drop_duplicates("label")
+    top = {r.label: f"{r.pred} ({r.n})" for r in wrong.itertuples()}
+    table = frame.groupby(["label", "class"], sort=True).agg(accuracy=("correct", "mean"), support=("correct", "size")).reset_index()
+    table["top confusion"] = [top.get(label, "") for label in table["label"]]
+    table = table.sort_values(["accuracy", "support", "label"], ascending=[True, False, True])
+    return table[["class", "accuracy", "support", "top confusion"]].reset_index(drop=True)
 
 
 def final_table(cfg: ProjectConfig, metrics: dict) -> pd.DataFrame:
@@ -51,11 +119,13 @@ def partial_table(cfg: ProjectConfig, history: dict, best_step: int | None, metr
 
 
 def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: pd.DataFrame,
-                 confusions: pd.DataFrame, stats: pd.DataFrame, best: dict) -> Report:
+                 confusions: pd.DataFrame, stats: pd.DataFrame, best: dict, where: Provenance) -> Report:
     names = list(cfg.dataset_names)
     report = Report("food_multids training report")
+    header = header_table(where)
+    report.sections.append(("Run", table_html(header)))
     config = pd.DataFrame([
-        {"setting": "model", "value": cfg.model.name_or_path},
+        {"setting": "model", "value": where.backbone},
         {"setting": "num_labels / logits masking", "value": f"{cfg.model.num_labels} / {cfg.model.enable_logits_masking}"},
         {"setting": "datasets", "value": ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)},
         {"setting": "mix strategy", "value": cfg.data.mix_strategy},
@@ -68,7 +138,12 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
     mix = stats.assign(share=stats["share"].map("{:.1%}".format))
     report.sections.append(("Dataset mix", table_html(mix, "{:.3f}")))
     final = final_table(cfg, metrics)
-    report.sections.append(("Final evaluation (full validation sets)", f'<div id="final-table">{table_html(final)}</div>'))
+    note = f"<p><small>{html.escape(MISSING_NOTE)}</small></p>" if has_missing(final) else ""
+    report.sections.append(("Final evaluation (full validation sets)", f'<div id="final-table">{table_html(final)}</div>{note}'))
+    per_class = {name: per_class_table(predictions, name) for name in names}
+    report.sections.append(("Per-class results (worst first)", "".join(
+        f'<details id="per-class-{html.escape(name)}"><summary>{html.escape(name)}: {len(table)} classes</summary>'
+        f"{table_html(table)}</details>" for name, table in per_class.items())))
     train, evals = history_frame(history, "train"), history_frame(history, "eval")
     best_step = best.get("step")
     if not train.empty:
@@ -90,10 +165,14 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
             report.sections.append((f"Confusions: {name}", figure_tag(fig, f"confusion-{name}", f"confusion heatmap {name}")))
     report.sections.append(("Misclassified examples (highest loss)", thumbnails_html(predictions, cfg.evaluation.report_thumbnails)))
     report.markdown = [
-        "# food_multids training report", "",
-        f"Best model: **{best['metric']} = {best['value']:.4f}** at step {best['step']} (source {html.escape(str(best.get('source_path')))}).", "",
+        "# food_multids training report", "", table_markdown(header), "",
+        f"Best model: **{best['metric']} = {best['value']:.4f}** at step {best['step']} (source {markdown_text(best.get('source_path'))}).", "",
         "## Final evaluation (full validation sets)", "", table_markdown(final), "",
+        *([MISSING_NOTE, ""] if has_missing(final) else []),
         "## Partial vs full evaluation", "", table_markdown(partial) if not partial.empty else "(no partial evaluations)", "",
         "## Dataset mix", "", table_markdown(mix, "{:.3f}"), "",
+        "## Per-class results (worst first)", "",
     ]
+    for name, table in per_class.items():
+        report.markdown += [f"### {markdown_text(name)}", "", table_markdown(table), ""]
     return report

@@ -49,15 +49,29 @@ def figure_tag(fig, figure_id: str, alt: str) -> str:
     return f'<img class="figure" id="{figure_id}" alt="{html.escape(alt)}" src="{png_data_uri(fig)}">'
 
 
+NOT_DEFINED = "–"  # shown for NaN: a value that does not exist (e.g. macro-F1 across label spaces)
+
+
 def table_html(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
-    return frame.to_html(index=False, float_format=floatfmt.format, border=0, escape=True)
+    return frame.to_html(index=False, float_format=floatfmt.format, border=0, escape=True, na_rep=NOT_DEFINED)
+
+
+def markdown_cell(value: object, floatfmt: str = "{:.4f}") -> str:
+    """One cell: NaN as "–", and `|` escaped and line breaks flattened so the row keeps its columns."""
+    if isinstance(value, float):
+        return NOT_DEFINED if np.isnan(value) else floatfmt.format(value)
+    return " ".join(str(value).split()).replace("\\", "\\\\").replace("|", "\\|")
 
 
 def table_markdown(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
-    cells = [[floatfmt.format(v) if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rows = [[markdown_cell(v, floatfmt) for v in row] for row in frame.itertuples(index=False)]
+    head = "| " + " | ".join(markdown_cell(c) for c in frame.columns) + " |"
     sep = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in cells)])
+    return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def has_missing(frame: pd.DataFrame) -> bool:
+    return bool(frame.select_dtypes("number").isna().to_numpy().any())
 
 
 def history_frame(history: dict, kind: str) -> pd.DataFrame:

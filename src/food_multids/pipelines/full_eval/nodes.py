@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from food_multids.config import ProjectConfig
-from food_multids.evaluation.build_report import build_report
+from food_multids.evaluation.build_report import Provenance, build_report, git_commit
 from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
+from food_multids.paths import find_project_root, resolve_path
 from food_multids.training.launcher import RESULT_FILE, launch_processes, resolve_world_size
 
 logger = logging.getLogger(__name__)
@@ -73,9 +75,17 @@ def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:
 def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame, confusions: pd.DataFrame,
            dataset_stats: pd.DataFrame, best_model_info: dict, parameters: dict) -> tuple[str, str]:
     """Self-contained HTML report and Markdown summary; both also logged to MLflow as artifacts."""
+    import mlflow
+
     cfg = ProjectConfig.from_params(parameters, check_files=False)
     best = evaluated_model_info(eval_metrics, best_model_info)
-    built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best)
+    model_info = eval_metrics.get("model_info") or {}
+    active = mlflow.active_run()
+    where = Provenance(training_run_id=best.get("mlflow_run_id"), report_run_id=active.info.run_id if active else None,
+                       created=time.time(), git_commit=git_commit(find_project_root()),
+                       model_dir=str(model_info.get("source_path") or Path(eval_metrics.get("model_dir", "")).resolve()),
+                       backbone=str(resolve_path(cfg.model.name_or_path)))
+    built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best, where)
     page, summary = built.html(), "\n".join(built.markdown)
     _log_to_mlflow(texts={"report/report.html": page, "report/report.md": summary})
     return page, summary

@@ -1,0 +1,84 @@
+"""The report built from a run's outputs: where it comes from, per-class tables, Markdown that renders."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+from food_multids.config import ProjectConfig
+from food_multids.evaluation.build_report import Provenance, build_report, git_commit, per_class_table
+from food_multids.evaluation.report import table_markdown
+
+
+def predictions() -> pd.DataFrame:
+    rows = []
+    # alpha: class 0 right 3/4 (one mistaken for 'b|c'), class 1 right 0/2 (both for 'a|x'); beta: all right
+    for label, pred, n in ((0, 0, 3), (0, 1, 1), (1, 0, 2)):
+        rows += [{"dataset_name": "alpha", "label": label, "prediction": pred, "loss": 1.0, "confidence": 0.5,
+                  "label_name": ["a|x", "b|c"][label], "prediction_name": ["a|x", "b|c"][pred],
+                  "image": "/nowhere.png"}] * n
+    rows += [{"dataset_name": "beta", "label": 2, "prediction": 2, "loss": 0.1, "confidence": 0.9,
+              "label_name": None, "prediction_name": None, "image": "/nowhere.png"}] * 2
+    return pd.DataFrame(rows)
+
+
+def cells(line: str) -> int:
+    """Columns of one Markdown table row: `|` not escaped with a backslash separates cells."""
+    return len(re.split(r"(?<!\\)\|", line.strip())) - 2
+
+
+def test_per_class_table_has_accuracy_support_and_the_top_confusion_worst_first():
+    table = per_class_table(predictions(), "alpha")
+    assert table.to_dict("records") == [
+        {"class": "b|c", "accuracy": 0.0, "support": 2, "top confusion": "a|x (2)"},
+        {"class": "a|x", "accuracy": 0.75, "support": 4, "top confusion": "b|c (1)"},
+    ]
+    assert per_class_table(predictions(), "beta").to_dict("records") == [
+        {"class": "2", "accuracy": 1.0, "support": 2, "top confusion": ""}]
+
+
+def test_markdown_tables_keep_their_columns_and_show_nan_as_a_dash():
+    frame = pd.DataFrame({"name": ["a|b", "multi\nline"], "value": [0.5, math.nan]})
+    lines = table_markdown(frame).splitlines()
+    assert [cells(line) for line in lines] == [2, 2, 2, 2]
+    assert lines[2] == "| a\\|b | 0.5000 |" and lines[3] == "| multi line | – |"
+
+
+def test_the_report_header_says_where_it_comes_from_and_every_table_renders(two_datasets, tmp_path):
+    cfg = ProjectConfig.from_params(two_datasets)
+    metrics = {"alpha_samples": 6, "alpha_loss": 1.0, "alpha_accuracy": 0.5, "alpha_macro_f1": 0.4,
+               "beta_samples": 2, "beta_loss": 0.1, "beta_accuracy": 1.0, "beta_macro_f1": 1.0,
+               "overall_samples": 8, "overall_loss": 0.8, "overall_accuracy": 0.625}
+    stats = pd.DataFrame([{"split": "train", "dataset_name": "alpha", "rows": 6, "share": 0.75},
+                          {"split": "train", "dataset_name": "beta", "rows": 2, "share": 0.25}])
+    best = {"metric": "overall_accuracy", "value": 0.625, "step": 10, "source_path": str(tmp_path / "m")}
+    where = Provenance(training_run_id="run-train", report_run_id="run-report", created=0.0,
+                       git_commit="abc123", model_dir=str(tmp_path / "m"), backbone="/models/Qwen2.5-VL-3B-Instruct")
+    history = {"records": []}
+    confusions = pd.DataFrame({"dataset_name": ["alpha", "alpha"], "label": [0, 1], "prediction": [1, 0], "count": [1, 2]})
+    report = build_report(cfg, history, metrics, predictions(), confusions, stats, best, where)
+    summary = "\n".join(report.markdown)
+    for field in ("| MLflow training run | run-train |", "| MLflow run of this report | run-report |",
+                  "| git commit | abc123 |", f"| evaluated model | {tmp_path / 'm'} |",
+                  "| backbone (model.name_or_path) | /models/Qwen2.5-VL-3B-Instruct |", "| date | 1970-01-01 "):
+        assert field in summary, field
+    tables = [block.splitlines() for block in re.split(r"\n\s*\n", summary) if block.startswith("|")]
+    assert len(tables) >= 5  # header, final, dataset mix, one per-class table per dataset
+    for table in tables:
+        assert len({cells(line) for line in table}) == 1, table
+    final = next(t for t in tables if t[0].startswith("| dataset | samples"))
+    assert final[-1].startswith("| overall |") and "| – |" in final[-1]  # no macro-F1 across label spaces
+    assert "– not defined: macro-F1 is computed within one label space" in summary
+    assert "| b\\|c | 0.0000 | 2 | a\\|x (2) |" in summary
+    page = report.html()
+    assert 'id="per-class-alpha"' in page and "run-train" in page and "abc123" in page
+
+
+def test_the_git_commit_is_read_when_there_is_a_checkout(tmp_path):
+    assert git_commit(tmp_path) is None  # not a checkout
+    from tests.conftest import REPO
+
+    commit = git_commit(REPO)
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
