@@ -12,7 +12,11 @@ TORCH_SPEC ?= torch==2.13.0
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo run train full_eval test lint viz mlflow-ui
+.PHONY: setup demo run train full_eval test lint viz mlflow-ui notebook
+
+# make viz PORT=4142 / make mlflow-ui PORT=5001 / make notebook PORT=8889 (each tool's default otherwise)
+PORT ?=
+NOTEBOOK_SPEC ?= notebook==7.6.5
 
 setup: $(VENV)/.installed demo
 
@@ -44,9 +48,16 @@ test: setup
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
 
-viz: setup
-	$(BIN)/kedro viz run --host 127.0.0.1
+# Shows the pipelines and the catalog as they are: it does not need (or regenerate) the demo data.
+viz: $(VENV)/.installed
+	$(BIN)/kedro viz run --host 127.0.0.1 $(if $(PORT),--port $(PORT))
 
 # kedro-mlflow starts the `mlflow` executable: it must be on PATH.
 mlflow-ui: $(VENV)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/kedro mlflow ui --host 127.0.0.1
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/kedro mlflow ui --host 127.0.0.1 $(if $(PORT),--port $(PORT))
+
+# Jupyter itself is not part of the pinned stack (the tests execute the notebook with nbclient):
+# installed into .venv on first use.
+notebook: $(VENV)/.installed
+	$(BIN)/python -c "import notebook" 2>/dev/null || $(PIP) install --quiet $(NOTEBOOK_SPEC)
+	$(BIN)/jupyter notebook --ip 127.0.0.1 $(if $(PORT),--port $(PORT)) notebooks/inspect_outputs.ipynb
