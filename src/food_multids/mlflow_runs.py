@@ -17,8 +17,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 PIPELINE_LABELS = {"__default__": "train+full_eval"}
-# MLflow 3's UI opens an experiment on GenAI views unless it is tagged as model development.
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, started: float) -> str:
@@ -60,9 +58,6 @@ def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -
     client.update_run(run_id, name=name)
     client.set_tag(run_id, "food_multids.env", env)
     client.set_tag(run_id, "food_multids.model", str(resolve_path(name_or_path)) if name_or_path else "")
-    experiment = client.get_experiment(run.info.experiment_id)
-    if EXPERIMENT_KIND[0] not in experiment.tags:  # an experiment created before mlflow.yml tagged it
-        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     training_run = training_run_of(catalog, node_names)
     if not training_run or training_run == run_id:
         return
