@@ -49,3 +49,62 @@ def test_lists_and_changed_types_are_replaced_and_inputs_are_not_modified():
     assert merge_mappings(base, env) == {"a": {"x": [3], "y": {"p": 1, "q": 5}}, "ds": "conf/gpu/ds.json"}
     assert base["a"]["y"] == {"p": 1, "q": 2} and base["ds"] == {"zero_optimization": {"stage": 2}}
     assert layer_parameters(base, {}) == base
+
+
+def write_conf(root, files: dict[str, str]):
+    for relative, text in files.items():
+        path = root / "conf" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "conf"
+
+
+def loader(conf, env, runtime=None):
+    from food_multids.config_loader import LayeredConfigLoader
+
+    return LayeredConfigLoader(str(conf), env=env, runtime_params=runtime or {}, base_env="base",
+                               default_run_env="local")
+
+
+BASE = """
+data:
+  train_jsonl_list: [a/train.jsonl]
+  val_jsonl_list: [a/val.jsonl]
+datasets:
+  dataset_configs:
+    a: {num_classes: 3, eval_ratio: 0.5}
+deepspeed:
+  zero_optimization: {stage: 2}
+"""
+
+
+def test_params_on_the_command_line_apply_last_and_do_not_count_as_the_env_naming_the_data(tmp_path):
+    conf = write_conf(tmp_path, {"base/parameters.yml": BASE, "lr/parameters.yml": "training: {learning_rate: 0.1}\n"})
+    runtime = {"datasets": {"dataset_configs": {"a": {"eval_ratio": 0.2}}}}
+    params = loader(conf, "lr", runtime)["parameters"]
+    assert params["data"]["train_jsonl_list"] == ["a/train.jsonl"]  # not dropped as if the env named the data
+    assert params["datasets"]["dataset_configs"]["a"] == {"num_classes": 3, "eval_ratio": 0.2}
+    assert params["training"]["learning_rate"] == 0.1
+    assert loader(conf, "base", {"training": {"seed": 3}})["parameters"]["training"] == {"seed": 3}
+
+
+def test_an_override_inside_a_file_path_is_refused_not_applied(tmp_path):
+    conf = write_conf(tmp_path, {"base/parameters.yml": BASE, "ds/parameters.yml": "deepspeed: conf/ds/ds.json\n"})
+    layered = loader(conf, "ds", {"deepspeed": {"zero_optimization": {"stage": 3}}})
+    assert layered["parameters"]["deepspeed"] == "conf/ds/ds.json"
+    assert layered.layer_problems == [
+        "--params deepspeed.zero_optimization.stage=3: params:deepspeed is 'conf/ds/ds.json', not a mapping, so "
+        "nothing inside it can be overridden; change deepspeed itself (or the file it names)"]
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    import pytest
+
+    from food_multids.config_loader import ConfigFileError
+
+    conf = write_conf(tmp_path, {"base/parameters.yml": BASE,
+                                 "bad/parameters.yml": "model:\n  num_labels: 4\n   prompt: [\n"})
+    with pytest.raises(ConfigFileError) as info:
+        loader(conf, "bad")["parameters"]
+    assert info.value.message.endswith("bad/parameters.yml:3:10: not valid YAML (mapping values are not allowed "
+                                       "in this context)")

@@ -15,9 +15,14 @@ merged key by key. Two things are still replaced whole, because merging them is 
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
+import click
 from kedro.config import OmegaConfigLoader
+from omegaconf import OmegaConf
+from yaml.parser import ParserError
 
 # (section, key) pairs that describe the data together: an env naming one replaces them all.
 DATA_SET_KEYS = (("data", "train_jsonl_list"), ("data", "val_jsonl_list"), ("data", "train_jsonl"),
@@ -45,10 +50,84 @@ def layer_parameters(base: dict, env: dict) -> dict:
     return merge_mappings(base, env)
 
 
+def apply_runtime_params(config: dict, runtime: dict, prefix: str = "") -> tuple[dict, list[str]]:
+    """`--params` on top of the layered parameters, key by key. A dotted override inside a value that is
+    not a mapping (`deepspeed.zero_optimization.stage=3` where deepspeed is a JSON file's path) would
+    silently replace that value: it is refused instead, and the problem returned."""
+    merged, problems = copy.deepcopy(config), []
+    for key, value in runtime.items():
+        path = f"{prefix}{key}"
+        here = merged.get(key)
+        if isinstance(value, dict) and here is not None and not isinstance(here, dict):
+            problems.append(f"--params {first_leaf(value, path)}: params:{path} is {here!r}, not a mapping, so "
+                            f"nothing inside it can be overridden; change {path} itself (or the file it names)")
+        elif isinstance(value, dict) and isinstance(here, dict):
+            merged[key], inner = apply_runtime_params(here, value, f"{path}.")
+            problems += inner
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged, problems
+
+
+def first_leaf(value: Any, path: str) -> str:
+    """`a.b.c=1` for {'b': {'c': 1}} under 'a': how the override was written on the command line."""
+    while isinstance(value, dict) and value:
+        key = next(iter(value))
+        path, value = f"{path}.{key}", value[key]
+    return f"{path}={value}"
+
+
+class ConfigFileError(click.ClickException):
+    """A configuration file that is not valid YAML: file, 1-based line and column, what the parser saw."""
+
+
+KEDRO_YAML_ERROR = re.compile(r"Invalid YAML or JSON file (?P<path>.+), unable to read line")
+
+
 class LayeredConfigLoader(OmegaConfigLoader):
-    """OmegaConfigLoader whose `parameters` are layered (base, then the run env), other keys as Kedro does."""
+    """OmegaConfigLoader whose `parameters` are layered: base, then the run env, then `--params`.
+
+    Kedro merges `--params` into each layer before merging the layers; here they are applied once, at
+    the end, so that an override of one data key is not taken for an env that names the data set.
+    Problems found while applying them are kept in `layer_problems` for the checks before the first node.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_problems: list[str] = []
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        try:
+            config = super().__getitem__(key)
+        except ParserError as exc:
+            raise yaml_error(exc) from exc
+        if key == "parameters" and self.runtime_params:
+            runtime = OmegaConf.to_container(OmegaConf.create(dict(self.runtime_params)), resolve=True)
+            config, self.layer_problems = apply_runtime_params(config, runtime)
+        return config
+
+    def _merge_and_resolve(self, key: str, config_per_file: dict) -> dict[str, Any]:
+        if key != "parameters" or not config_per_file:
+            return super()._merge_and_resolve(key, config_per_file)
+        return OmegaConf.to_container(OmegaConf.unsafe_merge(*config_per_file.values()), resolve=True)
 
     def _merge_configs(self, config: dict[str, Any], env_config: dict[str, Any], key: str, env_path: str) -> Any:
         if key == "parameters":
             return layer_parameters(config, env_config)
         return super()._merge_configs(config, env_config, key, env_path)
+
+
+def yaml_error(exc: ParserError) -> ConfigFileError:
+    """Kedro's message counts lines from 0 and drops the parser's explanation: give both right."""
+    found = KEDRO_YAML_ERROR.match(str(exc))
+    original = exc.__context__
+    mark = getattr(original, "problem_mark", None)
+    if not found or mark is None:
+        return ConfigFileError(str(exc))
+    path = Path(found["path"])
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    what = " ".join(str(part) for part in (getattr(original, "context", None), getattr(original, "problem", None)) if part)
+    return ConfigFileError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({what})")
