@@ -201,9 +201,19 @@ def test_the_best_model_metric_must_be_one_evaluation_produces(two_datasets):
     unmasked = with_overrides(two_datasets, model={"num_labels": 5, "enable_logits_masking": False},
                               training={"metric_for_best_model": "out_of_range_predictions", "greater_is_better": False})
     assert ProjectConfig.from_params(unmasked).training.metric_for_best_model == "out_of_range_predictions"
+    inferred = with_overrides(unmasked, training={"metric_for_best_model": "out_of_range_predictions"})
+    assert ProjectConfig.from_params(inferred).training.best_metric_greater_is_better() is False  # fewer is better
+
+
+def test_a_config_turns_back_into_the_parameters_it_came_from(two_datasets, tmp_path):
+    cfg = ProjectConfig.from_params(with_overrides(two_datasets, training={"learning_rate": 0.3}))
+    recorded = json.loads(json.dumps(cfg.to_params()))  # as written into training_info.json
+    assert ProjectConfig.from_params(recorded) == cfg
+    assert recorded["datasets"]["dataset_configs"]["beta"]["eval_ratio"] == 0.25
 
 
 def test_a_config_error_names_the_environments_files():
     assert "(conf/base/parameters.yml, then conf/gpu/parameters.yml and --params):" in str(ConfigError(["x"], "gpu"))
     assert "(conf/base/parameters.yml and --params):" in str(ConfigError(["x"], "base"))
     assert "<env>" not in str(ConfigError(["x"]))
+    assert "(conf/base/parameters.yml (conf/nowhere has no parameters file) and --params):" in str(ConfigError(["x"], "nowhere"))

@@ -64,7 +64,7 @@ def test_configuration_problems_stop_the_run_before_any_node_and_any_mlflow_run(
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert ("the catalog dataset 'best_model' has no saved version yet: make it with `kedro run --pipelines train` "
             "first") in out
-    assert "the catalog dataset 'full_eval_set' has no saved version yet: make it with `kedro run --pipelines data`" in out
+    assert "the catalog dataset 'full_eval_set' has no saved version yet: make it with `kedro run --pipelines train`" in out
     assert run_count(project_copy) == 0
 
 
@@ -104,8 +104,10 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     versions = sorted(p.name for p in (project_copy / "data/06_models/best_model").iterdir())
     assert len(versions) == 2
+    # Today's parameters differ from the training's: only the model's own record describes it.
     pinned = kedro(project_copy, "--env", "seed", "--pipelines", "full_eval", "--load-versions",
-                   f"best_model:{versions[0]}", env=env)
+                   f"best_model:{versions[0]}", "--params", "model.name_or_path=/nope,training.learning_rate=0.5",
+                   env=env)
     out = pinned.stdout + pinned.stderr
     assert pinned.returncode == 0, out[-3000:]
     assert "not from best_model_info's run" not in out  # the info of the pinned run came with it
@@ -120,5 +122,30 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert f"| MLflow run of this report | {eval_run.info.run_id} |" in summary
     assert f"| evaluated model | {(project_copy / 'data/06_models/best_model' / versions[0]).resolve()}" in summary
     assert "| git commit | (not a git checkout) |" in summary
+    assert f"| backbone (model.name_or_path) | {demo_model} |" in summary
+    assert "| Kedro env (training / this report) | seed / seed |" in summary
+    assert eval_run.info.run_name.startswith("full_eval · seed · tiny_qwen2_5_vl · ")
+    page = (sorted((project_copy / "data/08_reporting/report.html").iterdir())[-1] / "report.html").read_text()
+    assert f"<td>{base_params['training']['learning_rate']} / cosine</td>" in page and "0.5 / cosine" not in page
     history = json.loads((project_copy / f"data/06_models/training_history.json/{versions[0]}/training_history.json").read_text())
     assert history["records"], "the pinned run's history"
+
+
+@pytest.mark.slow
+def test_a_yaml_error_and_an_override_that_cannot_apply_are_reported_without_a_traceback(project_copy):
+    (project_copy / "conf/broken").mkdir()
+    (project_copy / "conf/broken/parameters.yml").write_text("model:\n  num_labels: 4\n   prompt: [\n")
+    proc = kedro(project_copy, "--env", "broken")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert "conf/broken/parameters.yml:3:10: not valid YAML (mapping values are not allowed in this context)" in out
+
+    (project_copy / "conf/dsfile").mkdir()
+    (project_copy / "conf/dsfile/ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    (project_copy / "conf/dsfile/parameters.yml").write_text("deepspeed: conf/dsfile/ds.json\n")
+    proc = kedro(project_copy, "--env", "dsfile", "--pipelines", "data", "--params", "deepspeed.zero_optimization.stage=3")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert ("--params deepspeed.zero_optimization.stage=3: params:deepspeed is 'conf/dsfile/ds.json', not a mapping"
+            in out)
+    assert not (project_copy / "data/02_intermediate").exists()

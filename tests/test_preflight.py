@@ -49,9 +49,9 @@ def test_every_problem_is_found_at_once_with_the_env_named(demo_params, tmp_path
     assert f"params:model.name_or_path {tmp_path / 'no-such-model'} does not exist" in text
     assert f"params:training.output_dir: {blocker} is a file, not a folder" in text
     assert len(found.problems) == 4
-    message = str(PreflightError(found.problems, "seed"))
+    message = str(PreflightError(found.problems, "gpu"))
     assert message.startswith("4 problem(s) before the first node (parameters: conf/base/parameters.yml, then "
-                              "conf/seed/parameters.yml and --params):\n  - params:")
+                              "conf/gpu/parameters.yml and --params):\n  - params:")
 
 
 def test_input_files_are_only_required_when_the_data_nodes_run(demo_params, tmp_path):
@@ -75,9 +75,12 @@ def test_a_missing_catalog_input_names_the_command_that_makes_it(demo_params):
 def test_makers_are_read_from_the_registered_pipelines():
     from food_multids.pipeline_registry import register_pipelines
 
-    makers = makers_of(register_pipelines(), ["best_model", "full_eval_set", "eval_metrics", "nothing"])
-    assert makers == {"best_model": "kedro run --pipelines train", "full_eval_set": "kedro run --pipelines data",
-                      "eval_metrics": "kedro run --pipelines full_eval"}
+    wanted = ["best_model", "full_eval_set", "eval_metrics", "nothing"]
+    # train also runs the data nodes: one command makes both best_model and full_eval_set
+    assert makers_of(register_pipelines(), wanted) == {
+        "best_model": "kedro run --pipelines train", "full_eval_set": "kedro run --pipelines train",
+        "eval_metrics": "kedro run --pipelines full_eval"}
+    assert makers_of(register_pipelines(), ["best_model"], "gpu") == {"best_model": "kedro run --env gpu --pipelines train"}
 
 
 def test_full_eval_alone_checks_the_saved_models_label_spaces(demo_params, tiny_model_dir, tmp_path):
@@ -91,6 +94,17 @@ def test_full_eval_alone_checks_the_saved_models_label_spaces(demo_params, tiny_
     eval_only = plan(nodes={"full_evaluate", "report"}, inputs=["best_model", "full_eval_set"])
     found = check_run(eval_only, demo_params, lambda name: True, {}, lambda name: model)
     assert len(found.problems) == 1 and "was trained on the label spaces digits (#0, 10 classes), letters" in found.problems[0]
+
+
+def test_only_training_reads_the_model_path(demo_params):
+    params = json.loads(json.dumps(demo_params))
+    params["model"]["name_or_path"] = "data/06_models/tiny_qwen2_5_vl"  # the demo model, in env 'seed'
+    eval_only = plan(nodes={"full_evaluate", "report"}, inputs=["best_model"])
+    found = check_run(eval_only, {**params, "model": {**params["model"], "name_or_path": "/nope"}},
+                      lambda name: True, {}, lambda name: Path("/nowhere"))
+    assert not [p for p in found.problems if "name_or_path" in p]
+    assert check_run(eval_only, params, lambda name: True, {}, lambda name: Path("/nowhere")).warnings == []
+    assert check_run(plan(), params, no_catalog, {}, no_catalog).warnings  # training it: warned
 
 
 def test_the_model_folder_needs_a_config_of_a_supported_family(tmp_path, tiny_model_dir):

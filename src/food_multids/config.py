@@ -40,6 +40,9 @@ def parameters_source(env: str | None) -> str:
         return "conf/base/parameters.yml, then the run environment's parameters.yml and --params"
     if env == "base":
         return "conf/base/parameters.yml and --params"
+    conf = find_project_root() / "conf" / env
+    if not (conf.is_dir() and any(p.name.startswith("parameters") for p in conf.iterdir())):
+        return f"conf/base/parameters.yml (conf/{env} has no parameters file) and --params"
     return f"conf/base/parameters.yml, then conf/{env}/parameters.yml and --params"
 
 
@@ -302,10 +305,11 @@ class TrainConfig:
             problems.add("training.num_processes", f"must be >= 1 or null (auto), got {self.num_processes}")
 
     def best_metric_greater_is_better(self) -> bool:
-        """Explicit setting wins; otherwise names ending in loss are minimised, everything else maximised."""
+        """Explicit setting wins; otherwise losses and out-of-range prediction counts are minimised,
+        everything else (accuracies) maximised."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not self.metric_for_best_model.endswith("loss")
+        return not (self.metric_for_best_model.endswith("loss") or self.metric_for_best_model == "out_of_range_predictions")
 
     def resolved_output_dir(self) -> Path:
         return resolve_path(self.output_dir)
@@ -374,6 +378,15 @@ class ProjectConfig:
         """Datasets with more classes than evaluation.top_k: elsewhere top-k accuracy is 1.0 by construction."""
         return tuple(d for d in self.datasets if d.num_classes > self.evaluation.top_k)
 
+    def to_params(self) -> dict:
+        """The parameters dict this config parses from (JSON-safe): recorded with each saved model."""
+        def section(part: Any, skip: tuple[str, ...] = ()) -> dict:
+            return {f.name: _plain(getattr(part, f.name)) for f in dataclasses.fields(part) if f.init and f.name not in skip}
+
+        return {"model": section(self.model), "data": section(self.data), "training": section(self.training),
+                "evaluation": section(self.evaluation), "deepspeed": _plain(self.deepspeed),
+                "datasets": {"dataset_configs": {d.name: section(d, ("name", "index")) for d in self.datasets}}}
+
     # -- parsing --------------------------------------------------------------------------------
     @classmethod
     def from_params(cls, params: dict, *, check_files: bool = True, env: str | None = None) -> ProjectConfig:
@@ -409,6 +422,22 @@ class ProjectConfig:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
                    deepspeed=deepspeed)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def best_model_metrics(names: typing.Sequence[str], masking: bool) -> list[str]:

@@ -63,10 +63,12 @@ class PreflightHooks:
     def __init__(self) -> None:
         self.conf_catalog: dict = {}
         self.project_path = Path.cwd()
+        self.config_loader = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self.project_path = Path(context.project_path)
+        self.config_loader = context.config_loader
 
     @hook_impl
     def after_catalog_created(self, catalog, conf_catalog, parameters, save_version, load_versions) -> None:
@@ -88,7 +90,8 @@ class PreflightHooks:
                 path = self.project_path / config["filepath"]
                 outputs[name] = path if config.get("versioned") else path.parent
         plan = RunPlan(env=env, node_names={n.name for n in pipeline.nodes}, free_inputs=free, output_paths=outputs)
-        found = check_run(plan, catalog.load("parameters"), catalog.exists, makers_of(pipelines, free), catalog.load)
+        found = check_run(plan, catalog.load("parameters"), catalog.exists, makers_of(pipelines, free, env), catalog.load)
+        found.problems[:0] = getattr(self.config_loader, "layer_problems", [])  # --params that could not apply
         for warning in found.warnings:
             logger.warning("\n%s\n!! %s\n%s", "!" * 100, warning, "!" * 100)
         if found.problems:

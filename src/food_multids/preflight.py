@@ -22,9 +22,9 @@ from food_multids.paths import resolve_path
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 DEMO_MODEL = ModelConfig.__dataclass_fields__["name_or_path"].default
 DEMO_ENVS = ("base", "local")
-# Which command writes a catalog dataset a pipeline reads, in the order a user would run them.
-MAKERS = (("data", "kedro run --pipelines data"), ("train", "kedro run --pipelines train"),
-          ("full_eval", "kedro run --pipelines full_eval"))
+# Which pipeline to suggest for a catalog dataset a run reads: train before data (it runs the data
+# nodes too, and what needs data outputs needs a trained model as well), then full_eval.
+MAKERS = ("train", "full_eval", "data")
 
 
 class PreflightError(click.ClickException):
@@ -78,7 +78,8 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_evaluated_model(cfg, load))
     for name, path in plan.output_paths.items():
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
-    if {"train_deepspeed", "full_evaluate"} & plan.node_names and isinstance(name_or_path, str):
+    # Only training reads model.name_or_path: full_eval loads the saved best model.
+    if "train_deepspeed" in plan.node_names and isinstance(name_or_path, str):
         warning = demo_model_warning(plan.env, name_or_path)
         if warning:
             found.warnings.append(warning)
@@ -145,13 +146,14 @@ def demo_model_warning(env: str, name_or_path: str) -> str | None:
             f"random tiny model: set model.name_or_path in conf/{env}/parameters.yml to your checkpoint")
 
 
-def makers_of(pipelines: dict, wanted: Iterable[str]) -> dict[str, str]:
-    """For each wanted dataset, the first command (data, train, full_eval) whose pipeline writes it."""
+def makers_of(pipelines: dict, wanted: Iterable[str], env: str = "local") -> dict[str, str]:
+    """For each wanted dataset, the command (train, full_eval, data: the first that writes it) that makes it."""
+    env_flag = "" if env == "local" else f" --env {env}"
     makers: dict[str, str] = {}
     for name in wanted:
-        for pipeline_name, command in MAKERS:
+        for pipeline_name in MAKERS:
             pipeline = pipelines.get(pipeline_name)
             if pipeline is not None and name in pipeline.all_outputs():
-                makers[name] = command
+                makers[name] = f"kedro run{env_flag} --pipelines {pipeline_name}"
                 break
     return makers
