@@ -25,21 +25,22 @@ def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, star
     return f"{pipelines} · {env} · {Path(name_or_path).name or name_or_path} · {stamp}"
 
 
-def training_run_of(catalog, node_names: set[str]) -> str | None:
-    """The MLflow run that trained the model this run evaluates (None when this run trains it)."""
+def evaluated_model_info(catalog, node_names: set[str]) -> dict:
+    """What the model this run evaluates records about its training (its run, backbone, settings);
+    empty when this run trains it, or when nothing is recorded."""
     from food_multids.training.checkpoint import TRAINING_INFO
 
     if "train_deepspeed" in node_names:
-        return None
+        return {}
     try:
         if "full_evaluate" in node_names:
             info_file = Path(str(catalog.load("best_model"))) / TRAINING_INFO
-            return json.loads(info_file.read_text()).get("mlflow_run_id") if info_file.is_file() else None
+            return json.loads(info_file.read_text()) if info_file.is_file() else {}
         if "report" in node_names:
-            return (catalog.load("eval_metrics").get("model_info") or {}).get("mlflow_run_id")
+            return catalog.load("eval_metrics").get("model_info") or {}
     except Exception as exc:  # a missing or unreadable input: the node reports it properly
-        logger.debug("no training run to link: %s", exc)
-    return None
+        logger.debug("no training info to link: %s", exc)
+    return {}
 
 
 def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -> None:
@@ -50,15 +51,18 @@ def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -
     from food_multids.paths import resolve_path
 
     client = MlflowClient()
-    params = catalog.load("parameters")
-    name_or_path = str((params.get("model") or {}).get("name_or_path", ""))
+    info = evaluated_model_info(catalog, node_names)
+    # An evaluation is named after the backbone its model was trained from, not model.name_or_path
+    # (which only training reads).
+    name_or_path = info.get("backbone") or str((catalog.load("parameters").get("model") or {}).get("name_or_path", ""))
     env = run_params.get("env") or "local"
     run = client.get_run(run_id)
     name = run_name(run_params.get("pipeline_names"), env, name_or_path, run.info.start_time / 1000)
     client.update_run(run_id, name=name)
     client.set_tag(run_id, "food_multids.env", env)
     client.set_tag(run_id, "food_multids.model", str(resolve_path(name_or_path)) if name_or_path else "")
-    training_run = training_run_of(catalog, node_names)
+    logger.info("MLflow run %s is named '%s'", run_id, name)
+    training_run = info.get("mlflow_run_id")
     if not training_run or training_run == run_id:
         return
     try:

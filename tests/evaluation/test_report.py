@@ -10,6 +10,7 @@ import pandas as pd
 from food_multids.config import ProjectConfig
 from food_multids.evaluation.build_report import Provenance, build_report, git_commit, per_class_table
 from food_multids.evaluation.report import table_markdown
+from tests.conftest import with_overrides
 
 
 def predictions() -> pd.DataFrame:
@@ -55,14 +56,17 @@ def test_the_report_header_says_where_it_comes_from_and_every_table_renders(two_
                           {"split": "train", "dataset_name": "beta", "rows": 2, "share": 0.25}])
     best = {"metric": "overall_accuracy", "value": 0.625, "step": 10, "source_path": str(tmp_path / "m")}
     where = Provenance(training_run_id="run-train", report_run_id="run-report", created=0.0,
-                       git_commit="abc123", model_dir=str(tmp_path / "m"), backbone="/models/Qwen2.5-VL-3B-Instruct")
+                       git_commit="abc123", model_dir=str(tmp_path / "m"), backbone="/models/Qwen2.5-VL-3B-Instruct",
+                       training_env="gpu", report_env="local")
     history = {"records": []}
     confusions = pd.DataFrame({"dataset_name": ["alpha", "alpha"], "label": [0, 1], "prediction": [1, 0], "count": [1, 2]})
-    report = build_report(cfg, history, metrics, predictions(), confusions, stats, best, where)
+    trained = ProjectConfig.from_params(with_overrides(two_datasets, training={"learning_rate": 0.123}))
+    report = build_report(cfg, history, metrics, predictions(), confusions, stats, best, where, trained=trained)
     summary = "\n".join(report.markdown)
     for field in ("| MLflow training run | run-train |", "| MLflow run of this report | run-report |",
                   "| git commit | abc123 |", f"| evaluated model | {tmp_path / 'm'} |",
-                  "| backbone (model.name_or_path) | /models/Qwen2.5-VL-3B-Instruct |", "| date | 1970-01-01 "):
+                  "| backbone (model.name_or_path) | /models/Qwen2.5-VL-3B-Instruct |", "| date | 1970-01-01 ",
+                  "| Kedro env (training / this report) | gpu / local |"):
         assert field in summary, field
     tables = [block.splitlines() for block in re.split(r"\n\s*\n", summary) if block.startswith("|")]
     assert len(tables) >= 5  # header, final, dataset mix, one per-class table per dataset
@@ -74,6 +78,9 @@ def test_the_report_header_says_where_it_comes_from_and_every_table_renders(two_
     assert "| b\\|c | 0.0000 | 2 | a\\|x (2) |" in summary
     page = report.html()
     assert 'id="per-class-alpha"' in page and "run-train" in page and "abc123" in page
+    assert "<td>0.123 / cosine</td>" in page and "the training run (training_info.json" in page  # not today's settings
+    untrained = build_report(cfg, history, metrics, predictions(), confusions, stats, best, where).html()
+    assert f"<td>{cfg.training.learning_rate} / cosine</td>" in untrained and "the current parameters" in untrained
 
 
 def test_the_git_commit_is_read_when_there_is_a_checkout(tmp_path):

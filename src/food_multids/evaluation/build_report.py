@@ -42,6 +42,8 @@ class Provenance:
     git_commit: str | None
     model_dir: str
     backbone: str
+    training_env: str | None = None
+    report_env: str | None = None
 
 
 def markdown_text(value: object) -> str:
@@ -53,7 +55,8 @@ def git_commit(folder: Path) -> str | None:
     try:
         head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+        # Untracked files count: an env's parameters.yml that was never committed changes the run.
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -63,6 +66,7 @@ def git_commit(folder: Path) -> str | None:
 def header_table(where: Provenance) -> pd.DataFrame:
     rows = [("MLflow training run", where.training_run_id or "(not recorded)"),
             ("MLflow run of this report", where.report_run_id or "(no active run)"),
+            ("Kedro env (training / this report)", f"{where.training_env or '?'} / {where.report_env or '?'}"),
             ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(where.created))),
             ("git commit", where.git_commit or "(not a git checkout)"),
             ("evaluated model", where.model_dir),
@@ -87,6 +91,23 @@ def per_class_table(predictions: pd.DataFrame, dataset: str) -> pd.DataFrame:
     table["top confusion"] = [top.get(label, "") for label in table["label"]]
     table = table.sort_values(["accuracy", "support", "label"], ascending=[True, False, True])
     return table[["class", "accuracy", "support", "top confusion"]].reset_index(drop=True)
+
+
+def configuration_table(cfg: ProjectConfig, recorded: bool, backbone: str, best: dict) -> pd.DataFrame:
+    source = ("the training run (training_info.json in the model folder)" if recorded
+              else "the current parameters (the model folder records no training settings)")
+    zero = (cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+    rows = [("settings from", source), ("model", backbone),
+            ("num_labels / logits masking", f"{cfg.model.num_labels} / {cfg.model.enable_logits_masking}"),
+            ("datasets", ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)),
+            ("mix strategy", cfg.data.mix_strategy),
+            ("learning rate / schedule", f"{cfg.training.learning_rate} / {cfg.training.lr_scheduler_type}"),
+            ("batch per device x accumulation",
+             f"{cfg.training.per_device_train_batch_size} x {cfg.training.gradient_accumulation_steps}"),
+            ("DeepSpeed ZeRO stage", str(zero)),
+            ("best model", f"{best['metric']} = {best['value']:.4f} at step {best['step']} "
+                           f"({best.get('eval_subset_strategy')} subset)")]
+    return pd.DataFrame(rows, columns=["setting", "value"])
 
 
 def final_table(cfg: ProjectConfig, metrics: dict) -> pd.DataFrame:
@@ -119,22 +140,16 @@ def partial_table(cfg: ProjectConfig, history: dict, best_step: int | None, metr
 
 
 def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: pd.DataFrame,
-                 confusions: pd.DataFrame, stats: pd.DataFrame, best: dict, where: Provenance) -> Report:
+                 confusions: pd.DataFrame, stats: pd.DataFrame, best: dict, where: Provenance,
+                 trained: ProjectConfig | None = None) -> Report:
+    """`cfg`: the current parameters (datasets, evaluation settings); `trained`: the settings the model
+    was trained with, recorded in its folder (the Configuration section shows those when known)."""
     names = list(cfg.dataset_names)
     report = Report("food_multids training report")
     header = header_table(where)
     report.sections.append(("Run", table_html(header)))
-    config = pd.DataFrame([
-        {"setting": "model", "value": where.backbone},
-        {"setting": "num_labels / logits masking", "value": f"{cfg.model.num_labels} / {cfg.model.enable_logits_masking}"},
-        {"setting": "datasets", "value": ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)},
-        {"setting": "mix strategy", "value": cfg.data.mix_strategy},
-        {"setting": "learning rate / schedule", "value": f"{cfg.training.learning_rate} / {cfg.training.lr_scheduler_type}"},
-        {"setting": "batch per device x accumulation", "value": f"{cfg.training.per_device_train_batch_size} x {cfg.training.gradient_accumulation_steps}"},
-        {"setting": "DeepSpeed ZeRO stage", "value": str(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))},
-        {"setting": "best model", "value": f"{best['metric']} = {best['value']:.4f} at step {best['step']} ({best.get('eval_subset_strategy')} subset)"},
-    ])
-    report.sections.append(("Configuration", table_html(config)))
+    report.sections.append(("Configuration", table_html(configuration_table(trained or cfg, trained is not None,
+                                                                             where.backbone, best))))
     mix = stats.assign(share=stats["share"].map("{:.1%}".format))
     report.sections.append(("Dataset mix", table_html(mix, "{:.3f}")))
     final = final_table(cfg, metrics)

@@ -395,7 +395,10 @@ class Trainer:
                 with reporting_write_failure("best model", staged):
                     self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
                     # The model says which run and step it comes from, whichever catalog version is loaded later.
-                    ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, info)
+                    # With the backbone and settings it was trained with: a later full_eval/report, run with
+                    # other parameters, still describes this model.
+                    ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, {
+                        **info, "backbone": str(self.model_path.resolve()), "parameters": self.cfg.to_params()})
                     path = ckpt.publish_best(self.output_dir, staged, info)
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)

@@ -72,6 +72,31 @@ def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:
     return {**best_model_info, **info, "eval_subset_strategy": info.get("subset", best_model_info.get("eval_subset_strategy"))}
 
 
+def trained_config(model_info: dict) -> ProjectConfig | None:
+    """The settings the evaluated model was trained with (recorded in its folder), or None."""
+    recorded = model_info.get("parameters")
+    if not recorded:
+        return None
+    try:
+        return ProjectConfig.from_params(recorded, check_files=False)
+    except ValueError as exc:  # recorded by another version of the project
+        logger.warning("The model's recorded training settings no longer parse (%s): the report shows the current "
+                       "parameters instead", exc)
+        return None
+
+
+def _run_tag(active, run_id: str | None, key: str) -> str | None:
+    """A tag of an MLflow run in the active run's store (None without an active run or that run)."""
+    if active is None or not run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(run_id).data.tags.get(key)
+    except Exception:  # a run from another store, or deleted
+        return None
+
+
 def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame, confusions: pd.DataFrame,
            dataset_stats: pd.DataFrame, best_model_info: dict, parameters: dict) -> tuple[str, str]:
     """Self-contained HTML report and Markdown summary; both also logged to MLflow as artifacts."""
@@ -80,12 +105,17 @@ def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame
     cfg = ProjectConfig.from_params(parameters, check_files=False)
     best = evaluated_model_info(eval_metrics, best_model_info)
     model_info = eval_metrics.get("model_info") or {}
+    trained = trained_config(model_info)
     active = mlflow.active_run()
-    where = Provenance(training_run_id=best.get("mlflow_run_id"), report_run_id=active.info.run_id if active else None,
+    report_run = active.info.run_id if active else None
+    where = Provenance(training_run_id=best.get("mlflow_run_id"), report_run_id=report_run,
                        created=time.time(), git_commit=git_commit(find_project_root()),
                        model_dir=str(model_info.get("source_path") or Path(eval_metrics.get("model_dir", "")).resolve()),
-                       backbone=str(resolve_path(cfg.model.name_or_path)))
-    built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best, where)
+                       backbone=model_info.get("backbone") or str(resolve_path(cfg.model.name_or_path)),
+                       training_env=_run_tag(active, best.get("mlflow_run_id"), "food_multids.env"),
+                       report_env=_run_tag(active, report_run, "food_multids.env"))
+    built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best, where,
+                         trained=trained)
     page, summary = built.html(), "\n".join(built.markdown)
     _log_to_mlflow(texts={"report/report.html": page, "report/report.md": summary})
     return page, summary
