@@ -60,4 +60,4 @@ mlflow-ui: $(VENV)/.installed
 # installed into .venv on first use.
 notebook: $(VENV)/.installed
 	$(BIN)/python -c "import notebook" 2>/dev/null || $(PIP) install --quiet $(NOTEBOOK_SPEC)
-	$(BIN)/jupyter notebook --ip 127.0.0.1 $(if $(PORT),--port $(PORT)) notebooks/inspect_outputs.ipynb
+	$(BIN)/jupyter notebook --ip 127.0.0.1 $(if $(PORT),--port $(PORT)) $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/inspect_outputs.ipynb
