@@ -9,6 +9,9 @@ PIP := $(BIN)/python -m pip
 # CPU wheel by default; GPU users: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
 TORCH_SPEC ?= torch==2.13.0
+# Optional trackers for tracking.report_to: make setup EXTRAS="wandb tensorboard"
+EXTRAS ?=
+TRACKER_SPECS := wandb=wandb==0.31.0 tensorboard=tensorboard==2.21.0
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
@@ -19,6 +22,7 @@ PORT ?=
 NOTEBOOK_SPEC ?= notebook==7.6.5
 
 setup: $(VENV)/.installed demo
+	$(if $(EXTRAS),$(PIP) install --quiet $(foreach e,$(EXTRAS),$(patsubst $(e)=%,%,$(filter $(e)=%,$(TRACKER_SPECS)))))
 
 $(VENV)/.installed: pyproject.toml requirements.txt requirements-build.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -177,6 +177,7 @@ def test_base_parameters_document_every_setting_the_config_accepts(base_params):
         DatasetSpec,
         EvalConfig,
         ModelConfig,
+        TrackingConfig,
         TrainConfig,
     )
 
@@ -185,7 +186,7 @@ def test_base_parameters_document_every_setting_the_config_accepts(base_params):
 
     assert set(base_params) == set(TOP_LEVEL_KEYS)
     for section, cls in (("model", ModelConfig), ("data", DataConfig), ("training", TrainConfig),
-                         ("evaluation", EvalConfig)):
+                         ("evaluation", EvalConfig), ("tracking", TrackingConfig)):
         assert set(base_params[section]) == accepted(cls), section
     assert set(base_params["datasets"]) == {"dataset_configs"}
     for name, entry in base_params["datasets"]["dataset_configs"].items():

@@ -22,7 +22,9 @@ from food_multids.paths import find_project_root, resolve_path
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 PILLOW_BOMB_LIMIT = 2 * (1024 * 1024 * 1024 // 4 // 3)  # Pillow's Image.MAX_IMAGE_PIXELS x 2: it raises past that
-TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation")
+TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation", "tracking")
+# tracking.report_to values (Hugging Face's names) and the package each needs
+TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 
 class ConfigError(ValueError):
@@ -34,16 +36,24 @@ class ConfigError(ValueError):
         super().__init__("\n  - ".join([head, *problems]))
 
 
-def parameters_source(env: str | None) -> str:
+def env_parameters_files(env: str, conf_source: str | Path | None = None) -> list[str]:
+    """The env's parameters files as a user knows them: conf/<env>/..., or the real path of a linked
+    file (food-multids --config)."""
+    folder = (Path(conf_source) if conf_source else find_project_root() / "conf") / env
+    files = sorted(p for p in folder.iterdir() if p.name.startswith("parameters")) if folder.is_dir() else []
+    return [str(p.resolve()) if p.is_symlink() else f"conf/{env}/{p.name}" for p in files]
+
+
+def parameters_source(env: str | None, conf_source: str | Path | None = None) -> str:
     """Where a run's parameters come from, for messages: base, then the run environment on top."""
     if env is None:
         return "conf/base/parameters.yml, then the run environment's parameters.yml and --params"
     if env == "base":
         return "conf/base/parameters.yml and --params"
-    conf = find_project_root() / "conf" / env
-    if not (conf.is_dir() and any(p.name.startswith("parameters") for p in conf.iterdir())):
+    files = env_parameters_files(env, conf_source)
+    if not files:
         return f"conf/base/parameters.yml (conf/{env} has no parameters file) and --params"
-    return f"conf/base/parameters.yml, then conf/{env}/parameters.yml and --params"
+    return f"conf/base/parameters.yml, then {', '.join(files)} and --params"
 
 
 class _Problems:
@@ -348,6 +358,28 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """`tracking:` where metrics go besides the training history (Hugging Face's report_to)."""
+
+    report_to: tuple[str, ...] = ("mlflow",)
+    wandb_project: str = "food_multids"
+    wandb_mode: Literal["auto", "offline", "online"] = "auto"   # auto: online only with an API key
+
+    def validate(self, problems: _Problems) -> None:
+        import importlib.util
+
+        for i, name in enumerate(self.report_to):
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(str(name), list(TRACKERS), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.add(f"tracking.report_to[{i}]", f"is {name!r}: {hint}supported: {', '.join(TRACKERS)}")
+            elif importlib.util.find_spec(TRACKERS[name]) is None:
+                problems.add(f"tracking.report_to[{i}]", f"is {name!r}, but the {TRACKERS[name]} package is not "
+                                                         f"installed: pip install -e '.[{name}]' (or make setup "
+                                                         f"EXTRAS={name})")
+
+
+@dataclass(frozen=True)
 class ProjectConfig:
     model: ModelConfig
     data: DataConfig
@@ -355,6 +387,7 @@ class ProjectConfig:
     training: TrainConfig
     evaluation: EvalConfig
     deepspeed: dict
+    tracking: TrackingConfig = TrackingConfig()
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -385,6 +418,7 @@ class ProjectConfig:
 
         return {"model": section(self.model), "data": section(self.data), "training": section(self.training),
                 "evaluation": section(self.evaluation), "deepspeed": _plain(self.deepspeed),
+                "tracking": section(self.tracking),
                 "datasets": {"dataset_configs": {d.name: section(d, ("name", "index")) for d in self.datasets}}}
 
     # -- parsing --------------------------------------------------------------------------------
@@ -402,7 +436,8 @@ class ProjectConfig:
         data = _build(DataConfig, params.get("data"), "data", problems)
         training = _build(TrainConfig, params.get("training"), "training", problems)
         evaluation = _build(EvalConfig, params.get("evaluation"), "evaluation", problems)
-        for part in (model, data, training, evaluation):
+        tracking = _build(TrackingConfig, params.get("tracking"), "tracking", problems)
+        for part in (model, data, training, evaluation, tracking):
             if part is not None:
                 part.validate(problems)
         deepspeed = _resolve_deepspeed(params.get("deepspeed"), problems)
@@ -421,7 +456,7 @@ class ProjectConfig:
         if problems.items:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
-                   deepspeed=deepspeed)
+                   deepspeed=deepspeed, tracking=tracking)
 
 
 def _plain(value: Any) -> Any:

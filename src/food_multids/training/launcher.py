@@ -25,9 +25,9 @@ import torch
 from food_multids.config import ProjectConfig
 from food_multids.interrupts import RunInterrupted
 from food_multids.paths import find_project_root, resolve_path
+from food_multids.tracking import active_run_target
 from food_multids.training.loop import Trainer, TrainingResult
 from food_multids.training.output_dir import OutputDirLock, check_writable
-from food_multids.training.tracking import active_run_target
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"

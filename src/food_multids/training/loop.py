@@ -34,6 +34,7 @@ from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.model.fast_vision import prepare_model
 from food_multids.paths import resolve_path
 from food_multids.progress import progress
+from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.engine import (
     create_engine,
@@ -43,7 +44,6 @@ from food_multids.training.engine import (
 )
 from food_multids.training.evaluation import MODEL_INPUTS, all_reduce_, evaluate, to_device
 from food_multids.training.output_dir import OutputDirError, reporting_write_failure
-from food_multids.training.tracking import MetricsLogger
 
 logger = logging.getLogger(__name__)
 FINISHED = "FINISHED.json"
@@ -72,7 +72,7 @@ class Trainer:
         self.names = list(cfg.dataset_names)
         self.dtype = resolve_dtype(cfg.model.torch_dtype, self.device)
         self.output_dir = self.t.resolved_output_dir()
-        self.mlflow = MetricsLogger(run_id, tracking_uri, enabled=self.is_main)
+        self.trackers = Trackers(cfg, run_id, tracking_uri, enabled=self.is_main)
         self.model_path = resolve_path(cfg.model.name_or_path)
         self.greater_is_better = self.t.best_metric_greater_is_better()
         # State that a checkpoint carries (see _state / _restore).
@@ -211,7 +211,10 @@ class Trainer:
         """Train to the end; SIGINT/SIGTERM stop after the current optimizer step with a checkpoint
         saved, raising TrainingInterrupted."""
         with self.stop.active():
-            result = self._run()
+            try:
+                result = self._run()
+            finally:
+                self.trackers.close()
         if self.stop.signum is not None:  # arrived during the last step: the run is complete, but stop here
             raise TrainingInterrupted(self.stop.signum, f"stopped by {signal.Signals(self.stop.signum).name} as "
                                       f"training finished (step {self.global_step}); the run is complete in "
@@ -333,7 +336,7 @@ class Trainer:
         logger.info("step %d/%d  lr %.3g  %.1f img/s  mix %s", self.global_step, self.total_steps,
                     metrics["learning_rate"], metrics["images_per_second"],
                     {n: round(metrics[f"{n}_share"], 3) for n in self.names})
-        self.mlflow.log({f"train_{k}": v for k, v in metrics.items()}, self.global_step)
+        self.trackers.log({f"train_{k}": v for k, v in metrics.items()}, self.global_step)
         if bar is not None and "overall_loss" in metrics:
             bar.set_postfix(loss=f"{metrics['overall_loss']:.4f}", acc=f"{metrics['overall_accuracy']:.3f}",
                             img_s=f"{metrics['images_per_second']:.1f}")
@@ -365,7 +368,7 @@ class Trainer:
                 logger.info(line)
             self.records.append({"step": self.global_step, "kind": "eval", "metrics": metrics,
                                  "subset": self.t.eval_subset_strategy})
-            self.mlflow.log({f"eval_{k}": v for k, v in metrics.items()}, self.global_step)
+            self.trackers.log({f"eval_{k}": v for k, v in metrics.items()}, self.global_step)
         if improved:
             self.best = {"metric": key, "value": value, "step": self.global_step,
                          "greater_is_better": self.greater_is_better, "subset": self.t.eval_subset_strategy}
@@ -390,7 +393,7 @@ class Trainer:
         if self.is_main:
             staged = self.output_dir / f".best-staging-{self.global_step}"
             shutil.rmtree(staged, ignore_errors=True)
-            info = {**self.best, "mlflow_run_id": self.mlflow.run_id}
+            info = {**self.best, "mlflow_run_id": self.trackers.run_id}
             try:
                 with reporting_write_failure("best model", staged):
                     self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
@@ -405,7 +408,7 @@ class Trainer:
                 raise
             metric, value = self.best["metric"], self.best["value"]
             logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
-            self.mlflow.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
+            self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
         self._barrier()
 
     def _preprocessor_config(self) -> dict:
@@ -442,12 +445,15 @@ class Trainer:
         manifest = {"output_dir": str(self.output_dir), "total_steps": self.total_steps,
                     "final_step": self.global_step, "stopped_early": self.stopped_early,
                     "checkpoints": [{"step": s, "path": str(p)} for s, p in ckpt.complete_checkpoints(self.output_dir)],
-                    "best": best, "mlflow_run_id": self.mlflow.run_id, "world_size": self.world}
+                    "best": best, "mlflow_run_id": self.trackers.run_id, "world_size": self.world}
         history = {"records": self.records, "best": self.best, "datasets": self.names,
                    "metric_for_best_model": self.t.metric_for_best_model,
                    "eval_subset_strategy": self.t.eval_subset_strategy,
                    "target_mix": {n: float(p) for n, p in zip(self.names, self.target_mix, strict=True)},
                    "mix_strategy": self.cfg.data.mix_strategy}
         if self.is_main:
+            if best:  # the final step: where a later full evaluation logs its metrics (monotonic steps for WandB)
+                info_file = Path(best["path"]) / ckpt.TRAINING_INFO
+                ckpt.write_json_atomic(info_file, {**json.loads(info_file.read_text()), "final_step": self.global_step})
             ckpt.write_json_atomic(self.output_dir / FINISHED, manifest)
         return TrainingResult(history, manifest)

@@ -13,19 +13,18 @@ from food_multids.config import ProjectConfig
 from food_multids.evaluation.build_report import Provenance, build_report, git_commit
 from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
 from food_multids.paths import find_project_root, resolve_path
+from food_multids.tracking import Trackers, active_run_target
 from food_multids.training.launcher import RESULT_FILE, launch_processes, resolve_world_size
 
 logger = logging.getLogger(__name__)
 
 
-def _log_to_mlflow(metrics: dict[str, float] | None = None, texts: dict[str, str] | None = None) -> None:
+def _log_texts_to_mlflow(texts: dict[str, str]) -> None:
     import mlflow
 
     if mlflow.active_run() is None:
         return
-    if metrics:
-        mlflow.log_metrics(metrics)
-    for name, text in (texts or {}).items():
+    for name, text in texts.items():
         mlflow.log_text(text, name)
 
 
@@ -49,8 +48,14 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
         metrics = json.loads((launch / RESULT_FILE).read_text())["metrics"]
         predictions = pd.read_parquet(launch / "predictions.parquet")
         confusions = pd.read_parquet(launch / "confusions.parquet")
-    _log_to_mlflow({f"final_eval_{k}": v for k, v in metrics.items()})
-    return {"model_dir": str(best_model), "model_info": read_model_info(Path(best_model)), **metrics}, predictions, confusions
+    info = read_model_info(Path(best_model))
+    # At the training's last step: every tracker then sees steps that only grow (WandB drops older ones).
+    trackers = Trackers(cfg, *active_run_target())
+    try:
+        trackers.log({f"final_eval_{k}": v for k, v in metrics.items()}, int(info.get("final_step") or info.get("step") or 0))
+    finally:
+        trackers.close()
+    return {"model_dir": str(best_model), "model_info": info, **metrics}, predictions, confusions
 
 
 def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:
@@ -117,5 +122,5 @@ def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame
     built = build_report(cfg, training_history, eval_metrics, predictions, confusions, dataset_stats, best, where,
                          trained=trained)
     page, summary = built.html(), "\n".join(built.markdown)
-    _log_to_mlflow(texts={"report/report.html": page, "report/report.md": summary})
+    _log_texts_to_mlflow({"report/report.html": page, "report/report.md": summary})
     return page, summary
