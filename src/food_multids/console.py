@@ -1,9 +1,15 @@
-"""`food-multids` command: prepare the embedded demo (datasets + tiny local Qwen2.5-VL)."""
+"""`food-multids` command: prepare the embedded demo (datasets + tiny local Qwen2.5-VL), and run the
+pipelines on the original trainer's YAML file (`food-multids train --config FILE`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from food_multids.paths import find_project_root
@@ -21,7 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
+    for command, pipeline in PIPELINE_COMMANDS.items():
+        run = sub.add_parser(command, help=f"`kedro run --pipelines {pipeline}` with a YAML file's parameters "
+                                           "layered over conf/base (the original trainer's --config)")
+        run.add_argument("--config", type=Path, required=True, help="the trainer's YAML file (model/data/datasets/...)")
+        run.add_argument("--params", default="", help="key=value overrides on top, as `kedro run --params`")
     args = parser.parse_args(argv)
+    if args.command in PIPELINE_COMMANDS:
+        return run_with_config(PIPELINE_COMMANDS[args.command], args.config, args.params)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from food_multids.demo import write_demo
@@ -34,6 +47,49 @@ def main(argv: list[str] | None = None) -> int:
             build_tiny_model_dir(root / TINY_MODEL)
     else:
         build_tiny_model_dir(args.out, seed=args.seed, hidden=args.hidden)
+    return 0
+
+
+PIPELINE_COMMANDS = {"train": "train", "full-eval": "full_eval", "run": "__default__"}
+
+
+@contextlib.contextmanager
+def config_as_env(root: Path, config: Path) -> Iterator[tuple[Path, str]]:
+    """A conf folder in which `config` is a Kedro env: base is the project's conf/base, the env holds the
+    file (both links, nothing copied). Yields (conf_source, env), the env named after the file."""
+    env = re.sub(r"[^A-Za-z0-9_-]", "_", config.stem) or "config"
+    env = "config" if env in ("base", "local") else env
+    with tempfile.TemporaryDirectory(prefix="food-multids-conf-") as tmp:
+        conf = Path(tmp)
+        (conf / "base").symlink_to(root / "conf" / "base", target_is_directory=True)
+        (conf / env).mkdir()
+        (conf / env / "parameters.yml").symlink_to(config.resolve())
+        yield conf, env
+
+
+def run_with_config(pipeline: str, config: Path, params: str) -> int:
+    """Exactly `kedro run --env <the file> --pipelines <pipeline>`, through Kedro's session API."""
+    import click
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+    from kedro.runner import SequentialRunner
+    from omegaconf import OmegaConf
+
+    if not config.is_file():
+        print(f"food-multids: --config {config}: no such file", file=sys.stderr)  # noqa: T201
+        return 2
+    root = find_project_root()
+    bootstrap_project(root)
+    runtime = OmegaConf.to_container(OmegaConf.from_dotlist([p.strip() for p in params.split(",") if p.strip()]))
+    with config_as_env(root, config) as (conf_source, env):
+        logging.getLogger(__name__).info("Parameters: conf/base/parameters.yml, then %s (as Kedro env '%s')",
+                                         config.resolve(), env)
+        try:
+            with KedroSession.create(root, env=env, conf_source=str(conf_source), runtime_params=runtime) as session:
+                session.run(pipeline_names=[pipeline], runner=SequentialRunner())  # what `kedro run` uses
+        except click.ClickException as exc:  # a configuration problem: the message is the whole story
+            exc.show()
+            return exc.exit_code
     return 0
 
 

@@ -89,13 +89,15 @@ class PreflightHooks:
             if config.get("filepath"):  # a versioned dataset's filepath is a folder of versions
                 path = self.project_path / config["filepath"]
                 outputs[name] = path if config.get("versioned") else path.parent
-        plan = RunPlan(env=env, node_names={n.name for n in pipeline.nodes}, free_inputs=free, output_paths=outputs)
+        conf_source = getattr(self.config_loader, "conf_source", None)
+        plan = RunPlan(env=env, node_names={n.name for n in pipeline.nodes}, free_inputs=free, output_paths=outputs,
+                       conf_source=conf_source)
         found = check_run(plan, catalog.load("parameters"), catalog.exists, makers_of(pipelines, free, env), catalog.load)
         found.problems[:0] = getattr(self.config_loader, "layer_problems", [])  # --params that could not apply
         for warning in found.warnings:
             logger.warning("\n%s\n!! %s\n%s", "!" * 100, warning, "!" * 100)
         if found.problems:
-            raise PreflightError(found.problems, env)
+            raise PreflightError(found.problems, env, conf_source)
 
 
 def pin_companions(catalog, conf_catalog: dict, load_versions: dict, save_version: str, project_path: Path) -> None:

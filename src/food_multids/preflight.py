@@ -16,7 +16,14 @@ from pathlib import Path
 
 import click
 
-from food_multids.config import ConfigError, ModelConfig, ProjectConfig, TrainConfig, parameters_source
+from food_multids.config import (
+    ConfigError,
+    ModelConfig,
+    ProjectConfig,
+    TrainConfig,
+    env_parameters_files,
+    parameters_source,
+)
 from food_multids.paths import resolve_path
 
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
@@ -30,9 +37,9 @@ MAKERS = ("train", "full_eval", "data")
 class PreflightError(click.ClickException):
     """The run cannot start: every problem found, one per line. Click prints it without a traceback."""
 
-    def __init__(self, problems: list[str], env: str | None):
+    def __init__(self, problems: list[str], env: str | None, conf_source: str | None = None):
         self.problems = problems
-        head = f"{len(problems)} problem(s) before the first node (parameters: {parameters_source(env)}):"
+        head = f"{len(problems)} problem(s) before the first node (parameters: {parameters_source(env, conf_source)}):"
         super().__init__("\n  - ".join([head, *problems]))
 
 
@@ -44,6 +51,7 @@ class RunPlan:
     node_names: set[str]
     free_inputs: list[str]
     output_paths: dict[str, Path] = field(default_factory=dict)
+    conf_source: str | None = None
 
 
 @dataclass
@@ -80,7 +88,7 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
     # Only training reads model.name_or_path: full_eval loads the saved best model.
     if "train_deepspeed" in plan.node_names and isinstance(name_or_path, str):
-        warning = demo_model_warning(plan.env, name_or_path)
+        warning = demo_model_warning(plan.env, name_or_path, plan.conf_source)
         if warning:
             found.warnings.append(warning)
     return found
@@ -137,13 +145,14 @@ def check_evaluated_model(cfg: ProjectConfig, load: Callable[[str], object]) -> 
     return []
 
 
-def demo_model_warning(env: str, name_or_path: str) -> str | None:
+def demo_model_warning(env: str, name_or_path: str, conf_source: str | None = None) -> str | None:
     """Outside base/local, training or evaluating the demo's random tiny model is almost surely a mistake."""
     path = resolve_path(name_or_path).resolve()  # '..', '.' and symlinks too
     if env in DEMO_ENVS or path != resolve_path(DEMO_MODEL).resolve():
         return None
+    where = " or ".join(env_parameters_files(env, conf_source)) or f"conf/{env}/parameters.yml"
     return (f"the '{env}' environment runs with model.name_or_path = {path}, the demo's "
-            f"random tiny model: set model.name_or_path in conf/{env}/parameters.yml to your checkpoint")
+            f"random tiny model: set model.name_or_path in {where} to your checkpoint")
 
 
 def makers_of(pipelines: dict, wanted: Iterable[str], env: str = "local") -> dict[str, str]:
