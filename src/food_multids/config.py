@@ -467,14 +467,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def best_model_metrics(names: typing.Sequence[str], masking: bool) -> list[str]:
     """The partial evaluation's metric keys (see metrics.summarize), without the sample counts."""
     keys = [f"{name}_{metric}" for name in [*names, "overall"] for metric in ("accuracy", "loss")]
