@@ -106,22 +106,24 @@ def project_config():
 
 
 def build_model(cfg, device):
-    from transformers import Qwen2_5_VLModel
-
+    from food_multids.model.backbones import family
+    from food_multids.model.backbones.qwen2_5_vl import config_3b
     from food_multids.model.classifier import ClassifierMeta, LabelSpace, MultiDatasetClassifier
-    from food_multids.model.factory import build_tokenizer, qwen2_5_vl_3b_config, resolve_dtype, tiny_config
+    from food_multids.model.factory import resolve_dtype
+    from food_multids.model.tiny import build_tokenizer
 
+    kind = family("qwen2_5_vl")
     tokenizer = build_tokenizer()
-    config = qwen2_5_vl_3b_config() if SIZE == "3b" else tiny_config(tokenizer)
+    config = config_3b() if SIZE == "3b" else kind.tiny_config(tokenizer)
     for c in (config, config.text_config, config.vision_config):
         c._attn_implementation = cfg.model.attn_implementation
     dtype = resolve_dtype(cfg.model.torch_dtype, device)
     torch.manual_seed(0)
     with torch.device(device):
-        backbone = Qwen2_5_VLModel(config).to(dtype)
+        backbone = kind.model_class()(config).to(dtype)
     meta = ClassifierMeta(num_labels=NUM_LABELS, pooling=cfg.model.pooling,
                           label_spaces={"food101": LabelSpace(0, 101), "food2k": LabelSpace(1, 2000)})
-    model = MultiDatasetClassifier(backbone, meta, config.image_token_id).to(device)
+    model = MultiDatasetClassifier(backbone, meta, kind).to(device)
     return model, tokenizer, config, dtype
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens  # noqa: E402
 from food_multids.data.dataset import RecordDataset  # noqa: E402
-from food_multids.model.factory import build_tokenizer  # noqa: E402
+from food_multids.model.tiny import build_tokenizer  # noqa: E402
 
 IMG = int(os.environ.get("IMG", "448"))
 N = int(os.environ.get("N", "256"))

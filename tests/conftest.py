@@ -94,9 +94,17 @@ def with_overrides(params: dict, **sections) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from food_multids.model.factory import build_tiny_model_dir
+    from food_multids.model.tiny import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny_qwen2_5_vl")
+
+
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5"])
+def family_model_dir(request, tmp_path_factory) -> Path:
+    """A tiny random-weight checkpoint of each backbone family (tests using it run once per family)."""
+    from food_multids.model.tiny import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / f"tiny_{request.param}", family_name=request.param)
 
 
 @pytest.fixture(scope="session")

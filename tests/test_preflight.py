@@ -116,7 +116,7 @@ def test_the_model_folder_needs_a_config_of_a_supported_family(tmp_path, tiny_mo
     assert "is not a readable JSON object" in check_model_source(str(empty))[0]
     (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert check_model_source(str(empty)) == [f"params:model.name_or_path {empty} holds a 'llama' model "
-                                              "(config.json model_type); supported: qwen2_5_vl"]
+                                              "(config.json model_type); supported: qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_5"]
 
 
 def test_an_output_folder_that_cannot_be_created_is_named(tmp_path):

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from food_multids.model.backbones import SUPPORTED
 from food_multids.paths import find_project_root
 
 DEMO_DATA = Path("data/01_raw/demo")
@@ -23,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write the demo datasets and the tiny model (idempotent)")
     demo.add_argument("--force", action="store_true", help="rewrite even if present")
-    tiny = sub.add_parser("build-tiny-model", help="write a tiny random-weight Qwen2.5-VL checkpoint")
+    tiny = sub.add_parser("build-tiny-model", help="write a tiny random-weight checkpoint of a backbone family")
     tiny.add_argument("out", type=Path)
+    tiny.add_argument("--family", default="qwen2_5_vl", choices=SUPPORTED, help="config.json model_type")
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
     for command, pipeline in PIPELINE_COMMANDS.items():
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from food_multids.demo import write_demo
-    from food_multids.model.factory import build_tiny_model_dir
+    from food_multids.model.tiny import build_tiny_model_dir
 
     if args.command == "demo":
         root = find_project_root()
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.force or not (root / TINY_MODEL / "config.json").is_file():
             build_tiny_model_dir(root / TINY_MODEL)
     else:
-        build_tiny_model_dir(args.out, seed=args.seed, hidden=args.hidden)
+        build_tiny_model_dir(args.out, family_name=args.family, seed=args.seed, hidden=args.hidden)
     return 0
 
 

@@ -24,9 +24,9 @@ from food_multids.config import (
     env_parameters_files,
     parameters_source,
 )
+from food_multids.model.backbones import SUPPORTED as SUPPORTED_MODEL_TYPES
 from food_multids.paths import resolve_path
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
 DEMO_MODEL = ModelConfig.__dataclass_fields__["name_or_path"].default
 DEMO_ENVS = ("base", "local")
 # Which pipeline to suggest for a catalog dataset a run reads: train before data (it runs the data
@@ -77,7 +77,10 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
     # Read from the raw parameters too, so that these are reported beside any parameter problem.
     name_or_path = setting(params, "model", "name_or_path", DEMO_MODEL)
     if "train_deepspeed" in plan.node_names and isinstance(name_or_path, str):
-        found.problems.extend(check_model_source(name_or_path))
+        model_problems = check_model_source(name_or_path)
+        found.problems.extend(model_problems)
+        if not model_problems:
+            found.problems.extend(check_pixels_for_family(name_or_path, setting(params, "model", "min_pixels", None)))
     output_dir = setting(params, "training", "output_dir", TrainConfig.output_dir)
     if "train_deepspeed" in plan.node_names and isinstance(output_dir, str):
         found.problems.extend(check_writable_dir(resolve_path(output_dir), "params:training.output_dir"))
@@ -117,6 +120,18 @@ def check_model_source(name_or_path: str) -> list[str]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         return [f"{where} holds a '{model_type}' model (config.json model_type); supported: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"]
+    return []
+
+
+def check_pixels_for_family(name_or_path: str, min_pixels: object) -> list[str]:
+    """model.min_pixels must hold one group of merged patches of the family (28x28 px for 14-px patches)."""
+    from food_multids.model.backbones import family_of
+
+    kind = family_of(resolve_path(name_or_path))
+    side = kind.patch_size * 2
+    if isinstance(min_pixels, int) and min_pixels < side * side:
+        return [f"params:model.min_pixels must be >= {side * side} for {kind.display_name} (one {side}x{side} group of "
+                f"merged {kind.patch_size}-px patches), got {min_pixels}"]
     return []
 
 

@@ -1,8 +1,8 @@
-"""Qwen2.5-VL backbone + pooling + linear head, with per-dataset logits masking.
+"""A Qwen VL backbone (any family of model/backbones) + pooling + linear head, with per-dataset logits masking.
 
-A model directory written by `save_pretrained` is itself a Qwen2.5-VL checkpoint (config.json,
-safetensors, tokenizer, preprocessor_config.json) plus `classifier.json` and `classifier_head.safetensors`,
-so the backbone part loads through the same code as a Hub download.
+A model directory written by `save_pretrained` is itself a checkpoint of its family (config.json,
+safetensors, tokenizer, preprocessor_config.json) plus `classifier.json` (which records the family) and
+`classifier_head.safetensors`, so the backbone part loads through the same code as a Hub download.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from food_multids.model.factory import load_backbone, resolve_dtype
+from food_multids.model.backbones import DEFAULT, family_of
+from food_multids.model.backbones.base import Backbone
+from food_multids.model.factory import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class ClassifierMeta:
     enable_logits_masking: bool = True
     label_spaces: dict[str, LabelSpace] = field(default_factory=dict)
     prompt: str = "What food is shown in this image?"
+    family: str = DEFAULT          # the backbone family (config.json model_type) it was trained on
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -63,12 +66,14 @@ def mask_logits(logits: torch.Tensor, num_classes: torch.Tensor) -> torch.Tensor
 
 
 class MultiDatasetClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, meta: ClassifierMeta, image_token_id: int):
+    def __init__(self, backbone: nn.Module, meta: ClassifierMeta, kind: Backbone):
         super().__init__()
         self.backbone = backbone
+        self.kind = kind  # the family: everything specific to it is asked of this
         self.meta = meta
-        self.image_token_id = image_token_id
-        hidden = backbone.config.text_config.hidden_size
+        self.meta.family = kind.model_type
+        self.image_token_id = kind.image_token_id(backbone)
+        hidden = kind.hidden_size(backbone)
         self.head = nn.Linear(hidden, meta.num_labels, dtype=next(backbone.parameters()).dtype)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -108,14 +113,8 @@ class MultiDatasetClassifier(nn.Module):
     def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         groups: dict[str, list] = {"vision": [], "merger": [], "language": [], "head": []}
         for name, p in self.named_parameters():
-            if name.startswith("head."):
-                groups["head"].append((name, p))
-            elif ".visual.merger." in f".{name}":
-                groups["merger"].append((name, p))
-            elif ".visual." in f".{name}":
-                groups["vision"].append((name, p))
-            else:
-                groups["language"].append((name, p))
+            part = "head" if name.startswith("head.") else self.kind.part_of(name.removeprefix("backbone."))
+            groups[part].append((name, p))
         return groups
 
     def freeze(self, vision: bool, merger: bool, language: bool) -> None:
@@ -161,8 +160,12 @@ class MultiDatasetClassifier(nn.Module):
         if not meta_file.is_file():
             raise FileNotFoundError(f"{directory} is not a classifier directory (no {CLASSIFIER_FILE})")
         meta = ClassifierMeta.from_json(meta_file.read_text())
-        backbone = load_backbone(directory, dtype, attn_implementation)
-        model = cls(backbone, meta, backbone.config.image_token_id)
+        kind = family_of(directory)
+        if kind.model_type != meta.family:
+            raise ValueError(f"{directory}: {CLASSIFIER_FILE} records the {meta.family} family but config.json holds "
+                             f"a {kind.model_type} model: the folder was assembled from two models")
+        backbone = kind.load(directory, dtype, attn_implementation)
+        model = cls(backbone, meta, kind)
         head = load_file(str(directory / HEAD_FILE))
         model.head.load_state_dict({k: v.to(dtype) for k, v in head.items()})
         return model
@@ -170,15 +173,16 @@ class MultiDatasetClassifier(nn.Module):
 
 def create_classifier(path: Path, meta: ClassifierMeta, dtype_name: str, device: torch.device,
                       attn_implementation: str = "sdpa") -> MultiDatasetClassifier:
-    """Continue from a saved classifier directory, or put a fresh head on a Qwen2.5-VL checkpoint."""
+    """Continue from a saved classifier directory, or put a fresh head on a backbone checkpoint of any family."""
     dtype = resolve_dtype(dtype_name, device)
     if (path / CLASSIFIER_FILE).is_file():
         model = MultiDatasetClassifier.from_pretrained(path, dtype, attn_implementation)
         if model.meta.num_labels != meta.num_labels:
             raise ValueError(f"model.num_labels is {meta.num_labels} but the classifier in {path} has "
                              f"{model.meta.num_labels} outputs: set model.num_labels to {model.meta.num_labels} "
-                             "or start from the base Qwen2.5-VL checkpoint")
+                             "or start from the base checkpoint")
         model.meta = meta
+        model.meta.family = model.kind.model_type
         return model
-    backbone = load_backbone(path, dtype, attn_implementation)
-    return MultiDatasetClassifier(backbone, meta, backbone.config.image_token_id)
+    kind = family_of(path)
+    return MultiDatasetClassifier(kind.load(path, dtype, attn_implementation), meta, kind)

@@ -1,4 +1,7 @@
-"""Speed-ups for Qwen2.5-VL's forward, applied by `prepare_model` from the `model:` settings.
+"""Speed-ups of the backbone's forward, applied by `prepare_model` from the `model:` settings.
+
+The first two are written for Qwen2.5-VL's windowed vision attention and apply where the family says
+so (`Backbone.batched_vision_windows`); regional compilation and checkpointing apply to every family.
 
 - Batched vision-window attention: the stock SDPA path splits the sequence into windows on the host
   (`lengths.tolist()`) and runs one attention call per window: 16 per 448-px image per layer. When
@@ -118,7 +121,7 @@ def enable_cached_vision_indices(backbone: torch.nn.Module) -> bool:
     return True
 
 
-def compile_blocks(backbone: torch.nn.Module, recompile_limit: int = 64) -> int:
+def compile_blocks(blocks: list[torch.nn.Module], recompile_limit: int = 64) -> int:
     """Regional torch.compile: each vision block and language decoder layer compiled in place.
 
     Identical blocks share one compiled graph (the parameters are graph inputs), so compiling costs
@@ -134,7 +137,6 @@ def compile_blocks(backbone: torch.nn.Module, recompile_limit: int = 64) -> int:
 
     limit = max(int(torch._dynamo.config.recompile_limit), recompile_limit)
     torch._dynamo.config.recompile_limit = limit
-    blocks = list(backbone.visual.blocks) + list(backbone.language_model.layers)
     for block in blocks:
         block.compile()
     return len(blocks)
@@ -150,9 +152,9 @@ def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
     if training and model_cfg.gradient_checkpointing:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         done["gradient_checkpointing"] = True
-    if model_cfg.batched_vision_windows:
+    if model_cfg.batched_vision_windows and model.kind.batched_vision_windows:
         done["batched_windows"] = enable_batched_windows(backbone)
         done["cached_vision_indices"] = enable_cached_vision_indices(backbone)
     if model_cfg.torch_compile:
-        done["compiled_blocks"] = compile_blocks(backbone)
+        done["compiled_blocks"] = compile_blocks(model.kind.blocks(backbone))
     return done

@@ -412,12 +412,8 @@ class Trainer:
         self._barrier()
 
     def _preprocessor_config(self) -> dict:
-        source = self.model_path / "preprocessor_config.json"
-        conf = json.loads(source.read_text()) if source.is_file() else {}
-        conf.update(min_pixels=self.cfg.model.min_pixels, max_pixels=self.cfg.model.max_pixels)
-        if "size" in conf:
-            conf["size"] = {"shortest_edge": self.cfg.model.min_pixels, "longest_edge": self.cfg.model.max_pixels}
-        return conf
+        return self.engine.module.kind.preprocessor_config(self.model_path, self.cfg.model.min_pixels,
+                                                           self.cfg.model.max_pixels)
 
     def _save_checkpoint(self) -> None:
         tag = ckpt.step_tag(self.global_step)
