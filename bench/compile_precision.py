@@ -38,8 +38,8 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def main() -> None:
-    from food_multids.model.fast_vision import compile_blocks, enable_batched_windows
-    from food_multids.training.evaluation import MODEL_INPUTS, to_device
+    from food_multids.model.speedups import compile_blocks, enable_batched_windows
+    from food_multids.runtime.scoring import MODEL_INPUTS, to_device
 
     t0 = time.perf_counter()
     device = torch.device(gpu.DEV)

@@ -25,8 +25,8 @@ from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.data.tables import stratified_subset
 from food_multids.model.classifier import MultiDatasetClassifier
 from food_multids.model.factory import load_tokenizer
-from food_multids.training.engine import init_distributed
-from food_multids.training.evaluation import evaluate
+from food_multids.runtime.device import init_distributed
+from food_multids.runtime.scoring import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,13 @@ that fails prints FAIL and the next one still runs; optional phases are skipped 
   ENV      card and versions
   ANCHOR   bare_loop_anchor.py as a subprocess (its own process, so its memory is gone before ours)
   CHECK    logits of the stock path (per-window attention, transformers' get_rope_index) against the
-           project's (model.fast_vision.prepare_model as the train node applies it: batched vision
+           project's (model.speedups.prepare_model as the train node applies it: batched vision
            windows, torch.compile when on; M-RoPE ids from the collator) on the same weights
-  TRAIN    Trainer._train_micro_batch -- the train node's step: host batch from the project's image
+  TRAIN    training.loop.train_step -- the train node's step: host batch from the project's image
            encoder + collator, pinned, to_device, DeepSpeed forward/backward/step -- for the configured
            (batch, checkpointing), then each of TRAIN_VARIANTS
   SPLIT    forward+backward vs optimizer step time of the configured variant
-  EVAL     training.evaluation.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
+  EVAL     runtime.scoring.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
   PROFILE  the heaviest GPU kernels of one training step -> $OUT/profile_train.txt
 Env: SIZE (tiny|3b), IMG, B, GC (0/1), COMPILE (0/1) override conf/gpu; TRAIN_VARIANTS ("B:GC,...");
 EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS ("VARIANT:B:GC,..."); BUDGET_S.
@@ -172,8 +172,8 @@ def anchor_phase(variant: str, batch: str, gc: str) -> None:
 def check_phase(model, tokenizer, config, cfg, dtype, device) -> dict:
     """Stock path vs the project's path (prepare_model: batched vision windows, torch.compile when on,
     M-RoPE ids from the collator) on the same weights and images, eval mode, the run's dtype."""
-    from food_multids.model.fast_vision import prepare_model
-    from food_multids.training.evaluation import MODEL_INPUTS, to_device
+    from food_multids.model.speedups import prepare_model
+    from food_multids.runtime.scoring import MODEL_INPUTS, to_device
 
     batch = to_device(host_batch(4, tokenizer, config, cfg, seed=1), device, dtype)
     inputs = {k: batch[k] for k in MODEL_INPUTS}
@@ -194,12 +194,14 @@ def check_phase(model, tokenizer, config, cfg, dtype, device) -> dict:
 
 
 class StepHost(types.SimpleNamespace):
-    """The attributes Trainer._train_micro_batch reads, so the benchmark runs that very method."""
+    """The engine and the per-dataset sums that training.loop.train_step works on (the trainer's own step)."""
 
 
 def make_host(engine, device, dtype) -> StepHost:
-    return StepHost(engine=engine, device=device, dtype=dtype, micro_step=0,
-                    window=torch.zeros(4, 2, dtype=torch.float64, device=device))
+    from food_multids.runtime.scoring import PerDatasetSums
+    from food_multids.training.loop import TRAIN_SUMS
+
+    return StepHost(engine=engine, device=device, dtype=dtype, window=PerDatasetSums(TRAIN_SUMS, 2, device))
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -220,8 +222,8 @@ def reset_after_failure(engine) -> None:
 
 
 def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, split: bool = False) -> dict:
-    from food_multids.training.evaluation import MODEL_INPUTS, to_device
-    from food_multids.training.loop import Trainer
+    from food_multids.runtime.scoring import MODEL_INPUTS, to_device
+    from food_multids.training.loop import train_step
 
     set_checkpointing(model, gc)
     batch = host_batch(batch_size, tokenizer, config, cfg)
@@ -233,13 +235,14 @@ def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, 
             if i == 3:
                 sync()
                 start = time.perf_counter()
-            Trainer._train_micro_batch(host, batch)
+            train_step(host.engine, batch, host.device, host.dtype, host.window)
         sync()
     except Exception:
         reset_after_failure(host.engine)
         raise
     step_s = (time.perf_counter() - start) / steps
-    loss = float(host.window[0].sum() / host.window[2].sum())
+    totals = host.window.totals()
+    loss = float(totals["loss"].sum() / totals["count"].sum())
     # Model FLOPs as the anchor counts them: 6 x params x tokens (vision patches, language sequence); no recompute.
     n_vis = sum(p.numel() for p in model.backbone.visual.parameters())
     n_llm = sum(p.numel() for n, p in model.backbone.language_model.named_parameters() if "embed_tokens" not in n)
@@ -266,7 +269,7 @@ def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, 
 
 
 def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device) -> dict:
-    from food_multids.training.evaluation import evaluate
+    from food_multids.runtime.scoring import evaluate
 
     batch = host_batch(eval_batch, tokenizer, config, cfg, seed=2)
     t = time.perf_counter()
@@ -287,15 +290,15 @@ def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device) ->
 def profile_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from food_multids.training.loop import Trainer
+    from food_multids.training.loop import train_step
 
     set_checkpointing(model, gc)
     batch = host_batch(batch_size, tokenizer, config, cfg)
-    Trainer._train_micro_batch(host, batch)
+    train_step(host.engine, batch, host.device, host.dtype, host.window)
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=activities) as prof:
-        Trainer._train_micro_batch(host, batch)
+        train_step(host.engine, batch, host.device, host.dtype, host.window)
         sync()
     key = "self_device_time_total" if DEV == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
@@ -305,8 +308,9 @@ def profile_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg
 
 
 def main() -> None:
-    from food_multids.model.fast_vision import prepare_model
-    from food_multids.training.engine import create_engine, init_distributed, resolve_deepspeed_config
+    from food_multids.model.speedups import prepare_model
+    from food_multids.runtime.device import init_distributed
+    from food_multids.training.engine import create_engine, resolve_deepspeed_config
 
     (OUT / "gpu_results.jsonl").unlink(missing_ok=True)
     phase("ENV", env_phase)

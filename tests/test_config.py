@@ -218,3 +218,17 @@ def test_a_config_error_names_the_environments_files():
     assert "(conf/base/parameters.yml and --params):" in str(ConfigError(["x"], "base"))
     assert "<env>" not in str(ConfigError(["x"]))
     assert "(conf/base/parameters.yml (conf/nowhere has no parameters file) and --params):" in str(ConfigError(["x"], "nowhere"))
+
+
+@pytest.mark.parametrize("env", ["gpu", "gpu-qwen2_5_vl-7b", "gpu-qwen2_vl-7b", "gpu-qwen3_vl-4b", "gpu-qwen3_vl-8b"])
+def test_every_gpu_preset_parses_on_top_of_base(base_params, env):
+    import yaml
+
+    from food_multids.config_loader import layer_parameters
+    from tests.conftest import REPO
+
+    preset = yaml.safe_load((REPO / "conf" / env / "parameters.yml").read_text())
+    cfg = ProjectConfig.from_params(layer_parameters(base_params, preset), check_files=False)
+    assert cfg.model.torch_dtype == "bfloat16" and cfg.training.device == "cuda"
+    assert cfg.num_classes() == {"food101": 101, "food2k": 2000}
+    assert cfg.model.min_pixels >= 32 * 32  # one patch group of every family

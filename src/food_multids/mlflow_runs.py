@@ -28,7 +28,7 @@ def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, star
 def evaluated_model_info(catalog, node_names: set[str]) -> dict:
     """What the model this run evaluates records about its training (its run, backbone, settings);
     empty when this run trains it, or when nothing is recorded."""
-    from food_multids.training.checkpoint import TRAINING_INFO
+    from food_multids.model.classifier import TRAINING_INFO
 
     if "train_deepspeed" in node_names:
         return {}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,7 +62,8 @@ def test_subset_is_reproducible_and_seed_dependent():
 
 def test_fewer_rows_than_classes_takes_one_per_class():
     frame = records()
-    subset = stratified_subset(frame, SPECS, seed=1, ratio_override=0.01)
+    tiny_ratio = tuple(dataclasses.replace(s, eval_ratio=0.01) for s in SPECS)
+    subset = stratified_subset(frame, tiny_ratio, seed=1)
     big = subset[subset["dataset_name"] == "big"]
     assert len(big) == round(0.01 * 3200) and big["label"].is_unique
 

@@ -215,7 +215,7 @@ def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradi
     import torch._dynamo
 
     from food_multids.config import ModelConfig
-    from food_multids.model.fast_vision import prepare_model
+    from food_multids.model.speedups import prepare_model
 
     plain, fast = make_model(tiny_model_dir), make_model(tiny_model_dir)
     done = prepare_model(fast, ModelConfig(num_labels=7, gradient_checkpointing=True, torch_compile=True), training=True)

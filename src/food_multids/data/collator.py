@@ -215,7 +215,6 @@ class ClassificationCollator:
             "num_classes": torch.tensor([s["num_classes"] for s in kept], dtype=torch.long),
             "sample_ids": torch.tensor([s["sample_id"] for s in kept], dtype=torch.long),
             "weights": torch.tensor([s.get("weight", 1.0) for s in kept], dtype=torch.float32),
-            "dataset_names": [s["dataset_name"] for s in kept],
             "skipped": len(samples) - len(kept),
             "skipped_dataset_ids": torch.tensor(failed, dtype=torch.long),
         }

@@ -31,11 +31,9 @@ class RecordDataset(Dataset):
         self.dataset_ids = records["dataset_id"].to_numpy(dtype=np.int64)
         self.num_classes = records["num_classes"].to_numpy(dtype=np.int64)
         self.sample_ids = records["sample_id"].to_numpy(dtype=np.int64)
-        self.dataset_names = records["dataset_name"].astype(str).tolist()
         self.encoder = encoder
         self.max_consecutive_failures = max_consecutive_failures
         self._consecutive_failures = 0
-        self.failed: list[str] = []
 
     def __len__(self) -> int:
         return len(self.images)
@@ -49,7 +47,6 @@ class RecordDataset(Dataset):
             patches, grid = self.encoder(load_rgb(path))
         except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
             self._consecutive_failures += 1
-            self.failed.append(path)
             logger.warning("Skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)
             if self._consecutive_failures >= self.max_consecutive_failures:
                 raise TooManyBadImages(
@@ -60,4 +57,4 @@ class RecordDataset(Dataset):
         self._consecutive_failures = 0
         return {"pixel_values": patches, "grid": grid, "label": int(self.labels[i]),
                 "dataset_id": int(self.dataset_ids[i]), "num_classes": int(self.num_classes[i]),
-                "sample_id": int(self.sample_ids[i]), "dataset_name": self.dataset_names[i], "weight": weight}
+                "sample_id": int(self.sample_ids[i]), "weight": weight}

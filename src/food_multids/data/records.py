@@ -17,7 +17,6 @@ import codecs
 import difflib
 import io
 import json
-import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from food_multids.progress import progress
-
-logger = logging.getLogger(__name__)
 
 PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
 MAX_LISTED_PROBLEMS = 20

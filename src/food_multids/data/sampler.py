@@ -128,9 +128,8 @@ class ShardedEvalSampler:
     collectives inside forward). Padding slots are encoded as negative indices (-1 - row) and carry
     weight 0 in the metrics."""
 
-    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0,
-                 rows: np.ndarray | None = None):
-        rows = np.arange(n) if rows is None else np.asarray(rows)
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0):
+        rows = np.arange(n)
         per_rank = math.ceil(len(rows) / world_size) if len(rows) else 0
         mine = rows[rank::world_size]
         pad = per_rank - len(mine)

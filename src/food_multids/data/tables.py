@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,9 +11,6 @@ import pyarrow.compute as pc
 
 from food_multids.config import DatasetSpec
 from food_multids.data.records import to_frame
-
-logger = logging.getLogger(__name__)
-
 
 SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -111,8 +107,7 @@ def _class_quotas(counts: np.ndarray, target: int, rng: np.random.Generator) -> 
     return quota
 
 
-def stratified_subset(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], seed: int,
-                      ratio_override: float | None = None) -> pd.DataFrame:
+def stratified_subset(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], seed: int) -> pd.DataFrame:
     """Per dataset, eval_ratio of its rows, stratified by label, reproducible for a given seed."""
     parts = []
     for spec in specs:
@@ -120,8 +115,7 @@ def stratified_subset(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], seed:
         rows = frame[frame["dataset_name"] == spec.name]
         if rows.empty:
             continue
-        ratio = spec.eval_ratio if ratio_override is None else ratio_override
-        target = max(1, round(ratio * len(rows)))
+        target = max(1, round(spec.eval_ratio * len(rows)))
         labels = rows["label"].to_numpy()
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         quota = _class_quotas(counts, target, rng)

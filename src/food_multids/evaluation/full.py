@@ -16,12 +16,16 @@ from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
-from food_multids.model.classifier import CLASSIFIER_FILE, ClassifierMeta, MultiDatasetClassifier
+from food_multids.model.classifier import (
+    CLASSIFIER_FILE,
+    TRAINING_INFO,
+    ClassifierMeta,
+    MultiDatasetClassifier,
+)
 from food_multids.model.factory import load_tokenizer, resolve_dtype
-from food_multids.model.fast_vision import prepare_model
-from food_multids.training.checkpoint import TRAINING_INFO
-from food_multids.training.engine import init_distributed, resolve_device
-from food_multids.training.evaluation import evaluate
+from food_multids.model.speedups import prepare_model
+from food_multids.runtime.device import init_distributed, resolve_device
+from food_multids.runtime.scoring import evaluate
 
 logger = logging.getLogger(__name__)
 

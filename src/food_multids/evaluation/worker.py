@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from food_multids.evaluation.full import run_full_evaluation
-from food_multids.training.checkpoint import write_json_atomic
-from food_multids.training.launcher import RESULT_FILE, worker_context
+from food_multids.runtime.files import write_json_atomic
+from food_multids.runtime.launch import RESULT_FILE, worker_context
 
 
 def main(argv: list[str] | None = None) -> None:

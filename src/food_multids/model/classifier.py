@@ -8,7 +8,6 @@ safetensors, tokenizer, preprocessor_config.json) plus `classifier.json` (which 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from food_multids.model.backbones import DEFAULT, family_of
 from food_multids.model.backbones.base import Backbone
 from food_multids.model.factory import resolve_dtype
 
-logger = logging.getLogger(__name__)
-
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "classifier_head.safetensors"
+TRAINING_INFO = "training_info.json"  # written beside a best model by training: its run, step, settings
 
 
 @dataclass

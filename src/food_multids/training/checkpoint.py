@@ -12,42 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from food_multids.runtime.files import fsync_tree, write_json_atomic
 
 COMPLETE = "COMPLETE.json"
-TRAINING_INFO = "training_info.json"  # inside a best model directory: its run, step and metric
 BEST_POINTER = "best.json"
 
 
 def step_tag(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

@@ -29,20 +29,17 @@ from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_pro
 from food_multids.data.tables import stratified_subset
 from food_multids.interrupts import StopFlag, TrainingInterrupted
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
-from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
+from food_multids.model.classifier import TRAINING_INFO, ClassifierMeta, LabelSpace, create_classifier
 from food_multids.model.factory import load_tokenizer, resolve_dtype
-from food_multids.model.fast_vision import prepare_model
+from food_multids.model.speedups import prepare_model
 from food_multids.paths import resolve_path
 from food_multids.progress import progress
+from food_multids.runtime.device import init_distributed, resolve_device
+from food_multids.runtime.files import write_json_atomic
+from food_multids.runtime.scoring import MODEL_INPUTS, PerDatasetSums, all_reduce_, evaluate, to_device
 from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
-from food_multids.training.engine import (
-    create_engine,
-    init_distributed,
-    resolve_deepspeed_config,
-    resolve_device,
-)
-from food_multids.training.evaluation import MODEL_INPUTS, all_reduce_, evaluate, to_device
+from food_multids.training.engine import create_engine, resolve_deepspeed_config
 from food_multids.training.output_dir import OutputDirError, reporting_write_failure
 
 logger = logging.getLogger(__name__)
@@ -61,6 +58,26 @@ def label_spaces(cfg: ProjectConfig, train: pd.DataFrame) -> dict[str, LabelSpac
     return {spec.name: LabelSpace(spec.index, spec.num_classes, names[spec.name]) for spec in cfg.datasets}
 
 
+TRAIN_SUMS = ("loss", "correct", "count", "skipped")
+
+
+def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype, sums: PerDatasetSums) -> None:
+    """One micro-batch: forward, masked cross-entropy, backward and DeepSpeed's step (which applies the
+    optimizer at accumulation boundaries); the batch's loss, hits, count and failed images are added
+    to `sums` on the device, with no host synchronisation. The trainer and bench/gpu.py both call it."""
+    batch = to_device(batch, device, dtype)
+    logits = engine(**{k: batch[k] for k in MODEL_INPUTS})
+    losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+    engine.backward(losses.mean())
+    engine.step()
+    with torch.no_grad():
+        ds = batch["dataset_ids"]
+        sums.add("loss", ds, losses.detach())
+        sums.add("correct", ds, logits.argmax(-1) == batch["labels"])
+        sums.add("count", ds)
+        sums.add("skipped", batch["skipped_dataset_ids"])
+
+
 class Trainer:
     def __init__(self, cfg: ProjectConfig, train: pd.DataFrame, eval_subset: pd.DataFrame,
                  full_eval: pd.DataFrame | None = None, run_id: str | None = None, tracking_uri: str | None = None):
@@ -77,7 +94,8 @@ class Trainer:
         self.greater_is_better = self.t.best_metric_greater_is_better()
         # State that a checkpoint carries (see _state / _restore).
         self.global_step, self.micro_step, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
-        self.window = torch.zeros(4, len(self.names), dtype=torch.float64, device=self.device)
+        # Training metrics since the last logging step (a checkpoint carries them: exact resume).
+        self.window = PerDatasetSums(TRAIN_SUMS, len(self.names), self.device)
         self.best: dict | None = None
         self.evals_without_improvement, self.eval_count = 0, 0
         self.records: list[dict] = []
@@ -186,7 +204,7 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "window": self.window.cpu().tolist(), "best": self.best,
+                "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), "best": self.best,
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                  "python": random.getstate()}}
@@ -198,7 +216,7 @@ class Trainer:
         for key in ("global_step", "micro_step", "epoch", "batch_in_epoch", "best", "evals_without_improvement",
                     "eval_count", "records"):
             setattr(self, key, state[key])
-        self.window = torch.tensor(state["window"], dtype=torch.float64, device=self.device)
+        self.window.load_state(state["window"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -231,7 +249,7 @@ class Trainer:
         self.engine.train()
         bar = progress(total=self.total_steps, initial=self.global_step, desc="train", unit="step",
                        mode=self.t.progress_bar) if self.is_main else None
-        self._window_start, self._last_loss = time.perf_counter(), None
+        self._window_start = time.perf_counter()
         done = self.global_step >= self.total_steps or self.stopped_early
         while not done:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
@@ -252,20 +270,8 @@ class Trainer:
         return self._finish()
 
     def _train_micro_batch(self, batch: dict) -> None:
-        batch = to_device(batch, self.device, self.dtype)
-        logits = self.engine(**{k: batch[k] for k in MODEL_INPUTS})
-        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
-        self.engine.backward(losses.mean())
-        self.engine.step()
+        train_step(self.engine, batch, self.device, self.dtype, self.window)
         self.micro_step += 1
-        # Accumulated on the device: no host synchronisation until the next logging step.
-        with torch.no_grad():
-            ds = batch["dataset_ids"]
-            self.window[0].index_add_(0, ds, losses.detach().double())
-            self.window[1].index_add_(0, ds, (logits.argmax(-1) == batch["labels"]).double())
-            self.window[2].index_add_(0, ds, torch.ones_like(losses, dtype=torch.float64))
-            failed = batch["skipped_dataset_ids"]
-            self.window[3].index_add_(0, failed, torch.ones_like(failed, dtype=torch.float64))
 
     def _after_step(self, bar) -> bool:
         step = self.global_step
@@ -305,27 +311,25 @@ class Trainer:
                                   "auto to continue exactly where it stopped")
 
     def _log_train_window(self, bar) -> None:
-        window = self.window.clone()
-        all_reduce_([window])
+        sums = self.window.totals()
         elapsed = time.perf_counter() - self._window_start
-        sums = window.cpu().numpy()
-        if not np.isfinite(sums[0]).all():
-            bad = [n for n, v in zip(self.names, sums[0], strict=True) if not np.isfinite(v)]
+        if not np.isfinite(sums["loss"]).all():
+            bad = [n for n, v in zip(self.names, sums["loss"], strict=True) if not np.isfinite(v)]
             raise FloatingPointError(
                 f"non-finite training loss for {bad} in the {self.t.logging_steps} steps up to step {self.global_step}; "
                 "lower training.learning_rate, or set deepspeed.bf16.check_grad_overflow: true to skip steps with "
                 "non-finite gradients")
-        metrics = summarize(sums[0], sums[1], sums[2], self.names)
-        total = sums[2].sum()
+        metrics = summarize(sums["loss"], sums["correct"], sums["count"], self.names)
+        total = sums["count"].sum()
         for i, name in enumerate(self.names):
-            metrics[f"{name}_share"] = float(sums[2][i] / total) if total else 0.0
+            metrics[f"{name}_share"] = float(sums["count"][i] / total) if total else 0.0
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[-1])
         metrics["images_per_second"] = float(total / elapsed) if elapsed > 0 else 0.0
         metrics["epoch"] = self.epoch + self.batch_in_epoch / len(self.sampler)
-        metrics["skipped_images"] = float(sums[3].sum())
+        metrics["skipped_images"] = float(sums["skipped"].sum())
         for i, name in enumerate(self.names):
-            if sums[3, i]:
-                metrics[f"{name}_skipped_images"] = float(sums[3, i])
+            if sums["skipped"][i]:
+                metrics[f"{name}_skipped_images"] = float(sums["skipped"][i])
         self.window.zero_()
         self._window_start = time.perf_counter()
         if not self.is_main:
@@ -400,7 +404,7 @@ class Trainer:
                     # The model says which run and step it comes from, whichever catalog version is loaded later.
                     # With the backbone and settings it was trained with: a later full_eval/report, run with
                     # other parameters, still describes this model.
-                    ckpt.write_json_atomic(staged / ckpt.TRAINING_INFO, {
+                    write_json_atomic(staged / TRAINING_INFO, {
                         **info, "backbone": str(self.model_path.resolve()), "parameters": self.cfg.to_params()})
                     path = ckpt.publish_best(self.output_dir, staged, info)
             except BaseException:
@@ -449,7 +453,7 @@ class Trainer:
                    "mix_strategy": self.cfg.data.mix_strategy}
         if self.is_main:
             if best:  # the final step: where a later full evaluation logs its metrics (monotonic steps for WandB)
-                info_file = Path(best["path"]) / ckpt.TRAINING_INFO
-                ckpt.write_json_atomic(info_file, {**json.loads(info_file.read_text()), "final_step": self.global_step})
-            ckpt.write_json_atomic(self.output_dir / FINISHED, manifest)
+                info_file = Path(best["path"]) / TRAINING_INFO
+                write_json_atomic(info_file, {**json.loads(info_file.read_text()), "final_step": self.global_step})
+            write_json_atomic(self.output_dir / FINISHED, manifest)
         return TrainingResult(history, manifest)

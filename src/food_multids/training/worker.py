@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from food_multids.training.checkpoint import write_json_atomic
-from food_multids.training.launcher import RESULT_FILE, worker_context
+from food_multids.runtime.files import write_json_atomic
+from food_multids.runtime.launch import RESULT_FILE, worker_context
 from food_multids.training.loop import Trainer
 
 

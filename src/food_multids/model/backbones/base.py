@@ -27,7 +27,7 @@ class Backbone:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     merger_prefixes: tuple[str, ...] = ("visual.merger.",)
-    # Batched equal-width window attention + cached vision indices (model/fast_vision.py) are written for
+    # Batched equal-width window attention + cached vision indices (model/speedups.py) are written for
     # Qwen2.5-VL's windowed vision attention; elsewhere the setting is accepted and does nothing.
     batched_vision_windows: bool = False
     real_shapes: dict = field(default_factory=dict)   # name -> config builder, for the meta-device test

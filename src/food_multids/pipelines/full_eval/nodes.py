@@ -13,8 +13,8 @@ from food_multids.config import ProjectConfig
 from food_multids.evaluation.build_report import Provenance, build_report, git_commit
 from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
 from food_multids.paths import find_project_root, resolve_path
+from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size
 from food_multids.tracking import Trackers, active_run_target
-from food_multids.training.launcher import RESULT_FILE, launch_processes, resolve_world_size
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from food_multids.model.factory import load_backbone
-from food_multids.model.fast_vision import enable_batched_windows
+from food_multids.model.speedups import enable_batched_windows
 
 
 def test_batched_windows_give_the_stock_outputs(tiny_model_dir):
@@ -43,7 +43,7 @@ def test_batched_windows_train_under_gradient_checkpointing_with_the_stock_gradi
 
 
 def test_cached_vision_indices_give_the_stock_outputs_and_gradients(tiny_model_dir):
-    from food_multids.model.fast_vision import enable_cached_vision_indices
+    from food_multids.model.speedups import enable_cached_vision_indices
 
     torch.manual_seed(0)
     stock = load_backbone(tiny_model_dir, torch.float32)

@@ -1,4 +1,5 @@
-"""The inference loop shared by partial evaluation (during training) and the full evaluation."""
+"""Scoring a model on a loader: the inference loop shared by partial evaluation (during training) and
+the full evaluation; batches to the device; sums across ranks."""
 
 from __future__ import annotations
 
@@ -32,6 +33,39 @@ def all_reduce_(tensors: list[torch.Tensor], op: str = "sum") -> None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
 
+class PerDatasetSums:
+    """Running float64 sums per dataset with named rows ("loss", "correct", ...), kept on the device.
+
+    One (rows, datasets) tensor underneath, so adding is an index_add_ with no host sync, and summing
+    across ranks or copying to the host is a single call for all of them.
+    """
+
+    def __init__(self, fields: tuple[str, ...], num_datasets: int, device: torch.device):
+        self.fields = fields
+        self.tensor = torch.zeros(len(fields), num_datasets, dtype=torch.float64, device=device)
+
+    def add(self, field: str, dataset_ids: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Add `values` (default: 1 each) to the datasets of `dataset_ids`."""
+        values = torch.ones_like(dataset_ids, dtype=torch.float64) if values is None else values.double()
+        self.tensor[self.fields.index(field)].index_add_(0, dataset_ids, values)
+
+    def totals(self) -> dict[str, np.ndarray]:
+        """Summed over all ranks, on the host: {field: per-dataset array}. Syncs (once)."""
+        summed = self.tensor.clone()
+        all_reduce_([summed])
+        host = summed.cpu().numpy()
+        return {name: host[i] for i, name in enumerate(self.fields)}
+
+    def zero_(self) -> None:
+        self.tensor.zero_()
+
+    def state(self) -> list:
+        return self.tensor.cpu().tolist()
+
+    def load_state(self, state: list) -> None:
+        self.tensor = torch.tensor(state, dtype=torch.float64, device=self.tensor.device)
+
+
 @dataclass
 class EvalOutput:
     loss_sum: np.ndarray  # per dataset, all ranks
@@ -53,22 +87,20 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     """
     was_training = model.training
     model.eval()
-    # loss, correct, count, out-of-range, images that failed to load
-    sums = torch.zeros(5, num_datasets, dtype=torch.float64, device=device)
+    sums = PerDatasetSums(("loss", "correct", "count", "out_of_range", "skipped"), num_datasets, device)
     rows: dict[str, list] = {k: [] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss", "topk", "topk_prob")}
     bar = progress(total=len(loader), desc=desc, unit="batch", mode=progress_mode, leave=False)
     for batch in loader:
         batch = to_device(batch, device, dtype)
-        failed = batch["skipped_dataset_ids"]
-        sums[4].index_add_(0, failed, torch.ones_like(failed, dtype=torch.float64))
+        sums.add("skipped", batch["skipped_dataset_ids"])
         logits = model(**{k: batch[k] for k in MODEL_INPUTS})
         labels, ds, weights = batch["labels"], batch["dataset_ids"], batch["weights"].double()
         loss = F.cross_entropy(logits, labels, reduction="none").double()
         pred = logits.argmax(dim=-1)
-        sums[0].index_add_(0, ds, loss * weights)
-        sums[1].index_add_(0, ds, (pred == labels).double() * weights)
-        sums[2].index_add_(0, ds, weights)
-        sums[3].index_add_(0, ds, (pred >= batch["num_classes"]).double() * weights)
+        sums.add("loss", ds, loss * weights)
+        sums.add("correct", ds, (pred == labels).double() * weights)
+        sums.add("count", ds, weights)
+        sums.add("out_of_range", ds, (pred >= batch["num_classes"]).double() * weights)
         if top_k:
             keep = batch["weights"] > 0
             probs = logits.float().softmax(dim=-1)
@@ -85,8 +117,7 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
                 rows[key].extend(value[keep].cpu().tolist())
         bar.update(1)
     bar.close()
-    all_reduce_([sums])
+    totals = sums.totals()
     model.train(was_training)
-    totals = sums.cpu().numpy()
-    return EvalOutput(totals[0], totals[1], totals[2], int(totals[3].sum()), int(totals[4].sum()),
-                      totals[4], rows if top_k else {})
+    return EvalOutput(totals["loss"], totals["correct"], totals["count"], int(totals["out_of_range"].sum()),
+                      int(totals["skipped"].sum()), totals["skipped"], rows if top_k else {})

@@ -1,0 +1,44 @@
+"""Where a process computes: the device it was given and its place in the process group."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from food_multids.config import ProjectConfig
+
+
+def resolve_device(cfg: ProjectConfig) -> torch.device:
+    wanted = cfg.training.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params:training.device is cuda but no CUDA GPU is visible; use auto or cpu")
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, master_port: int | None = None) -> tuple[int, int]:
+    """Join (or start, for a single in-process run) the process group; return (rank, world_size)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(master_port or _free_port())}
+        added = [k for k in defaults if k not in os.environ]
+        os.environ.update({k: defaults[k] for k in added})
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        # A single in-process run made these up; child processes (the DeepSpeed launcher, tests'
+        # subprocesses) must not inherit a port that this process is now listening on.
+        for key in added:
+            if key != "LOCAL_RANK":
+                os.environ.pop(key, None)
+    return dist.get_rank(), dist.get_world_size()
