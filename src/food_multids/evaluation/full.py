@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
@@ -87,33 +88,58 @@ def check_model_dir(cfg: ProjectConfig, model_dir: Path) -> None:
 
 
 def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame) -> FullEvalResult:
+    """Every row of `frame` through the saved model (sharded over the ranks): metrics, predictions, confusions."""
     check_model_dir(cfg, model_dir)
     device = resolve_device(cfg)
     rank, world = init_distributed(device, cfg.training.master_port)
     dtype = resolve_dtype(cfg.model.torch_dtype, device)
     model = MultiDatasetClassifier.from_pretrained(model_dir, dtype, cfg.model.attn_implementation).to(device)
     prepare_model(model, cfg.model, training=False)
+    names = list(cfg.dataset_names)
+    out = evaluate(model, eval_loader(cfg, model_dir, model, frame, device, rank, world), device, len(names),
+                   top_k=cfg.evaluation.top_k, masking=model.meta.enable_logits_masking, dtype=dtype,
+                   desc="full eval", progress_mode=cfg.training.progress_bar)
+    preds = predictions_frame(gather_rows(out.predictions, world), frame)
+    metrics = summarize(out.loss_sum, out.correct, out.count, names)
+    metrics.update(ranking_metrics(cfg, model, preds))
+    if not model.meta.enable_logits_masking:
+        metrics["out_of_range_predictions"] = float(out.out_of_range)
+    metrics["skipped_images"] = float(out.skipped)
+    for spec in cfg.datasets:
+        metrics[f"{spec.name}_skipped_images"] = float(out.skipped_per_dataset[spec.index])
+    confusions = preds.groupby(["dataset_name", "label", "prediction"]).size().rename("count").reset_index()
+    logger.info("Full evaluation of %s:", model_dir)
+    for line in format_eval_lines(metrics, names):
+        logger.info(line)
+    return FullEvalResult(metrics, preds, confusions)
+
+
+def eval_loader(cfg: ProjectConfig, model_dir: Path, model: MultiDatasetClassifier, frame: pd.DataFrame,
+                device: torch.device, rank: int, world: int) -> DataLoader:
+    """This rank's shard of `frame`, encoded and collated as the model was trained (its own prompt)."""
     encoder, collator = create_collator(model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt)
     batch_size = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
     workers = cfg.evaluation.dataloader_num_workers
     workers = cfg.training.dataloader_num_workers if workers is None else workers
-    loader = DataLoader(RecordDataset(frame, encoder, cfg.training.max_consecutive_bad_images),
-                        batch_sampler=ShardedEvalSampler(len(frame), batch_size, world, rank),
-                        collate_fn=collator,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None)
-    names = list(cfg.dataset_names)
-    out = evaluate(model, loader, device, len(names), top_k=cfg.evaluation.top_k,
-                   masking=model.meta.enable_logits_masking, dtype=dtype, desc="full eval",
-                   progress_mode=cfg.training.progress_bar)
-    metrics = summarize(out.loss_sum, out.correct, out.count, names)
-    rows = gather_rows(out.predictions, world)
+    return DataLoader(RecordDataset(frame, encoder, cfg.training.max_consecutive_bad_images),
+                      batch_sampler=ShardedEvalSampler(len(frame), batch_size, world, rank), collate_fn=collator,
+                      num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+def predictions_frame(rows: dict[str, list], frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluated image: ids, label, prediction, confidence, loss, top-k, image path, dataset."""
     preds = pd.DataFrame({k: rows[k] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss")})
     preds["topk"] = rows["topk"]
     preds["topk_prob"] = rows["topk_prob"]
-    meta = frame.set_index("sample_id")[["image", "dataset_name"]]
-    preds = preds.join(meta, on="sample_id")
+    preds = preds.join(frame.set_index("sample_id")[["image", "dataset_name"]], on="sample_id")
     preds["dataset_name"] = preds["dataset_name"].astype(str)
+    return preds
+
+
+def ranking_metrics(cfg: ProjectConfig, model: MultiDatasetClassifier, preds: pd.DataFrame) -> dict[str, float]:
+    """Top-k accuracy (where a dataset has more than k classes) and macro-F1 per dataset; class names
+    are added to `preds` on the way."""
+    metrics: dict[str, float] = {}
     k = cfg.evaluation.top_k
     ranked = cfg.topk_datasets()
     if len(ranked) < len(cfg.datasets):
@@ -134,13 +160,4 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     if in_ranked.any():  # over the datasets where top-k means something
         ranked_topk = np.array(preds.loc[in_ranked, "topk"].tolist()).reshape(int(in_ranked.sum()), -1)
         metrics[f"overall_top{k}_accuracy"] = topk_accuracy(preds.loc[in_ranked, "label"].to_numpy(), ranked_topk, k)
-    if not model.meta.enable_logits_masking:
-        metrics["out_of_range_predictions"] = float(out.out_of_range)
-    metrics["skipped_images"] = float(out.skipped)
-    for spec in cfg.datasets:
-        metrics[f"{spec.name}_skipped_images"] = float(out.skipped_per_dataset[spec.index])
-    confusions = (preds.groupby(["dataset_name", "label", "prediction"]).size().rename("count").reset_index())
-    logger.info("Full evaluation of %s:", model_dir)
-    for line in format_eval_lines(metrics, names):
-        logger.info(line)
-    return FullEvalResult(metrics, preds, confusions)
+    return metrics
