@@ -193,22 +193,6 @@ def test_freezing_and_param_groups(tiny_model_dir):
     assert len(groups["vision"]["params"]) == len(parts["merger"])
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_collator_mrope_positions_equal_qwens_rope_index(tiny_model_dir, side):
-    model = make_model(tiny_model_dir).eval()
-    batch = make_batch(tiny_model_dir, n=3, padding_side=side, sizes=[(56, 56), (112, 56), (56, 84)])
-    image = (batch["input_ids"] == model.image_token_id).to(torch.int32)
-    expected, _ = model.backbone.get_rope_index(batch["input_ids"], image, image_grid_thw=batch["image_grid_thw"],
-                                                attention_mask=batch["attention_mask"])
-    assert torch.equal(batch["position_ids"], expected)
-    assert batch["position_ids"][1].max() > batch["attention_mask"].sum(1).max() / 2  # 3-D, not 1-D positions
-    with torch.no_grad():
-        ours = forward(model, batch)
-        stock = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                      batch["num_classes"], position_ids=None)
-    assert torch.equal(ours, stock)
-
-
 def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradients(tiny_model_dir):
     # The GPU defaults' path (batched windows + regional torch.compile, here with checkpointing too)
     # against the plain model: same function, same gradients, in float32.
