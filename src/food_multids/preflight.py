@@ -107,8 +107,8 @@ def check_model_source(name_or_path: str) -> list[str]:
     path = resolve_path(name_or_path)
     where = f"params:model.name_or_path {path}"
     if not path.is_dir():
-        return [f"{where} does not exist: point it at a local Qwen2.5-VL folder (weights are never downloaded; "
-                "fetch e.g. Qwen2.5-VL-3B-Instruct beforehand) or a saved classifier"]
+        return [f"{where} does not exist: point it at a local checkpoint folder of a supported family (weights are "
+                "never downloaded; fetch e.g. Qwen2.5-VL-3B-Instruct beforehand) or a saved classifier"]
     config = path / "config.json"
     if not config.is_file():
         return [f"{where} has no config.json: it must be a Hugging Face model folder (config.json, weights, "

@@ -108,3 +108,51 @@ def test_parts_split_vision_merger_and_language_for_freezing_and_learning_rates(
     model.freeze(vision=True, merger=False, language=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in parts["merger"] + parts["head"]}
+
+
+def test_continuing_from_a_classifier_refuses_a_head_that_would_mean_something_else(tiny_model_dir, tmp_path):
+    from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
+
+    saved = tmp_path / "clf"
+    make_model(tiny_model_dir).save_pretrained(saved, load_tokenizer(tiny_model_dir))
+    base = json.loads((saved / CLASSIFIER_FILE).read_text())
+    spaces = {name: LabelSpace(**space) for name, space in base["label_spaces"].items()}
+    same = ClassifierMeta(num_labels=base["num_labels"], pooling=base["pooling"], label_spaces=spaces)
+    assert create_classifier(saved, same, "float32", torch.device("cpu")).meta.family == "qwen2_5_vl"
+    first = next(iter(spaces))
+    moved = {**spaces, first: LabelSpace(spaces[first].dataset_id + 5, spaces[first].num_classes)}
+    for wanted, message in (
+            (ClassifierMeta(num_labels=base["num_labels"], pooling="image_mean" if base["pooling"] == "last" else "last",
+                            label_spaces=spaces), "model.pooling is"),
+            (ClassifierMeta(num_labels=base["num_labels"], pooling=base["pooling"], label_spaces=moved),
+             f"dataset '{first}' is #"),
+            (ClassifierMeta(num_labels=base["num_labels"] + 1, pooling=base["pooling"], label_spaces=spaces),
+             "outputs")):
+        with pytest.raises(ValueError, match=rf"cannot continue from the classifier in {saved}: .*{message}"):
+            create_classifier(saved, wanted, "float32", torch.device("cpu"))
+
+
+def test_a_tokenizer_from_another_checkpoint_is_named(tiny_model_dir):
+    from dataclasses import replace
+
+    from food_multids.data.collator import ClassificationCollator, PromptTokens
+    from food_multids.model.classifier import check_image_token
+
+    model = make_model(tiny_model_dir)
+    prompt = PromptTokens.from_tokenizer(load_tokenizer(tiny_model_dir), "x")
+    check_image_token(ClassificationCollator(prompt), model, tiny_model_dir)  # the matching pair passes
+    other = ClassificationCollator(replace(prompt, image_token_id=prompt.image_token_id + 1))
+    with pytest.raises(ValueError, match="come from different checkpoints"):
+        check_image_token(other, model, tiny_model_dir)
+
+
+def test_per_dataset_sums_refuse_a_checkpoint_of_other_datasets():
+    from food_multids.runtime.scoring import PerDatasetSums
+
+    sums = PerDatasetSums(("loss", "count"), 2, torch.device("cpu"))
+    sums.add("count", torch.tensor([0, 1, 1]))
+    again = PerDatasetSums(("loss", "count"), 2, torch.device("cpu"))
+    again.load_state(sums.state())
+    assert again.totals()["count"].tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"shape \(2, 2\) but this run has \(2, 3\)"):
+        PerDatasetSums(("loss", "count"), 3, torch.device("cpu")).load_state(sums.state())

@@ -110,7 +110,7 @@ def test_the_trainers_yaml_runs_as_an_env_and_every_tracker_gets_the_same_metric
     [run] = client.search_runs([client.get_experiment_by_name("food_multids").experiment_id])
     run_id = run.info.run_id
     logged = mlflow_metrics(store, run_id)
-    assert ("final_eval_overall_accuracy", 4) in logged and ("train_digits_loss", 2) in logged
+    assert ("final_eval_overall_accuracy", 5) in logged  # the step after the training's last (4) and ("train_digits_loss", 2) in logged
     assert ("eval_overall_accuracy", 4) in logged and any(k[0] == "best_model_step" for k in logged)
     output = project_copy / "data/06_models/train_output"
     for name, other in (("tensorboard", tensorboard_metrics(output / "tensorboard" / run_id)),
@@ -119,6 +119,12 @@ def test_the_trainers_yaml_runs_as_an_env_and_every_tracker_gets_the_same_metric
         for key, value in logged.items():
             assert other[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (name, key)
 
+    lone = subprocess.run([FOOD_MULTIDS, "full-eval", "--config", str(config)], cwd=project_copy, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert lone.returncode == 0, (lone.stdout + lone.stderr)[-3000:]
+    folders = sorted((output / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(folders) == 3  # training, the run's full evaluation, and this one: the same WandB run
+    assert ("final_eval_overall_accuracy", 5) in wandb_metrics(output / "wandb", run_id)
     (project_copy / "conf/seed").mkdir()
     shutil.copy(config, project_copy / "conf/seed/parameters.yml")
     proc = subprocess.run([KEDRO, "run", "--env", "seed", "--pipelines", "train"], cwd=project_copy, env=env,
@@ -127,3 +133,22 @@ def test_the_trainers_yaml_runs_as_an_env_and_every_tracker_gets_the_same_metric
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.run_id != run_id
     assert runs[0].data.params == client.get_run(run_id).data.params  # the same resolved parameters
+
+
+def test_closing_the_trackers_closes_every_one_even_when_one_fails(two_datasets, tmp_path, caplog):
+    from food_multids.tracking import Trackers
+    from food_multids.tracking.sinks import TensorboardSink
+
+    cfg = ProjectConfig.from_params(with_overrides(two_datasets, training={"output_dir": str(tmp_path / "out")},
+                                                   tracking={"report_to": ["tensorboard"]}))
+    trackers = Trackers(cfg, "run-1", None)
+    [board] = trackers.sinks
+
+    class Broken:  # a tracker whose close raises (a network error, a full disk)
+        def close(self, failed: bool = False) -> None:
+            raise OSError("disk full")
+
+    trackers.sinks = [Broken(), board]
+    trackers.close(failed=True)
+    assert isinstance(board, TensorboardSink) and board.writer.file_writer is None  # closed all the same
+    assert "Closing the Broken tracker failed: disk full" in caplog.text and trackers.sinks == []

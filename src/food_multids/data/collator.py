@@ -1,4 +1,4 @@
-"""Images to Qwen2.5-VL inputs: resize rules, patch layout, prompt tokens and batch collation.
+"""Images to Qwen VL inputs: resize rules, patch layout, prompt tokens and batch collation.
 
 The prompt is the same for every sample, so it goes through the tokenizer's chat template once; a
 batch is then built by placing each image's pad tokens between the cached prefix and suffix ids
@@ -104,7 +104,11 @@ class ImageEncoder:
         import json
 
         conf_file = path / "preprocessor_config.json"
-        conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
+        return cls.from_config(json.loads(conf_file.read_text()) if conf_file.is_file() else {}, min_pixels, max_pixels)
+
+    @classmethod
+    def from_config(cls, conf: dict, min_pixels: int, max_pixels: int) -> ImageEncoder:
+        """From an image processor config (preprocessor_config.json's keys); missing keys: Qwen2-VL's."""
         keys = ("patch_size", "merge_size", "temporal_patch_size")
         extra = {k: conf[k] for k in keys if k in conf}
         if "image_mean" in conf:
@@ -220,10 +224,13 @@ class ClassificationCollator:
         }
 
 
-def create_collator(model_dir: Path, model_cfg, tokenizer, prompt: str | None = None
-                    ) -> tuple[ImageEncoder, ClassificationCollator]:
+def create_collator(model_dir: Path, model_cfg, tokenizer, prompt: str | None = None,
+                    processor_config: dict | None = None) -> tuple[ImageEncoder, ClassificationCollator]:
     """The image encoder and collator for a model directory and the `model:` settings (one recipe for
-    training, partial and full evaluation); `prompt` overrides model_cfg.prompt (e.g. a saved model's)."""
-    encoder = ImageEncoder.from_pretrained(model_dir, model_cfg.min_pixels, model_cfg.max_pixels)
+    training, partial and full evaluation); `prompt` overrides model_cfg.prompt (e.g. a saved model's);
+    `processor_config` (the backbone family's, see Backbone.preprocessor_config) overrides the folder's file."""
+    encoder = (ImageEncoder.from_config(processor_config, model_cfg.min_pixels, model_cfg.max_pixels)
+               if processor_config is not None else
+               ImageEncoder.from_pretrained(model_dir, model_cfg.min_pixels, model_cfg.max_pixels))
     tokens = PromptTokens.from_tokenizer(tokenizer, prompt or model_cfg.prompt)
     return encoder, ClassificationCollator(tokens, encoder.merge_size, model_cfg.padding_side)

@@ -22,6 +22,7 @@ from food_multids.model.classifier import (
     TRAINING_INFO,
     ClassifierMeta,
     MultiDatasetClassifier,
+    check_image_token,
 )
 from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.model.speedups import prepare_model
@@ -117,7 +118,10 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
 def eval_loader(cfg: ProjectConfig, model_dir: Path, model: MultiDatasetClassifier, frame: pd.DataFrame,
                 device: torch.device, rank: int, world: int) -> DataLoader:
     """This rank's shard of `frame`, encoded and collated as the model was trained (its own prompt)."""
-    encoder, collator = create_collator(model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt)
+    encoder, collator = create_collator(
+        model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt,
+        processor_config=model.kind.preprocessor_config(model_dir, cfg.model.min_pixels, cfg.model.max_pixels))
+    check_image_token(collator, model, model_dir)
     batch_size = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
     workers = cfg.evaluation.dataloader_num_workers
     workers = cfg.training.dataloader_num_workers if workers is None else workers

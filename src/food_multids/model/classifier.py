@@ -169,16 +169,38 @@ class MultiDatasetClassifier(nn.Module):
         return model
 
 
+def check_image_token(collator, model: MultiDatasetClassifier, path: Path) -> None:
+    """The tokenizer's <|image_pad|> must be the token the backbone replaces with image features."""
+    if collator.prompt.image_token_id != model.image_token_id:
+        raise ValueError(f"{path}: the tokenizer's <|image_pad|> is token {collator.prompt.image_token_id} but "
+                         f"config.json's image_token_id is {model.image_token_id}: the tokenizer and the model "
+                         "come from different checkpoints")
+
+
+def check_continuation(path: Path, saved: ClassifierMeta, wanted: ClassifierMeta) -> None:
+    """Continuing from a saved classifier: the head's slices and its pooling must mean the same thing."""
+    problems = []
+    if saved.num_labels != wanted.num_labels:
+        problems.append(f"model.num_labels is {wanted.num_labels} but the classifier has {saved.num_labels} outputs")
+    if saved.pooling != wanted.pooling:
+        problems.append(f"model.pooling is {wanted.pooling!r} but the head was trained on {saved.pooling!r} features")
+    for name, space in wanted.label_spaces.items():
+        old = saved.label_spaces.get(name)
+        if old is not None and (old.dataset_id, old.num_classes) != (space.dataset_id, space.num_classes):
+            problems.append(f"dataset '{name}' is #{space.dataset_id} with {space.num_classes} classes here but "
+                            f"#{old.dataset_id} with {old.num_classes} in the classifier")
+    if problems:
+        raise ValueError(f"cannot continue from the classifier in {path}: " + "; ".join(problems) + ": keep its "
+                         "settings (see its classifier.json) or start from the base checkpoint")
+
+
 def create_classifier(path: Path, meta: ClassifierMeta, dtype_name: str, device: torch.device,
                       attn_implementation: str = "sdpa") -> MultiDatasetClassifier:
     """Continue from a saved classifier directory, or put a fresh head on a backbone checkpoint of any family."""
     dtype = resolve_dtype(dtype_name, device)
     if (path / CLASSIFIER_FILE).is_file():
         model = MultiDatasetClassifier.from_pretrained(path, dtype, attn_implementation)
-        if model.meta.num_labels != meta.num_labels:
-            raise ValueError(f"model.num_labels is {meta.num_labels} but the classifier in {path} has "
-                             f"{model.meta.num_labels} outputs: set model.num_labels to {model.meta.num_labels} "
-                             "or start from the base checkpoint")
+        check_continuation(path, model.meta, meta)
         model.meta = meta
         model.meta.family = model.kind.model_type
         return model

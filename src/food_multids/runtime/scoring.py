@@ -63,7 +63,12 @@ class PerDatasetSums:
         return self.tensor.cpu().tolist()
 
     def load_state(self, state: list) -> None:
-        self.tensor = torch.tensor(state, dtype=torch.float64, device=self.tensor.device)
+        loaded = torch.tensor(state, dtype=torch.float64, device=self.tensor.device)
+        if loaded.shape != self.tensor.shape:
+            raise ValueError(f"the checkpoint's per-dataset sums have shape {tuple(loaded.shape)} but this run has "
+                             f"{tuple(self.tensor.shape)} ({', '.join(self.fields)} x datasets): it was written with "
+                             "other datasets.dataset_configs")
+        self.tensor = loaded
 
 
 @dataclass

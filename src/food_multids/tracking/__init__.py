@@ -30,15 +30,23 @@ def active_run_target() -> tuple[str | None, str | None]:
 class Trackers:
     """The fan-out: one sink per `tracking.report_to` entry; a no-op on ranks > 0."""
 
-    def __init__(self, cfg: ProjectConfig, run_id: str | None, tracking_uri: str | None, enabled: bool = True):
+    def __init__(self, cfg: ProjectConfig, run_id: str | None, tracking_uri: str | None, enabled: bool = True,
+                 continues: str | None = None):
+        """`run_id`: the MLflow run to log into. `continues`: the training run whose WandB/TensorBoard run
+        this continues (a full evaluation on its own logs to its own MLflow run, nested under the
+        training run, but to the training's WandB and TensorBoard runs); default `run_id`."""
         self.run_id = run_id if enabled else None
         self.sinks: list[Sink] = []
         if not enabled:
             return
-        for name in cfg.tracking.report_to:
-            sink = SINKS[name].open(cfg, run_id, tracking_uri)
-            if sink is not None:
-                self.sinks.append(sink)
+        try:
+            for name in cfg.tracking.report_to:
+                sink = SINKS[name].open(cfg, run_id if name == "mlflow" else (continues or run_id), tracking_uri)
+                if sink is not None:
+                    self.sinks.append(sink)
+        except BaseException:
+            self.close(failed=True)  # the ones already open
+            raise
         if not self.sinks:
             logger.info("No tracker to log to: metrics go to the logs and the training history only")
 
@@ -47,7 +55,12 @@ class Trackers:
             for sink in self.sinks:
                 sink.log({k: float(v) for k, v in metrics.items()}, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every sink (a failing one does not keep the others open or hide the run's own error);
+        `failed` marks the run crashed where the tracker records it (WandB's exit code)."""
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close(failed)
+            except Exception as exc:
+                logger.warning("Closing the %s tracker failed: %s", type(sink).__name__, exc)
         self.sinks = []

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 class Sink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def flat_params(params: dict, prefix: str = "") -> dict[str, object]:
@@ -54,7 +54,7 @@ class MlflowSink:
         for start in range(0, len(batch), 1000):  # MLflow's per-request limit
             self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -89,9 +89,11 @@ class WandbSink:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
+        if any(key.startswith("final_eval_") for key in metrics):
+            self.run.summary.update(metrics)  # the run's final numbers, shown in WandB's runs table
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def _mlflow_run_name(run_id: str | None, tracking_uri: str | None) -> str | None:
@@ -125,7 +127,7 @@ class TensorboardSink:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 

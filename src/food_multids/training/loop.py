@@ -29,7 +29,13 @@ from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_pro
 from food_multids.data.tables import stratified_subset
 from food_multids.interrupts import StopFlag, TrainingInterrupted
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
-from food_multids.model.classifier import TRAINING_INFO, ClassifierMeta, LabelSpace, create_classifier
+from food_multids.model.classifier import (
+    TRAINING_INFO,
+    ClassifierMeta,
+    LabelSpace,
+    check_image_token,
+    create_classifier,
+)
 from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.model.speedups import prepare_model
 from food_multids.paths import resolve_path
@@ -116,7 +122,10 @@ class Trainer:
         model.freeze(cfg.model.freeze_vision_tower, cfg.model.freeze_merger, cfg.model.freeze_language_model)
         self.speedups = prepare_model(model, cfg.model, training=True)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.encoder, self.collator = create_collator(self.model_path, cfg.model, self.tokenizer)
+        self.encoder, self.collator = create_collator(
+            self.model_path, cfg.model, self.tokenizer,
+            processor_config=model.kind.preprocessor_config(self.model_path, cfg.model.min_pixels, cfg.model.max_pixels))
+        check_image_token(self.collator, model, self.model_path)
         sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
         global_batch = self.t.per_device_train_batch_size * self.world
         small = {n: int(c) for n, c in zip(self.names, sizes, strict=True) if c < global_batch}
@@ -231,8 +240,10 @@ class Trainer:
         with self.stop.active():
             try:
                 result = self._run()
-            finally:
-                self.trackers.close()
+            except BaseException:
+                self.trackers.close(failed=True)
+                raise
+            self.trackers.close()
         if self.stop.signum is not None:  # arrived during the last step: the run is complete, but stop here
             raise TrainingInterrupted(self.stop.signum, f"stopped by {signal.Signals(self.stop.signum).name} as "
                                       f"training finished (step {self.global_step}); the run is complete in "

@@ -49,12 +49,16 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
         predictions = pd.read_parquet(launch / "predictions.parquet")
         confusions = pd.read_parquet(launch / "confusions.parquet")
     info = read_model_info(Path(best_model))
-    # At the training's last step: every tracker then sees steps that only grow (WandB drops older ones).
-    trackers = Trackers(cfg, *active_run_target())
+    # One step after the training's last: every tracker then sees strictly growing steps (WandB drops a
+    # step at or below the last one of a resumed run); WandB/TensorBoard continue the training's run.
+    step = int(info.get("final_step") or info.get("step") or 0) + 1
+    trackers = Trackers(cfg, *active_run_target(), continues=info.get("mlflow_run_id"))
     try:
-        trackers.log({f"final_eval_{k}": v for k, v in metrics.items()}, int(info.get("final_step") or info.get("step") or 0))
-    finally:
-        trackers.close()
+        trackers.log({f"final_eval_{k}": v for k, v in metrics.items()}, step)
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
     return {"model_dir": str(best_model), "model_info": info, **metrics}, predictions, confusions
 
 
