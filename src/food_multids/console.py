@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import logging
 import re
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         run.add_argument("--params", default="", help="key=value overrides on top, as `kedro run --params`")
     args = parser.parse_args(argv)
     if args.command in PIPELINE_COMMANDS:
+        if not args.config.is_file():
+            parser.error(f"--config {args.config}: no such file")
         return run_with_config(PIPELINE_COMMANDS[args.command], args.config, args.params)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -77,9 +78,6 @@ def run_with_config(pipeline: str, config: Path, params: str) -> int:
     from kedro.runner import SequentialRunner
     from omegaconf import OmegaConf
 
-    if not config.is_file():
-        print(f"food-multids: --config {config}: no such file", file=sys.stderr)  # noqa: T201
-        return 2
     root = find_project_root()
     bootstrap_project(root)
     runtime = OmegaConf.to_container(OmegaConf.from_dotlist([p.strip() for p in params.split(",") if p.strip()]))

@@ -84,8 +84,16 @@ def test_the_report_header_says_where_it_comes_from_and_every_table_renders(two_
 
 
 def test_the_git_commit_is_read_when_there_is_a_checkout(tmp_path):
-    assert git_commit(tmp_path) is None  # not a checkout
-    from tests.conftest import REPO
+    import subprocess
 
-    commit = git_commit(REPO)
-    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+    assert git_commit(tmp_path) is None  # not a checkout
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (repo / "a.txt").write_text("a")
+    for args in (["init", "-q"], ["add", "a.txt"], ["commit", "-q", "-m", "a"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head) and git_commit(repo) == head
+    (repo / "conf_env.yml").write_text("x")  # an untracked file (a new env's parameters) makes it dirty
+    assert git_commit(repo) == f"{head}-dirty"

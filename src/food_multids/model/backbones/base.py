@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class Backbone:
+class Backbone(ABC):
     """One family of Qwen vision-language backbones (the model without its LM head).
 
     The families share their input format: a chat prompt with one run of image tokens, flattened
@@ -86,8 +87,9 @@ class Backbone:
         return conf
 
     # -- the tiny demo model -------------------------------------------------------------------------
+    @abstractmethod
     def tiny_config(self, tokenizer, hidden: int = 64):
-        raise NotImplementedError
+        """A config of the family with two vision blocks and two language layers of width `hidden`."""
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
