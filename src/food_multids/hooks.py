@@ -71,7 +71,7 @@ class PreflightHooks:
         self.config_loader = context.config_loader
 
     @hook_impl
-    def after_catalog_created(self, catalog, conf_catalog, parameters, save_version, load_versions) -> None:
+    def after_catalog_created(self, catalog, conf_catalog, save_version, load_versions) -> None:
         self.conf_catalog = conf_catalog or {}
         pin_companions(catalog, self.conf_catalog, load_versions or {}, save_version, self.project_path)
 

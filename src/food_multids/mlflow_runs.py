@@ -9,7 +9,6 @@ evaluation of its model.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,17 +24,16 @@ def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, star
     return f"{pipelines} · {env} · {Path(name_or_path).name or name_or_path} · {stamp}"
 
 
-def evaluated_model_info(catalog, node_names: set[str]) -> dict:
+def recorded_training_info(catalog, node_names: set[str]) -> dict:
     """What the model this run evaluates records about its training (its run, backbone, settings);
     empty when this run trains it, or when nothing is recorded."""
-    from food_multids.model.classifier import TRAINING_INFO
+    from food_multids.evaluation.full import read_model_info
 
     if "train_deepspeed" in node_names:
         return {}
     try:
         if "full_evaluate" in node_names:
-            info_file = Path(str(catalog.load("best_model"))) / TRAINING_INFO
-            return json.loads(info_file.read_text()) if info_file.is_file() else {}
+            return read_model_info(Path(str(catalog.load("best_model"))))
         if "report" in node_names:
             return catalog.load("eval_metrics").get("model_info") or {}
     except Exception as exc:  # a missing or unreadable input: the node reports it properly
@@ -51,7 +49,7 @@ def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -
     from food_multids.paths import resolve_path
 
     client = MlflowClient()
-    info = evaluated_model_info(catalog, node_names)
+    info = recorded_training_info(catalog, node_names)
     # An evaluation is named after the backbone its model was trained from, not model.name_or_path
     # (which only training reads).
     name_or_path = info.get("backbone") or str((catalog.load("parameters").get("model") or {}).get("name_or_path", ""))

@@ -75,12 +75,13 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.append(f"the catalog dataset '{name}' has no saved version yet"
                               + (f": make it with `{how}` first" if how else ""))
     # Read from the raw parameters too, so that these are reported beside any parameter problem.
+    # Only training reads model.name_or_path: full_eval loads the saved best model.
     name_or_path = setting(params, "model", "name_or_path", DEMO_MODEL)
     if "train_deepspeed" in plan.node_names and isinstance(name_or_path, str):
-        model_problems = check_model_source(name_or_path)
-        found.problems.extend(model_problems)
-        if not model_problems:
-            found.problems.extend(check_pixels_for_family(name_or_path, setting(params, "model", "min_pixels", None)))
+        found.problems.extend(check_model_source(name_or_path, setting(params, "model", "min_pixels", None)))
+        warning = demo_model_warning(plan.env, name_or_path, plan.conf_source)
+        if warning:
+            found.warnings.append(warning)
     output_dir = setting(params, "training", "output_dir", TrainConfig.output_dir)
     if "train_deepspeed" in plan.node_names and isinstance(output_dir, str):
         found.problems.extend(check_writable_dir(resolve_path(output_dir), "params:training.output_dir"))
@@ -89,11 +90,6 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_evaluated_model(cfg, load))
     for name, path in plan.output_paths.items():
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
-    # Only training reads model.name_or_path: full_eval loads the saved best model.
-    if "train_deepspeed" in plan.node_names and isinstance(name_or_path, str):
-        warning = demo_model_warning(plan.env, name_or_path, plan.conf_source)
-        if warning:
-            found.warnings.append(warning)
     return found
 
 
@@ -102,8 +98,9 @@ def setting(params: dict, section: str, key: str, default: object) -> object:
     return part.get(key, default) if isinstance(part, dict) else default
 
 
-def check_model_source(name_or_path: str) -> list[str]:
-    """model.name_or_path must be a local folder with a config.json of a supported family."""
+def check_model_source(name_or_path: str, min_pixels: object = None) -> list[str]:
+    """model.name_or_path must be a local folder with a config.json of a supported family; with
+    `min_pixels`, that setting must hold one group of merged patches of that family."""
     path = resolve_path(name_or_path)
     where = f"params:model.name_or_path {path}"
     if not path.is_dir():
@@ -120,15 +117,12 @@ def check_model_source(name_or_path: str) -> list[str]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         return [f"{where} holds a '{model_type}' model (config.json model_type); supported: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"]
-    return []
+    if min_pixels is None:
+        return []
+    from food_multids.model.backbones import family
 
-
-def check_pixels_for_family(name_or_path: str, min_pixels: object) -> list[str]:
-    """model.min_pixels must hold one group of merged patches of the family (28x28 px for 14-px patches)."""
-    from food_multids.model.backbones import family_of
-
-    kind = family_of(resolve_path(name_or_path))
-    side = kind.patch_size * 2
+    kind = family(model_type)
+    side = kind.patch_size * 2  # 28x28 px for 14-px patches
     if isinstance(min_pixels, int) and min_pixels < side * side:
         return [f"params:model.min_pixels must be >= {side * side} for {kind.display_name} (one {side}x{side} group of "
                 f"merged {kind.patch_size}-px patches), got {min_pixels}"]

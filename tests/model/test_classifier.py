@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
+from food_multids.model.backbones import family_of
 from food_multids.model.classifier import (
     ClassifierMeta,
     LabelSpace,
@@ -18,7 +19,7 @@ from food_multids.model.classifier import (
     create_classifier,
     mask_logits,
 )
-from food_multids.model.factory import load_backbone, load_tokenizer
+from food_multids.model.factory import load_tokenizer
 
 SPACES = {"a": LabelSpace(0, 3), "b": LabelSpace(1, 7)}
 
@@ -150,8 +151,8 @@ def test_hub_layout_checkpoint_loads_through_the_same_path(tiny_model_dir, tmp_p
             legacy[key] = value
     assert any(k.startswith("visual.") for k in legacy) and any(k.startswith("model.layers.") for k in legacy)
     save_file(legacy, str(hub / "model.safetensors"), metadata={"format": "pt"})
-    a = load_backbone(tiny_model_dir, torch.float32).state_dict()
-    b = load_backbone(hub, torch.float32).state_dict()
+    a = family_of(tiny_model_dir).load(tiny_model_dir, torch.float32).state_dict()
+    b = family_of(hub).load(hub, torch.float32).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import torch
 
-from food_multids.model.factory import load_backbone
+from food_multids.model.backbones import family_of
 from food_multids.model.speedups import enable_batched_windows
 
 
 def test_batched_windows_give_the_stock_outputs(tiny_model_dir):
     torch.manual_seed(0)
-    stock = load_backbone(tiny_model_dir, torch.float32).eval()
-    fast = load_backbone(tiny_model_dir, torch.float32).eval()
+    stock = family_of(tiny_model_dir).load(tiny_model_dir, torch.float32).eval()
+    fast = family_of(tiny_model_dir).load(tiny_model_dir, torch.float32).eval()
     assert enable_batched_windows(fast) == 2
     for grid in ([[1, 16, 16]] * 3, [[1, 8, 12], [1, 8, 12]], [[1, 6, 10]]):  # equal windows, then unequal
         grid = torch.tensor(grid)
@@ -26,7 +26,7 @@ def test_batched_windows_train_under_gradient_checkpointing_with_the_stock_gradi
     grads = []
     for batched in (False, True):
         torch.manual_seed(0)
-        backbone = load_backbone(tiny_model_dir, torch.float32).train()
+        backbone = family_of(tiny_model_dir).load(tiny_model_dir, torch.float32).train()
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if batched:
             assert enable_batched_windows(backbone) == 2
@@ -46,8 +46,8 @@ def test_cached_vision_indices_give_the_stock_outputs_and_gradients(tiny_model_d
     from food_multids.model.speedups import enable_cached_vision_indices
 
     torch.manual_seed(0)
-    stock = load_backbone(tiny_model_dir, torch.float32)
-    fast = load_backbone(tiny_model_dir, torch.float32)
+    stock = family_of(tiny_model_dir).load(tiny_model_dir, torch.float32)
+    fast = family_of(tiny_model_dir).load(tiny_model_dir, torch.float32)
     enable_batched_windows(fast)
     assert enable_cached_vision_indices(fast)
     cache = fast.visual._vision_index_cache

@@ -1,4 +1,5 @@
-"""Load a backbone (of its family), its tokenizer and the compute dtype from a local directory.
+"""A checkpoint's tokenizer (with its chat template) and the compute dtype. Backbones load through
+their family: `model.backbones.family_of(path).load(path, dtype)`.
 
 A real checkpoint (e.g. Qwen2.5-VL-3B-Instruct downloaded beforehand) and the tiny demo model
 (model/tiny.py) go through the same code: both are local directories in Hub layout.
@@ -10,13 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-
-from food_multids.model.backbones import family_of
-
-
-def load_backbone(path: Path, dtype: torch.dtype, attn_implementation: str = "sdpa"):
-    """The backbone (vision tower + language model, no LM head) of the family config.json names."""
-    return family_of(path).load(path, dtype, attn_implementation)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
