@@ -177,6 +177,7 @@ def test_base_parameters_document_every_setting_the_config_accepts(base_params):
         DatasetSpec,
         EvalConfig,
         ModelConfig,
+        PredictConfig,
         TrackingConfig,
         TrainConfig,
     )
@@ -186,7 +187,7 @@ def test_base_parameters_document_every_setting_the_config_accepts(base_params):
 
     assert set(base_params) == set(TOP_LEVEL_KEYS)
     for section, cls in (("model", ModelConfig), ("data", DataConfig), ("training", TrainConfig),
-                         ("evaluation", EvalConfig), ("tracking", TrackingConfig)):
+                         ("evaluation", EvalConfig), ("tracking", TrackingConfig), ("predict", PredictConfig)):
         assert set(base_params[section]) == accepted(cls), section
     assert set(base_params["datasets"]) == {"dataset_configs"}
     for name, entry in base_params["datasets"]["dataset_configs"].items():
@@ -232,3 +233,15 @@ def test_every_gpu_preset_parses_on_top_of_base(base_params, env):
     assert cfg.model.torch_dtype == "bfloat16" and cfg.training.device == "cuda"
     assert cfg.num_classes() == {"food101": 101, "food2k": 2000}
     assert cfg.model.min_pixels >= 32 * 32  # one patch group of every family
+
+
+def test_the_predict_section_parses_alone_and_names_its_bad_values():
+    from food_multids.config import ConfigError, PredictConfig
+
+    assert PredictConfig.from_section({"top_k": 3, "jsonl_list": ["a.jsonl"]}).jsonl_list == ("a.jsonl",)
+    with pytest.raises(ConfigError) as err:
+        PredictConfig.from_section({"top_k": 0, "batch_sise": 4, "on_bad_rows": "ignore"})
+    text = str(err.value)
+    assert "params:predict.top_k must be >= 1, got 0" in text
+    assert "batch_sise" in text and "batch_size" in text  # unknown key with its did-you-mean
+    assert "predict.on_bad_rows" in text

@@ -22,7 +22,7 @@ from food_multids.paths import find_project_root, resolve_path
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 PILLOW_BOMB_LIMIT = 2 * (1024 * 1024 * 1024 // 4 // 3)  # Pillow's Image.MAX_IMAGE_PIXELS x 2: it raises past that
-TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation", "tracking")
+TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation", "tracking", "predict")
 # tracking.report_to values (Hugging Face's names) and the package each needs
 TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -380,6 +380,48 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """`predict:` new images through a trained model: `kedro run --pipelines predict`, the MLflow model
+    every training run registers (and `mlflow models serve`), and `food-multids predict`."""
+
+    jsonl_list: tuple[str, ...] = ()
+    image_dir: str | None = None
+    dataset_name: str | None = None
+    model: str | None = None
+    top_k: int = 5
+    batch_size: int = 8
+    dataloader_num_workers: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    on_bad_rows: Literal["error", "skip"] = "error"
+    max_image_pixels: int = 64_000_000
+    log_model: bool = True
+    registered_model_name: str = "food_multids"
+
+    def validate(self, problems: _Problems) -> None:
+        for name in ("top_k", "batch_size"):
+            if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
+                problems.add(f"predict.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers < 0:
+            problems.add("predict.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        if isinstance(self.max_image_pixels, int) and not 28 * 28 <= self.max_image_pixels <= PILLOW_BOMB_LIMIT:
+            problems.add("predict.max_image_pixels", f"must be between 784 and {PILLOW_BOMB_LIMIT}, got "
+                                                     f"{self.max_image_pixels}")
+        if self.log_model and not str(self.registered_model_name).strip():
+            problems.add("predict.registered_model_name", "must name the registered model (or set predict.log_model: false)")
+
+    @classmethod
+    def from_section(cls, section: Any, env: str | None = None) -> PredictConfig:
+        """Parse `params:predict` alone (the predict nodes and the served model get only this section)."""
+        problems = _Problems()
+        out = _build(cls, section if section is not None else {}, "predict", problems)
+        if out is not None:
+            out.validate(problems)
+        if problems.items:
+            raise ConfigError(problems.items, env)
+        return out
+
+
+@dataclass(frozen=True)
 class ProjectConfig:
     model: ModelConfig
     data: DataConfig
@@ -388,6 +430,7 @@ class ProjectConfig:
     evaluation: EvalConfig
     deepspeed: dict
     tracking: TrackingConfig = TrackingConfig()
+    predict: PredictConfig = PredictConfig()
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -418,7 +461,7 @@ class ProjectConfig:
 
         return {"model": section(self.model), "data": section(self.data), "training": section(self.training),
                 "evaluation": section(self.evaluation), "deepspeed": _plain(self.deepspeed),
-                "tracking": section(self.tracking),
+                "tracking": section(self.tracking), "predict": section(self.predict),
                 "datasets": {"dataset_configs": {d.name: section(d, ("name", "index")) for d in self.datasets}}}
 
     # -- parsing --------------------------------------------------------------------------------
@@ -437,7 +480,8 @@ class ProjectConfig:
         training = _build(TrainConfig, params.get("training"), "training", problems)
         evaluation = _build(EvalConfig, params.get("evaluation"), "evaluation", problems)
         tracking = _build(TrackingConfig, params.get("tracking"), "tracking", problems)
-        for part in (model, data, training, evaluation, tracking):
+        predict = _build(PredictConfig, params.get("predict"), "predict", problems)
+        for part in (model, data, training, evaluation, tracking, predict):
             if part is not None:
                 part.validate(problems)
         deepspeed = _resolve_deepspeed(params.get("deepspeed"), problems)
@@ -456,7 +500,7 @@ class ProjectConfig:
         if problems.items:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
-                   deepspeed=deepspeed, tracking=tracking)
+                   deepspeed=deepspeed, tracking=tracking, predict=predict)
 
 
 def _plain(value: Any) -> Any:

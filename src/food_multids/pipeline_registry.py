@@ -1,15 +1,16 @@
-"""Pipelines: data, train (= data + training), full_eval (= evaluation + report), report, __default__."""
+"""Pipelines: data, train (= data + training + the served model's logging), full_eval (= evaluation +
+report), report, predict (new images through a trained model), __default__ (train + full_eval)."""
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from food_multids.pipelines import data, full_eval, train
+from food_multids.pipelines import data, full_eval, predict, train
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     data_pipe = data.create_pipeline()
-    train_pipe = data_pipe + train.create_pipeline()
+    train_pipe = data_pipe + train.create_pipeline() + predict.create_logging_pipeline()
     eval_pipe = full_eval.create_pipeline()
     report_pipe = full_eval.create_report_pipeline()
     return {
@@ -17,5 +18,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         "train": train_pipe,
         "full_eval": eval_pipe + report_pipe,
         "report": report_pipe,
+        "predict": predict.create_pipeline(),
         "__default__": train_pipe + eval_pipe + report_pipe,
     }

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from torch.utils.data import Dataset
 
 from food_multids.data.collator import ImageEncoder, load_rgb
@@ -26,7 +27,8 @@ class RecordDataset(Dataset):
     """
 
     def __init__(self, records: pd.DataFrame, encoder: ImageEncoder, max_consecutive_failures: int = 10):
-        self.images = records["image"].astype(str).tolist()
+        # Paths; the served model passes images it already decoded and checked (PIL images).
+        self.images = [v if isinstance(v, Image.Image) else str(v) for v in records["image"].tolist()]
         self.labels = records["label"].to_numpy(dtype=np.int64)
         self.dataset_ids = records["dataset_id"].to_numpy(dtype=np.int64)
         self.num_classes = records["num_classes"].to_numpy(dtype=np.int64)
@@ -44,7 +46,7 @@ class RecordDataset(Dataset):
         i = i if i >= 0 else -1 - i
         path = self.images[i]
         try:
-            patches, grid = self.encoder(load_rgb(path))
+            patches, grid = self.encoder(path if isinstance(path, Image.Image) else load_rgb(path))
         except Exception as exc:  # PIL raises many types for bad files; all mean "skip this one"
             self._consecutive_failures += 1
             logger.warning("Skipping unreadable image %s (%s: %s)", path, type(exc).__name__, exc)

@@ -9,25 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
-from food_multids.data.collator import create_collator
-from food_multids.data.dataset import RecordDataset
-from food_multids.data.sampler import ShardedEvalSampler
+from food_multids.inference.model import load_model, run_model
 from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
 from food_multids.model.classifier import (
     CLASSIFIER_FILE,
     TRAINING_INFO,
     ClassifierMeta,
     MultiDatasetClassifier,
-    check_image_token,
 )
-from food_multids.model.factory import load_tokenizer, resolve_dtype
-from food_multids.model.speedups import prepare_model
 from food_multids.runtime.device import init_distributed, resolve_device
-from food_multids.runtime.scoring import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +81,20 @@ def check_model_dir(cfg: ProjectConfig, model_dir: Path) -> None:
 
 
 def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame) -> FullEvalResult:
-    """Every row of `frame` through the saved model (sharded over the ranks): metrics, predictions, confusions."""
+    """Every row of `frame` through the saved model (sharded over the ranks): the predict loop's rows,
+    scored into metrics, predictions and confusions."""
     check_model_dir(cfg, model_dir)
     device = resolve_device(cfg)
     rank, world = init_distributed(device, cfg.training.master_port)
-    dtype = resolve_dtype(cfg.model.torch_dtype, device)
-    model = MultiDatasetClassifier.from_pretrained(model_dir, dtype, cfg.model.attn_implementation).to(device)
-    prepare_model(model, cfg.model, training=False)
+    loaded = load_model(model_dir, device, cfg.model)
+    workers = cfg.evaluation.dataloader_num_workers
+    out = run_model(loaded, frame, batch_size=cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size,
+                    top_k=cfg.evaluation.top_k, rank=rank, world=world,
+                    workers=cfg.training.dataloader_num_workers if workers is None else workers,
+                    max_consecutive_bad_images=cfg.training.max_consecutive_bad_images, desc="full eval",
+                    progress_mode=cfg.training.progress_bar)
+    model = loaded.model
     names = list(cfg.dataset_names)
-    out = evaluate(model, eval_loader(cfg, model_dir, model, frame, device, rank, world), device, len(names),
-                   top_k=cfg.evaluation.top_k, masking=model.meta.enable_logits_masking, dtype=dtype,
-                   desc="full eval", progress_mode=cfg.training.progress_bar)
     preds = predictions_frame(gather_rows(out.predictions, world), frame)
     metrics = summarize(out.loss_sum, out.correct, out.count, names)
     metrics.update(ranking_metrics(cfg, model, preds))
@@ -113,21 +108,6 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     for line in format_eval_lines(metrics, names):
         logger.info(line)
     return FullEvalResult(metrics, preds, confusions)
-
-
-def eval_loader(cfg: ProjectConfig, model_dir: Path, model: MultiDatasetClassifier, frame: pd.DataFrame,
-                device: torch.device, rank: int, world: int) -> DataLoader:
-    """This rank's shard of `frame`, encoded and collated as the model was trained (its own prompt)."""
-    encoder, collator = create_collator(
-        model_dir, cfg.model, load_tokenizer(model_dir), model.meta.prompt,
-        processor_config=model.kind.preprocessor_config(model_dir, cfg.model.min_pixels, cfg.model.max_pixels))
-    check_image_token(collator, model, model_dir)
-    batch_size = cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size
-    workers = cfg.evaluation.dataloader_num_workers
-    workers = cfg.training.dataloader_num_workers if workers is None else workers
-    return DataLoader(RecordDataset(frame, encoder, cfg.training.max_consecutive_bad_images),
-                      batch_sampler=ShardedEvalSampler(len(frame), batch_size, world, rank), collate_fn=collator,
-                      num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 def predictions_frame(rows: dict[str, list], frame: pd.DataFrame) -> pd.DataFrame:

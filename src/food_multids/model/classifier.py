@@ -45,6 +45,11 @@ class ClassifierMeta:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def spaces(self) -> dict[str, tuple[int, int]]:
+        """{dataset name: (head position, number of classes)} in head order."""
+        ordered = sorted(self.label_spaces.items(), key=lambda kv: kv[1].dataset_id)
+        return {name: (space.dataset_id, space.num_classes) for name, space in ordered}
+
     @classmethod
     def from_json(cls, text: str) -> ClassifierMeta:
         raw = json.loads(text)
@@ -167,6 +172,14 @@ class MultiDatasetClassifier(nn.Module):
         head = load_file(str(directory / HEAD_FILE))
         model.head.load_state_dict({k: v.to(dtype) for k, v in head.items()})
         return model
+
+
+def label_spaces_of(directory: Path) -> dict[str, tuple[int, int]]:
+    """{dataset name: (head position, number of classes)} of a saved classifier, from its classifier.json."""
+    meta_file = Path(directory) / CLASSIFIER_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a classifier directory (no {CLASSIFIER_FILE})")
+    return ClassifierMeta.from_json(meta_file.read_text()).spaces()
 
 
 def check_image_token(collator, model: MultiDatasetClassifier, path: Path) -> None:

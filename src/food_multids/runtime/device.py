@@ -11,9 +11,13 @@ from food_multids.config import ProjectConfig
 
 
 def resolve_device(cfg: ProjectConfig) -> torch.device:
-    wanted = cfg.training.device
+    return resolve_device_name(cfg.training.device, "training.device")
+
+
+def resolve_device_name(wanted: str, setting: str = "predict.device") -> torch.device:
+    """auto | cpu | cuda -> this process's device (its LOCAL_RANK's GPU under a launcher)."""
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("params:training.device is cuda but no CUDA GPU is visible; use auto or cpu")
+        raise RuntimeError(f"params:{setting} is cuda but no CUDA GPU is visible; use auto or cpu")
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -150,11 +150,25 @@ def test_the_inspection_notebook_runs_top_to_bottom(finished_project):
     texts = " ".join(o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "digits" in texts and "shapes" in texts and "overall_accuracy" in texts
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert "top_k_names" in texts  # the cell that predicts a new image
     assert not (root / "notebooks/mlflow.db").exists()
 
 
 @pytest.mark.slow
-def test_kedro_viz_build_shows_the_seven_nodes_and_their_edges(finished_project):
+def test_the_training_run_registered_its_served_model(finished_project):
+    from mlflow.tracking import MlflowClient
+
+    root, _, _ = finished_project
+    registered = json.loads(latest(root, "data/06_models/registered_model.json").read_text())
+    assert registered["registry_uri"] == "models:/food_multids/1" and registered["logged"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [version] = client.search_model_versions("name='food_multids'")
+    assert version.run_id == registered["run_id"]
+    assert registered["best_model"] == str(latest(root, "data/06_models/best_model").resolve())
+
+
+@pytest.mark.slow
+def test_kedro_viz_build_shows_the_eight_nodes_and_their_edges(finished_project):
     root, env, _ = finished_project
     proc = subprocess.run([KEDRO, "viz", "build"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -162,13 +176,13 @@ def test_kedro_viz_build_shows_the_seven_nodes_and_their_edges(finished_project)
     name = {n["id"]: n["name"] for n in graph["nodes"]}
     tasks = {n["name"] for n in graph["nodes"] if n["type"] == "task"}
     assert tasks == {"ingest_jsonl", "merge_and_tag", "split_eval_subsets", "train_deepspeed", "select_best",
-                     "full_evaluate", "report"}
+                     "log_served_model", "full_evaluate", "report"}
     edges = {(name[e["source"]], name[e["target"]]) for e in graph["edges"]}
     chain = [("ingest_jsonl", "train_records"), ("train_records", "merge_and_tag"), ("merge_and_tag", "val_set"),
              ("val_set", "split_eval_subsets"), ("split_eval_subsets", "eval_subset"), ("eval_subset", "train_deepspeed"),
              ("train_deepspeed", "checkpoint_manifest"), ("checkpoint_manifest", "select_best"),
              ("select_best", "best_model"), ("best_model", "full_evaluate"), ("full_evaluate", "predictions"),
-             ("predictions", "report")]
+             ("predictions", "report"), ("best_model", "log_served_model"), ("log_served_model", "registered_model")]
     for edge in chain:
         assert edge in edges, edge
     assert any(n["type"] == "parameters" for n in graph["nodes"])

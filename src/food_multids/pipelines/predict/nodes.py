@@ -1,0 +1,62 @@
+"""predict nodes: ingest_images -> predict (files), decode_request -> predict (served requests), and
+log_served_model (the last step of training)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from food_multids.config import PredictConfig
+from food_multids.inference.inputs import list_images, records_from_files, records_from_request
+from food_multids.inference.model import LoadedModel, load_model
+from food_multids.inference.predict import predict_records
+from food_multids.model.classifier import label_spaces_of
+from food_multids.paths import resolve_path
+from food_multids.runtime.device import resolve_device_name
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_images(best_model: Path, predict: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Records to predict from predict.jsonl_list and/or predict.image_dir, checked like training rows,
+    in the label spaces of the model (read from its classifier.json); and the rejected rows."""
+    cfg = PredictConfig.from_section(predict)
+    images = list_images(resolve_path(cfg.image_dir)) if cfg.image_dir else []
+    if cfg.image_dir and not images:
+        logger.warning("predict.image_dir %s holds no image files", resolve_path(cfg.image_dir))
+    records, rejected = records_from_files([resolve_path(p) for p in cfg.jsonl_list], images, cfg.dataset_name,
+                                           label_spaces_of(Path(best_model)), on_bad_rows=cfg.on_bad_rows,
+                                           max_image_pixels=cfg.max_image_pixels)
+    if len(rejected):
+        logger.warning("Skipped %d bad row(s) (predict.on_bad_rows=skip; see predict_rejected_rows)", len(rejected))
+    logger.info("%d image(s) to predict (%d record(s) over the label spaces)", records["row"].nunique(), len(records))
+    return records, rejected
+
+
+def predict(best_model: Path | LoadedModel, records: pd.DataFrame, predict: dict) -> pd.DataFrame:
+    """Top-k classes, names and probabilities per record, from a model folder or an already loaded model."""
+    cfg = PredictConfig.from_section(predict)
+    loaded = best_model if isinstance(best_model, LoadedModel) else \
+        load_model(Path(best_model), resolve_device_name(cfg.device))
+    return predict_records(loaded, records, top_k=cfg.top_k, batch_size=cfg.batch_size,
+                           workers=cfg.dataloader_num_workers if not isinstance(best_model, LoadedModel) else 0)
+
+
+def decode_request(serving_request: pd.DataFrame, best_model: LoadedModel, predict: dict) -> pd.DataFrame:
+    """A served request's rows (base64 images, dataset names) -> records; any bad row fails the request."""
+    cfg = PredictConfig.from_section(predict)
+    return records_from_request(serving_request, best_model.label_spaces, cfg.max_image_pixels)
+
+
+def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dict) -> dict:
+    """Log the serving pipeline with this run's best model as an MLflow model and register it."""
+    from food_multids.serving import log_and_register
+
+    cfg = PredictConfig.from_section(predict)
+    if not cfg.log_model:
+        logger.info("predict.log_model is false: no MLflow model logged")
+        return {"logged": False}
+    example = str(full_eval_set["image"].iloc[0]), str(full_eval_set["dataset_name"].iloc[0])
+    return log_and_register(Path(best_model), predict, example)

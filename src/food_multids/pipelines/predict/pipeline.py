@@ -1,0 +1,31 @@
+from kedro.pipeline import Node, Pipeline
+
+from food_multids.pipelines.predict.nodes import decode_request, ingest_images, log_served_model, predict
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """`kedro run --pipelines predict`: records from predict.jsonl_list / predict.image_dir -> image_predictions."""
+    return Pipeline([
+        Node(ingest_images, inputs=["best_model", "params:predict"], outputs=["predict_records", "predict_rejected_rows"],
+             name="ingest_images"),
+        Node(predict, inputs=["best_model", "predict_records", "params:predict"], outputs="image_predictions",
+             name="predict"),
+    ])
+
+
+def create_serving_pipeline(**kwargs) -> Pipeline:
+    """What the MLflow model runs per request: base64 rows -> the same predict node."""
+    return Pipeline([
+        Node(decode_request, inputs=["serving_request", "best_model", "params:predict"], outputs="served_records",
+             name="decode_request"),
+        Node(predict, inputs=["best_model", "served_records", "params:predict"], outputs="served_predictions",
+             name="predict_request"),
+    ])
+
+
+def create_logging_pipeline(**kwargs) -> Pipeline:
+    """The end of every training run: the serving pipeline + best model as an MLflow model, registered."""
+    return Pipeline([
+        Node(log_served_model, inputs=["best_model", "full_eval_set", "params:predict"], outputs="registered_model",
+             name="log_served_model"),
+    ])

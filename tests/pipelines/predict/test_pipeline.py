@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from food_multids.data.records import RecordError
+from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.full_eval.nodes import full_evaluate
+from food_multids.pipelines.predict import create_pipeline
+from tests.conftest import write_image, write_jsonl
+from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)
+
+PREDICT = {"jsonl_list": [], "image_dir": None, "dataset_name": None, "model": None, "top_k": 5, "batch_size": 64,
+           "dataloader_num_workers": 0, "device": "cpu", "on_bad_rows": "error", "max_image_pixels": 64_000_000,
+           "log_model": True, "registered_model_name": "food_multids"}
+
+
+def run_predict(model_dir, predict: dict) -> DataCatalog:
+    catalog = DataCatalog({"best_model": MemoryDataset(model_dir), "params:predict": MemoryDataset(predict)})
+    SequentialRunner().run(create_pipeline(), catalog)
+    return catalog
+
+
+def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, demo_root, classifier_dir,  # noqa: F811
+                                                                   tmp_path):
+    params = copy.deepcopy(base_params)
+    params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
+    params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
+    params["training"]["device"] = "cpu"
+    train, val, _, _ = ingest_jsonl(params)
+    _, val_set, _ = merge_and_tag(train, val, params)
+    _, full = split_eval_subsets(val_set, params)
+    _, evaluated, _ = full_evaluate(classifier_dir, full, params)
+    # The same images, unlabelled, in the same order, as a user's JSONL file.
+    rows = [{"image": str(r.image), "dataset_name": str(r.dataset_name)} for r in full.itertuples()]
+    jsonl = write_jsonl(tmp_path / "new" / "images.jsonl", rows)
+    catalog = run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)]})
+    predicted = catalog.load("image_predictions")
+    assert len(predicted) == len(full) and predicted["error"].isna().all()
+    evaluated = evaluated.set_index("image").loc[predicted["image"]]
+    assert (predicted["prediction"].to_numpy() == evaluated["prediction"].to_numpy()).all()
+    np.testing.assert_allclose(predicted["confidence"], evaluated["confidence"], atol=1e-6)
+    for got, want, ids, want_ids in zip(predicted["top_k_probs"], evaluated["topk_prob"], predicted["top_k_ids"],
+                                        evaluated["topk"], strict=True):
+        assert list(ids) == [i for i in want_ids if i >= 0]
+        np.testing.assert_allclose(got, [p for p, i in zip(want, want_ids, strict=True) if i >= 0], atol=1e-6)
+    # Probabilities are a softmax over the image's own dataset: digits' 10 classes hold all the mass.
+    digits = predicted[predicted["dataset_name"] == "digits"]
+    assert (digits["top_k_ids"].map(max) < 10).all()
+    assert digits["top_k_names"].map(lambda names: all(n in [str(i) for i in range(10)] for n in names)).all()
+
+
+def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_are_errors(classifier_dir,  # noqa: F811
+                                                                                          tmp_path):
+    image = write_image(tmp_path / "img" / "a.png")
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", [
+        {"image": "img/a.png", "dataset_name": "digits", "label": 3},   # label ignored
+        {"image_path": str(image)},
+        {"image": "img/a.png", "dataset_name": "digitz"},
+    ])
+    with pytest.raises(RecordError) as err:
+        run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)]})
+    assert (f"{jsonl}:3: unknown dataset_name: 'digitz' is not a label space of the model, which knows digits, "
+            "shapes") in str(err.value)
+    catalog = run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)], "on_bad_rows": "skip"})
+    predicted, rejected = catalog.load("image_predictions"), catalog.load("predict_rejected_rows")
+    assert list(zip(predicted["row"], predicted["dataset_name"], strict=True)) == [
+        (0, "digits"), (1, "digits"), (1, "shapes")]
+    assert predicted.loc[0, "confidence"] == pytest.approx(predicted.loc[1, "confidence"], abs=1e-6)  # same image
+    assert list(rejected["line"]) == [3]
+
+
+def test_a_folder_of_images_is_predicted_and_bad_files_are_named(classifier_dir, tmp_path):  # noqa: F811
+    folder = tmp_path / "photos"
+    for i in range(3):
+        write_image(folder / f"sub/{i}.png", colour=(40 * i, 90, 200))
+    (folder / "notes.txt").write_text("not an image")  # ignored: not an image suffix
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(RecordError, match=r"broken.jpg: bad image file: truncated JPEG"):
+        run_predict(classifier_dir, {**PREDICT, "image_dir": str(folder), "dataset_name": "shapes"})
+    catalog = run_predict(classifier_dir, {**PREDICT, "image_dir": str(folder), "dataset_name": "shapes",
+                                           "on_bad_rows": "skip", "top_k": 3})
+    predicted = catalog.load("image_predictions")
+    assert sorted(predicted["image"].map(lambda p: p.rsplit("/", 1)[-1])) == ["0.png", "1.png", "2.png"]
+    assert (predicted["dataset_name"] == "shapes").all() and predicted["top_k_ids"].map(len).eq(3).all()
+    probs = np.array(predicted["top_k_probs"].tolist())
+    assert (np.diff(probs, axis=1) <= 0).all() and (probs.sum(axis=1) <= 1 + 1e-6).all()
+    json.dumps(predicted.drop(columns=["top_k_ids", "top_k_names", "top_k_probs"]).to_dict(orient="records"))
+
+
+def test_an_unknown_dataset_for_a_folder_is_an_error_naming_the_setting(classifier_dir, tmp_path):  # noqa: F811
+    write_image(tmp_path / "photos/a.png")
+    with pytest.raises(RecordError, match=r"params:predict.dataset_name \(or --dataset\): 'food101' is not a label "
+                                          r"space of the model, which knows digits, shapes"):
+        run_predict(classifier_dir, {**PREDICT, "image_dir": str(tmp_path / "photos"), "dataset_name": "food101"})
+
+
+def test_predict_output_round_trips_through_parquet(classifier_dir, tmp_path):  # noqa: F811
+    write_image(tmp_path / "photos/a.png")
+    predicted = run_predict(classifier_dir, {**PREDICT, "image_dir": str(tmp_path / "photos")}).load("image_predictions")
+    predicted.to_parquet(tmp_path / "p.parquet")
+    back = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(back["top_k_ids"].iloc[0]) == list(predicted["top_k_ids"].iloc[0])
+    assert list(back.columns) == list(predicted.columns)
