@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from food_multids import predict_cli
 from food_multids.model.backbones import SUPPORTED
 from food_multids.paths import find_project_root
 
@@ -28,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--family", default="qwen2_5_vl", choices=SUPPORTED, help="config.json model_type")
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
+    predict_cli.add_parser(sub)
     for command, pipeline in PIPELINE_COMMANDS.items():
         run = sub.add_parser(command, help=f"`kedro run --pipelines {pipeline}` with a YAML file's parameters "
                                            "layered over conf/base (the original trainer's --config)")
         run.add_argument("--config", type=Path, required=True, help="the trainer's YAML file (model/data/datasets/...)")
         run.add_argument("--params", default="", help="key=value overrides on top, as `kedro run --params`")
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        return predict_cli.run(args)
     if args.command in PIPELINE_COMMANDS:
         if not args.config.is_file():
             parser.error(f"--config {args.config}: no such file")

@@ -92,8 +92,10 @@ class PreflightHooks:
         conf_source = getattr(self.config_loader, "conf_source", None)
         plan = RunPlan(env=env, node_names={n.name for n in pipeline.nodes}, free_inputs=free, output_paths=outputs,
                        conf_source=conf_source)
-        found = check_run(plan, catalog.load("parameters"), catalog.exists, makers_of(pipelines, free, env), catalog.load)
-        found.problems[:0] = getattr(self.config_loader, "layer_problems", [])  # --params that could not apply
+        params = catalog.load("parameters")
+        swapped = use_predict_model(catalog, params) if "ingest_images" in plan.node_names else []
+        found = check_run(plan, params, catalog.exists, makers_of(pipelines, free, env), catalog.load)
+        found.problems[:0] = [*getattr(self.config_loader, "layer_problems", []), *swapped]  # --params that could not apply
         for warning in found.warnings:
             logger.warning("\n%s\n!! %s\n%s", "!" * 100, warning, "!" * 100)
         if found.problems:
@@ -126,6 +128,24 @@ def pin_companions(catalog, conf_catalog: dict, load_versions: dict, save_versio
         finally:
             replacing.setLevel(level)
         logger.info("%s loaded at version %s, beside the pinned best_model", name, version)
+
+
+def use_predict_model(catalog, params: dict) -> list[str]:
+    """predict.model set: the predict pipeline reads that folder or MLflow model instead of the catalog's
+    versioned best_model. Returns the problem, if any."""
+    from food_multids.datasets import ModelDirectoryDataset
+    from food_multids.serving import local_model_dir
+
+    source = (params.get("predict") or {}).get("model") if isinstance(params, dict) else None
+    if not source:
+        return []
+    try:
+        folder = local_model_dir(str(source))
+    except Exception as exc:  # not found, not a model, an unknown registry version ...
+        return [f"params:predict.model {source!r}: {exc}"]
+    catalog["best_model"] = ModelDirectoryDataset(str(folder))
+    logger.info("predict reads the model %s (predict.model %s)", folder, source)
+    return []
 
 
 class ProjectHooks:

@@ -88,9 +88,22 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
     if cfg is not None and "full_evaluate" in plan.node_names and "train_deepspeed" not in plan.node_names \
             and "best_model" not in missing:
         found.problems.extend(check_evaluated_model(cfg, load))
+    if cfg is not None and "ingest_images" in plan.node_names:
+        found.problems.extend(check_predict_inputs(cfg.predict))
     for name, path in plan.output_paths.items():
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
     return found
+
+
+def check_predict_inputs(predict) -> list[str]:
+    """predict.jsonl_list files and predict.image_dir exist, and at least one is set."""
+    if not predict.jsonl_list and not predict.image_dir:
+        return ["params:predict: nothing to predict: set predict.jsonl_list (records) or predict.image_dir (a folder)"]
+    problems = [f"params:predict.jsonl_list[{i}] file not found: {resolve_path(f)}"
+                for i, f in enumerate(predict.jsonl_list) if not resolve_path(f).is_file()]
+    if predict.image_dir and not resolve_path(predict.image_dir).is_dir():
+        problems.append(f"params:predict.image_dir folder not found: {resolve_path(predict.image_dir)}")
+    return problems
 
 
 def setting(params: dict, section: str, key: str, default: object) -> object:
