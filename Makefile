@@ -15,7 +15,7 @@ TRACKER_SPECS := wandb=wandb==0.31.0 tensorboard=tensorboard==2.21.0
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo run train full_eval test lint viz mlflow-ui notebook
+.PHONY: setup demo run train full_eval predict serve test lint viz mlflow-ui notebook
 
 # make viz PORT=4142 / make mlflow-ui PORT=5001 / make notebook PORT=8889 (each tool's default otherwise)
 PORT ?=
@@ -65,3 +65,19 @@ mlflow-ui: $(VENV)/.installed
 notebook: $(VENV)/.installed
 	$(BIN)/python -c "import notebook" 2>/dev/null || $(PIP) install --quiet $(NOTEBOOK_SPEC)
 	$(BIN)/jupyter notebook --ip 127.0.0.1 $(if $(PORT),--port $(PORT)) $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/inspect_outputs.ipynb
+
+# New images through the best model: predict.* in conf/base/parameters.yml (or --params) -> image_predictions.
+predict: $(VENV)/.installed
+	$(BIN)/kedro run --pipelines predict
+
+# The registered MLflow model over HTTP (every training run registers one):
+#   make serve [MODEL=models:/food_multids/3] [PORT=5001] [WORKERS=2 SERVE_THREADS=1]
+# then POST to http://127.0.0.1:PORT/invocations. On CPU, one worker per core with one torch thread each
+# serves the most images/s (bench/serve.py); on a GPU keep one worker.
+MODEL ?= models:/food_multids/latest
+WORKERS ?= 1
+SERVE_THREADS ?=
+serve: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(abspath mlflow.db) \
+	  $(if $(SERVE_THREADS),OMP_NUM_THREADS=$(SERVE_THREADS)) $(BIN)/mlflow models serve -m $(MODEL) \
+	  --env-manager local --host 127.0.0.1 --port $(or $(PORT),5001) --workers $(WORKERS)

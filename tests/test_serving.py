@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 from food_multids.inference.inputs import records_from_files
 from food_multids.inference.model import load_model
 from food_multids.inference.predict import predict_records
-from food_multids.serving import local_model_dir, log_and_register
+from food_multids.inference.source import local_model_dir
+from food_multids.serving import log_and_register
 from tests.conftest import write_image
 from tests.inference.test_inputs import BAD
 from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)

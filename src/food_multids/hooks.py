@@ -134,7 +134,7 @@ def use_predict_model(catalog, params: dict) -> list[str]:
     """predict.model set: the predict pipeline reads that folder or MLflow model instead of the catalog's
     versioned best_model. Returns the problem, if any."""
     from food_multids.datasets import ModelDirectoryDataset
-    from food_multids.serving import local_model_dir
+    from food_multids.inference.source import local_model_dir
 
     source = (params.get("predict") or {}).get("model") if isinstance(params, dict) else None
     if not source:

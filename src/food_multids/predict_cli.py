@@ -50,7 +50,7 @@ def resolve_model(spec: str, root: Path) -> Path:
         import mlflow
 
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # the project's store (conf/base/mlflow.yml)
-    from food_multids.serving import local_model_dir
+    from food_multids.inference.source import local_model_dir
 
     return local_model_dir(spec)
 

@@ -13,16 +13,15 @@ import base64
 import contextlib
 import logging
 import tempfile
+import threading
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import yaml
 from kedro.io import DataCatalog, MemoryDataset
 
 from food_multids.datasets import LoadedModelDataset
 from food_multids.inference.inputs import BadRequest
-from food_multids.paths import resolve_path
 
 # mlflow asks every PythonModel subclass, on definition, for type hints to infer a signature from; this
 # one logs an explicit signature.
@@ -32,14 +31,22 @@ with warnings.catch_warnings(record=True) as _caught:
     from kedro_mlflow.mlflow import KedroPipelineModel
 
     class ServedClassifier(KedroPipelineModel):
-        """KedroPipelineModel whose bad input is the client's fault: an HTTP 400 naming each bad row."""
+        """KedroPipelineModel whose bad input is the client's fault (an HTTP 400 naming each bad row), and
+        whose requests take turns in arrival order. MLflow's server runs each request in a thread of one
+        process: side by side they only split the same cores (GIL, torch's threads) and the latest
+        arrivals could wait longest. More throughput on CPU comes from more processes (--workers)."""
+
+        def load_context(self, context) -> None:
+            super().load_context(context)
+            self._turns = _Turns()
 
         def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+            turns = getattr(self, "_turns", None) or _Turns()
             try:
-                with _quiet("kedro"):  # the runner's per-node INFO lines, on every request
+                with turns, _quiet("kedro"):  # the runner's per-node INFO lines, on every request
                     return super().predict(context, model_input, params)
             except Exception as exc:
                 cause = exc
@@ -48,6 +55,9 @@ with warnings.catch_warnings(record=True) as _caught:
                 if cause is None:
                     raise
                 raise MlflowException(str(cause), error_code=INVALID_PARAMETER_VALUE) from None
+
+        def __getstate__(self) -> dict:
+            return {k: v for k, v in self.__dict__.items() if k != "_turns"}  # a lock is not pickled
 
 for _w in _caught:
     if "Add type hints to the `predict` method" not in str(_w.message):
@@ -59,6 +69,26 @@ INPUT_NAME = "serving_request"
 MODEL_NAME = "model"  # the logged model's name inside its run
 REQUIREMENTS = ("torch", "transformers", "pillow", "pandas", "pyarrow", "safetensors", "kedro", "kedro-datasets",
                 "kedro-mlflow", "mlflow")
+
+
+class _Turns:
+    """A lock granted in arrival order (threading.Lock is not fair: a request could wait for ever)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 @contextlib.contextmanager
@@ -126,24 +156,3 @@ def log_and_register(model_dir: Path, predict_params: dict, example: tuple[str, 
     logger.info("Served model logged (%s) and registered as %s: `make serve MODEL=%s`", info.model_uri,
                 registered["registry_uri"], registered["registry_uri"])
     return registered
-
-
-def local_model_dir(source: str) -> Path:
-    """A classifier folder from predict.model / the CLI: a folder (relative to the project root) or an
-    MLflow model URI (models:/name/version, runs:/id/model, models:/m-...), downloaded from the store."""
-    if source.startswith(("models:/", "runs:/")) or "://" in source:
-        import mlflow
-
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
-        mlmodel = root / "MLmodel"
-        if not mlmodel.is_file():
-            raise FileNotFoundError(f"{source} is not an MLflow model (no MLmodel file in {root})")
-        artifacts = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {}).get("artifacts", {})
-        if "best_model" not in artifacts:
-            raise FileNotFoundError(f"{source} is not a food_multids model (no best_model artifact in its MLmodel)")
-        return root / artifacts["best_model"]["path"]
-    path = resolve_path(source)
-    if not (path / "classifier.json").is_file():
-        raise FileNotFoundError(f"{path} is not a trained classifier folder (no classifier.json): predict.model takes "
-                                "a best_model version folder, or an MLflow URI like models:/food_multids/1")
-    return path

@@ -1,0 +1,51 @@
+"""`food-multids predict`: a model folder or `best`, images, folders and JSONL files; a table or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from food_multids.inference.predict import predict_images
+from tests.conftest import write_image, write_jsonl
+from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)
+
+CLI = str(Path(sys.executable).with_name("food-multids"))
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "predict", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_predicts_a_folder_as_the_library_does(classifier_dir, tmp_path):  # noqa: F811
+    images = [write_image(tmp_path / f"photos/{i}.png", colour=(60 * i, 20, 200 - 50 * i)) for i in range(3)]
+    proc = cli(str(classifier_dir), "photos", "--dataset", "digits", "--top-k", "3", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    expected = predict_images(classifier_dir, images, dataset="digits", top_k=3)
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+    assert [r["top_k_ids"] for r in rows] == [list(i) for i in expected["top_k_ids"]]
+    np.testing.assert_allclose([r["top_k_probs"] for r in rows], np.array(expected["top_k_probs"].tolist()), atol=1e-6)
+
+    table = cli(str(classifier_dir), "photos/0.png", cwd=tmp_path)  # no dataset: each label space, one line each
+    assert table.returncode == 0, table.stderr[-2000:]
+    lines = table.stdout.splitlines()
+    assert len(lines) == 2 and "digits" in lines[0] and "shapes" in lines[1]
+    assert f"{expected['top_k_names'][0][0]} (" in lines[0]
+
+
+def test_the_cli_reads_jsonl_and_names_bad_input(classifier_dir, tmp_path):  # noqa: F811
+    write_image(tmp_path / "a.png")
+    write_jsonl(tmp_path / "rows.jsonl", [{"image": "a.png", "dataset_name": "shapes"}, {"image": "gone.png"}])
+    proc = cli(str(classifier_dir), "rows.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'rows.jsonl'}:2: bad image file: image file not found" in proc.stderr
+    assert "--skip-bad" in proc.stderr
+    skipped = cli(str(classifier_dir), "rows.jsonl", "--skip-bad", "--json", cwd=tmp_path)
+    assert skipped.returncode == 0 and len(skipped.stdout.splitlines()) == 1
+    assert "skipped" in skipped.stderr and "gone.png" in skipped.stderr
+    nobest = cli("best", "a.png", cwd=tmp_path)
+    assert nobest.returncode == 2 and "train one with `kedro run --pipelines train`" in nobest.stderr
