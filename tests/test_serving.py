@@ -74,10 +74,10 @@ def serve(store: str, model_uri: str, port: int, log: Path) -> subprocess.Popen:
 def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir, tmp_path):  # noqa: F811
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
-    mlflow.set_experiment("served")
+    experiment = MlflowClient(store).create_experiment("served")  # not set_experiment: it outlives the test
     images = [write_image(tmp_path / f"img/{i}.png", colour=(30 * i, 200 - 20 * i, 90)) for i in range(4)]
     for _ in range(2):  # two training runs: two registry versions
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment):
             registered = log_and_register(classifier_dir, {**PREDICT, "device": "cpu"}, (str(images[0]), "digits"))
     assert registered["registry_uri"] == "models:/food_multids/2"
     versions = MlflowClient(store).search_model_versions("name='food_multids'")

@@ -392,6 +392,7 @@ class PredictConfig:
     batch_size: int = 8
     dataloader_num_workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_processes: int | None = None
     on_bad_rows: Literal["error", "skip"] = "error"
     max_image_pixels: int = 64_000_000
     log_model: bool = True
@@ -403,6 +404,8 @@ class PredictConfig:
                 problems.add(f"predict.{name}", f"must be >= 1, got {getattr(self, name)}")
         if isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers < 0:
             problems.add("predict.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
+        if isinstance(self.num_processes, int) and self.num_processes < 1:
+            problems.add("predict.num_processes", f"must be >= 1 or null, got {self.num_processes}")
         if isinstance(self.max_image_pixels, int) and not 28 * 28 <= self.max_image_pixels <= PILLOW_BOMB_LIMIT:
             problems.add("predict.max_image_pixels", f"must be between 784 and {PILLOW_BOMB_LIMIT}, got "
                                                      f"{self.max_image_pixels}")

@@ -20,6 +20,7 @@ from food_multids.model.classifier import (
     MultiDatasetClassifier,
 )
 from food_multids.runtime.device import init_distributed, resolve_device
+from food_multids.runtime.scoring import gather_rows
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,6 @@ def _names(model: MultiDatasetClassifier, dataset: str, ids: np.ndarray) -> list
     space = model.meta.label_spaces.get(dataset)
     names = space.id2label if space is not None else None
     return [names[i] if names is not None and 0 <= i < len(names) else None for i in ids]
-
-
-def gather_rows(rows: dict[str, list], world: int) -> dict[str, list]:
-    """Every rank's prediction rows, concatenated (each rank evaluated its own shard)."""
-    if world == 1:
-        return rows
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, rows)
-    return {key: [v for part in parts for v in part[key]] for key in rows}
 
 
 class ModelMismatchError(ValueError):

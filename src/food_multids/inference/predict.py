@@ -8,14 +8,44 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from food_multids.config import PredictConfig, ProjectConfig
 from food_multids.inference.model import LoadedModel, load_model, run_model
+from food_multids.runtime.device import resolve_device_name
+from food_multids.runtime.launch import launch_processes
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ["row", "image", "dataset_name", "prediction", "prediction_name", "confidence",
                       "top_k_ids", "top_k_names", "top_k_probs", "error"]
 UNREADABLE = "the image could not be decoded (see the log)"
+PREDICTIONS_FILE = "image_predictions.parquet"  # what rank 0 of a multi-process predict writes
+
+
+def predict_world_size(settings: PredictConfig) -> int:
+    """predict.num_processes, else one process per visible GPU (1 on CPU)."""
+    if settings.num_processes is not None:
+        return settings.num_processes
+    if settings.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def predict_with_processes(cfg: ProjectConfig, parameters: dict, model_dir: Path, records: pd.DataFrame
+                           ) -> pd.DataFrame:
+    """The records through the model folder: in this process, or sharded over one process per GPU (as the
+    full evaluation is), rank 0 gathering the rows."""
+    settings = cfg.predict
+    world = predict_world_size(settings)
+    if world == 1 and not cfg.training.hostfile:
+        loaded = load_model(model_dir, resolve_device_name(settings.device))
+        return predict_records(loaded, records, top_k=settings.top_k, batch_size=settings.batch_size,
+                               workers=settings.dataloader_num_workers, progress_mode=cfg.training.progress_bar)
+    launch = cfg.training.resolved_output_dir() / "launch_predict"
+    launch_processes(cfg, world, launch, parameters, {"predict": records}, "food_multids.inference.worker",
+                     extra={"model_dir": str(model_dir)})
+    return pd.read_parquet(launch / PREDICTIONS_FILE)
 
 
 def predict_records(loaded: LoadedModel, records: pd.DataFrame, *, top_k: int, batch_size: int, workers: int = 0,
@@ -30,8 +60,6 @@ def predict_images(model: LoadedModel | Path | str, images: list[Path | str], da
                    top_k: int = 5, batch_size: int = 8) -> pd.DataFrame:
     """Image files through a model folder (or a loaded model): the notebook's one call. Without
     `dataset`, each image is predicted in every label space the model knows."""
-    import torch
-
     from food_multids.inference.inputs import records_from_files
 
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), torch.device("cpu"))

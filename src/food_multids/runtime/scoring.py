@@ -126,3 +126,14 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     model.train(was_training)
     return EvalOutput(totals["loss"], totals["correct"], totals["count"], int(totals["out_of_range"].sum()),
                       int(totals["skipped"].sum()), totals["skipped"], rows if top_k else {})
+
+
+def gather_rows(rows: dict[str, list], world: int) -> dict[str, list]:
+    """Every rank's prediction rows, concatenated (each rank evaluated its own shard)."""
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, rows)
+    return {key: [v for part in parts for v in part[key]] for key in rows}

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -17,12 +19,16 @@ from tests.conftest import write_image, write_jsonl
 from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)
 
 PREDICT = {"jsonl_list": [], "image_dir": None, "dataset_name": None, "model": None, "top_k": 5, "batch_size": 64,
-           "dataloader_num_workers": 0, "device": "cpu", "on_bad_rows": "error", "max_image_pixels": 64_000_000,
-           "log_model": True, "registered_model_name": "food_multids"}
+           "dataloader_num_workers": 0, "device": "cpu", "num_processes": None, "on_bad_rows": "error",
+           "max_image_pixels": 64_000_000, "log_model": True, "registered_model_name": "food_multids"}
+BASE = yaml.safe_load((Path(__file__).resolve().parents[3] / "conf/base/parameters.yml").read_text())
 
 
-def run_predict(model_dir, predict: dict) -> DataCatalog:
-    catalog = DataCatalog({"best_model": MemoryDataset(model_dir), "params:predict": MemoryDataset(predict)})
+def run_predict(model_dir, predict: dict, output_dir: Path | None = None) -> DataCatalog:
+    parameters = {**copy.deepcopy(BASE), "predict": predict}
+    parameters["training"].update(progress_bar="never", output_dir=str(output_dir or model_dir.parent / "out"))
+    catalog = DataCatalog({"best_model": MemoryDataset(model_dir), "params:predict": MemoryDataset(predict),
+                           "parameters": MemoryDataset(parameters)})
     SequentialRunner().run(create_pipeline(), catalog)
     return catalog
 
@@ -108,3 +114,17 @@ def test_predict_output_round_trips_through_parquet(classifier_dir, tmp_path):  
     back = pd.read_parquet(tmp_path / "p.parquet")
     assert list(back["top_k_ids"].iloc[0]) == list(predicted["top_k_ids"].iloc[0])
     assert list(back.columns) == list(predicted.columns)
+
+
+@pytest.mark.slow
+def test_predict_shards_across_two_processes_and_gathers_the_same_rows(classifier_dir, demo_root, tmp_path):  # noqa: F811
+    jsonl = [str(demo_root / "shapes/val.jsonl")]
+    single = run_predict(classifier_dir, {**PREDICT, "jsonl_list": jsonl, "batch_size": 16}).load("image_predictions")
+    sharded = run_predict(classifier_dir, {**PREDICT, "jsonl_list": jsonl, "batch_size": 16, "num_processes": 2},
+                          output_dir=tmp_path / "out").load("image_predictions")
+    assert len(sharded) == len(single) == 160
+    sharded = sharded.sort_values("row").reset_index(drop=True)
+    assert (sharded["row"] == single["row"]).all() and (sharded["image"] == single["image"]).all()
+    assert (sharded["prediction"] == single["prediction"]).all()
+    np.testing.assert_allclose(np.array(sharded["top_k_probs"].tolist()), np.array(single["top_k_probs"].tolist()),
+                               atol=1e-6)

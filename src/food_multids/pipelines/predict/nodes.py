@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from food_multids.config import PredictConfig
+from food_multids.config import PredictConfig, ProjectConfig
 from food_multids.inference.inputs import list_images, records_from_files, records_from_request
-from food_multids.inference.model import LoadedModel, load_model
-from food_multids.inference.predict import predict_records
+from food_multids.inference.model import LoadedModel
+from food_multids.inference.predict import predict_records, predict_with_processes
 from food_multids.model.classifier import label_spaces_of
 from food_multids.paths import resolve_path
-from food_multids.runtime.device import resolve_device_name
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +34,17 @@ def ingest_images(best_model: Path, predict: dict) -> tuple[pd.DataFrame, pd.Dat
     return records, rejected
 
 
-def predict(best_model: Path | LoadedModel, records: pd.DataFrame, predict: dict) -> pd.DataFrame:
-    """Top-k classes, names and probabilities per record, from a model folder or an already loaded model."""
+def predict(best_model: Path, predict_records: pd.DataFrame, parameters: dict) -> pd.DataFrame:
+    """Top-k classes, names and probabilities per record (one process per GPU when there are several)."""
+    cfg = ProjectConfig.from_params(parameters, check_files=False)
+    return predict_with_processes(cfg, parameters, Path(best_model), predict_records)
+
+
+def predict_request(best_model: LoadedModel, served_records: pd.DataFrame, predict: dict) -> pd.DataFrame:
+    """The served model's predict step: the same loop, on the model it loaded when the server started."""
     cfg = PredictConfig.from_section(predict)
-    loaded = best_model if isinstance(best_model, LoadedModel) else \
-        load_model(Path(best_model), resolve_device_name(cfg.device))
-    return predict_records(loaded, records, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                           workers=cfg.dataloader_num_workers if not isinstance(best_model, LoadedModel) else 0)
+    return predict_records(best_model, served_records, top_k=cfg.top_k, batch_size=cfg.batch_size,
+                           progress_mode="never")
 
 
 def decode_request(serving_request: pd.DataFrame, best_model: LoadedModel, predict: dict) -> pd.DataFrame:

@@ -1,6 +1,12 @@
 from kedro.pipeline import Node, Pipeline
 
-from food_multids.pipelines.predict.nodes import decode_request, ingest_images, log_served_model, predict
+from food_multids.pipelines.predict.nodes import (
+    decode_request,
+    ingest_images,
+    log_served_model,
+    predict,
+    predict_request,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -8,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(ingest_images, inputs=["best_model", "params:predict"], outputs=["predict_records", "predict_rejected_rows"],
              name="ingest_images"),
-        Node(predict, inputs=["best_model", "predict_records", "params:predict"], outputs="image_predictions",
+        Node(predict, inputs=["best_model", "predict_records", "parameters"], outputs="image_predictions",
              name="predict"),
     ])
 
@@ -18,8 +24,8 @@ def create_serving_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(decode_request, inputs=["serving_request", "best_model", "params:predict"], outputs="served_records",
              name="decode_request"),
-        Node(predict, inputs=["best_model", "served_records", "params:predict"], outputs="served_predictions",
-             name="predict_request"),
+        Node(predict_request, inputs=["best_model", "served_records", "params:predict"],
+             outputs="served_predictions", name="predict_request"),
     ])
 
 

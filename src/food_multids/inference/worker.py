@@ -1,0 +1,33 @@
+"""Entry point of each predict process started by the DeepSpeed launcher (several GPUs): each rank
+predicts its shard of the records, rank 0 gathers the rows and writes the predictions table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from food_multids.inference.model import load_model, run_model
+from food_multids.inference.predict import PREDICTIONS_FILE, prediction_table
+from food_multids.runtime.device import init_distributed, resolve_device_name
+from food_multids.runtime.files import write_json_atomic
+from food_multids.runtime.launch import RESULT_FILE, worker_context
+from food_multids.runtime.scoring import gather_rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctx = worker_context(argv)
+    settings = ctx.cfg.predict
+    device = resolve_device_name(settings.device)
+    rank, world = init_distributed(device, ctx.cfg.training.master_port)
+    loaded = load_model(Path(ctx.spec["model_dir"]), device)
+    records = ctx.frame("predict")
+    out = run_model(loaded, records, batch_size=settings.batch_size, top_k=settings.top_k, rank=rank, world=world,
+                    workers=settings.dataloader_num_workers, progress_mode=ctx.cfg.training.progress_bar)
+    rows = gather_rows(out.predictions, world)
+    if rank == 0:
+        table = prediction_table(loaded, records, rows)
+        table.to_parquet(ctx.launch / PREDICTIONS_FILE)
+        write_json_atomic(ctx.launch / RESULT_FILE, {"rows": len(table)})
+
+
+if __name__ == "__main__":
+    main()
