@@ -108,3 +108,15 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
         loader(conf, "bad")["parameters"]
     assert info.value.message.endswith("bad/parameters.yml:3:10: not valid YAML (mapping values are not allowed "
                                        "in this context)")
+
+
+def test_the_predict_inputs_are_replaced_as_one_pair_by_an_env_or_the_command_line(tmp_path):
+    base = BASE + "predict: {jsonl_list: [demo/val.jsonl], image_dir: null, top_k: 5}\n"
+    conf = write_conf(tmp_path, {"base/parameters.yml": base, "photos/parameters.yml": "predict: {image_dir: /photos}\n"})
+    from_env = loader(conf, "photos", {})["parameters"]["predict"]
+    assert from_env == {"image_dir": "/photos", "top_k": 5}  # base's demo JSONL is not predicted as well
+    from_cli = loader(conf, "base", {"predict": {"image_dir": "/more"}})["parameters"]["predict"]
+    assert from_cli == {"image_dir": "/more", "top_k": 5}
+    both = loader(conf, "base", {"predict": {"image_dir": "/more", "jsonl_list": ["x.jsonl"]}})["parameters"]["predict"]
+    assert both == {"image_dir": "/more", "jsonl_list": ["x.jsonl"], "top_k": 5}
+    assert loader(conf, "base", {"predict": {"top_k": 3}})["parameters"]["predict"]["jsonl_list"] == ["demo/val.jsonl"]

@@ -47,5 +47,7 @@ def test_the_cli_reads_jsonl_and_names_bad_input(classifier_dir, tmp_path):  # n
     skipped = cli(str(classifier_dir), "rows.jsonl", "--skip-bad", "--json", cwd=tmp_path)
     assert skipped.returncode == 0 and len(skipped.stdout.splitlines()) == 1
     assert "skipped" in skipped.stderr and "gone.png" in skipped.stderr
+    zero = cli(str(classifier_dir), "a.png", "--top-k", "0", cwd=tmp_path)
+    assert zero.returncode == 2 and "--top-k: must be >= 1, got 0" in zero.stderr
     nobest = cli("best", "a.png", cwd=tmp_path)
     assert nobest.returncode == 2 and "train one with `kedro run --pipelines train`" in nobest.stderr

@@ -395,6 +395,7 @@ class PredictConfig:
     num_processes: int | None = None
     on_bad_rows: Literal["error", "skip"] = "error"
     max_image_pixels: int = 64_000_000
+    max_request_pixels: int = 200_000_000
     log_model: bool = True
     registered_model_name: str = "food_multids"
 
@@ -409,6 +410,10 @@ class PredictConfig:
         if isinstance(self.max_image_pixels, int) and not 28 * 28 <= self.max_image_pixels <= PILLOW_BOMB_LIMIT:
             problems.add("predict.max_image_pixels", f"must be between 784 and {PILLOW_BOMB_LIMIT}, got "
                                                      f"{self.max_image_pixels}")
+        if isinstance(self.max_request_pixels, int) and isinstance(self.max_image_pixels, int) \
+                and self.max_request_pixels < self.max_image_pixels:
+            problems.add("predict.max_request_pixels", f"must be >= predict.max_image_pixels ({self.max_image_pixels}), "
+                                                       f"got {self.max_request_pixels}")
         if self.log_model and not str(self.registered_model_name).strip():
             problems.add("predict.registered_model_name", "must name the registered model (or set predict.log_model: false)")
 

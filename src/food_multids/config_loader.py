@@ -39,14 +39,28 @@ def merge_mappings(base: Any, override: Any) -> Any:
     return merged
 
 
+# What the predict pipeline reads: a layer (env or --params) naming one replaces both, so a folder given on
+# the command line is not predicted together with base's demo JSONL.
+PREDICT_INPUT_KEYS = (("predict", "jsonl_list"), ("predict", "image_dir"))
+
+
+def names_any(layer: dict, group: tuple[tuple[str, str], ...]) -> bool:
+    return any(isinstance(layer.get(section), dict) and key in layer[section] for section, key in group)
+
+
+def without(config: dict, group: tuple[tuple[str, str], ...]) -> dict:
+    config = copy.deepcopy(config)
+    for section, key in group:
+        if isinstance(config.get(section), dict):
+            config[section].pop(key, None)
+    return config
+
+
 def layer_parameters(base: dict, env: dict) -> dict:
     """The run's parameters: base, with the env's keys on top (see the module docstring)."""
-    names_data = any(isinstance(env.get(section), dict) and key in env[section] for section, key in DATA_SET_KEYS)
-    if names_data:
-        base = copy.deepcopy(base)
-        for section, key in DATA_SET_KEYS:
-            if isinstance(base.get(section), dict):
-                base[section].pop(key, None)
+    for group in (DATA_SET_KEYS, PREDICT_INPUT_KEYS):
+        if names_any(env, group):
+            base = without(base, group)
     return merge_mappings(base, env)
 
 
@@ -103,6 +117,8 @@ class LayeredConfigLoader(OmegaConfigLoader):
             raise yaml_error(exc) from exc
         if key == "parameters" and self.runtime_params:
             runtime = OmegaConf.to_container(OmegaConf.create(dict(self.runtime_params)), resolve=True)
+            if names_any(runtime, PREDICT_INPUT_KEYS):
+                config = without(config, PREDICT_INPUT_KEYS)
             config, self.layer_problems = apply_runtime_params(config, runtime)
         return config
 

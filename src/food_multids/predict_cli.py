@@ -27,11 +27,20 @@ def add_parser(sub) -> None:
     cmd.add_argument("inputs", nargs="+", type=Path, help="image files, folders of images, JSONL record files")
     cmd.add_argument("--dataset", default=None,
                      help="label space for images and rows without dataset_name (default: each space the model knows)")
-    cmd.add_argument("--top-k", type=int, default=5)
-    cmd.add_argument("--batch-size", type=int, default=8)
+    cmd.add_argument("--top-k", type=_positive, default=5)
+    cmd.add_argument("--batch-size", type=_positive, default=8)
+    cmd.add_argument("--max-image-pixels", type=_positive, default=64_000_000,
+                     help="refuse larger images before decoding them (default 64 M)")
     cmd.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cmd.add_argument("--skip-bad", action="store_true", help="skip unreadable rows and images instead of stopping")
     cmd.add_argument("--json", action="store_true", help="one JSON object per prediction on stdout")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def resolve_model(spec: str, root: Path) -> Path:
@@ -90,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(model_dir, resolve_device_name(args.device, "--device"))
         records, rejected = records_from_files(jsonl, images, args.dataset, loaded.label_spaces,
                                                on_bad_rows="skip" if args.skip_bad else "error",
-                                               bad_rows_setting="--skip-bad")
+                                               max_image_pixels=args.max_image_pixels, bad_rows_setting="--skip-bad")
     except (FileNotFoundError, RecordError, ValueError) as exc:
         _err(f"food-multids predict: {exc}")
         return 2

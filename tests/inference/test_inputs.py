@@ -42,6 +42,7 @@ BAD = {
     "over the pixel cap": (b64(png_bytes((1200, 1000))), "digits",
                            "row 0: image too large: 1200x1000 = 1.2 M pixels > predict.max_image_pixels 1.0 M"),
     "past Pillow's bomb limit": (b64(with_header_size(png_bytes(), 30000, 30000)), "digits", "row 0: image too large"),
+    "extreme aspect ratio": (b64(png_bytes((300, 1))), "digits", "row 0: aspect ratio 300 (300x1) exceeds 200"),
     "unknown dataset": (b64(png_bytes()), "food101",
                         "row 0: unknown dataset_name: 'food101' is not a label space of the model, which knows digits, shapes"),
     "missing image": (None, "digits", "row 0: no image"),
@@ -80,3 +81,18 @@ def test_good_rows_are_decoded_and_a_row_without_dataset_goes_to_every_space():
     assert records["sample_id"].is_unique and (records["label"] == -100).all()
     assert all(isinstance(i, Image.Image) and i.mode == "RGB" for i in records["image"])
     assert records["image_ref"].str.startswith("sha256:").all()
+
+
+def test_a_request_over_the_total_pixel_cap_is_refused_before_decoding():
+    big = b64(png_bytes((1000, 1000)))
+    with pytest.raises(BadRequest, match=r"request too large: its 3 image\(s\) hold 3.0 M pixels together > "
+                                         r"predict.max_request_pixels 2.5 M: send fewer rows per request"):
+        records_from_request(pd.DataFrame({"image": [big] * 3}), SPACES, 1_000_000, max_request_pixels=2_500_000)
+    assert len(records_from_request(pd.DataFrame({"image": [big] * 2}), SPACES, 1_000_000, 2_500_000)) == 4
+
+
+def test_a_missing_dataset_name_of_any_null_kind_means_every_space():
+    request = pd.DataFrame({"image": [b64(png_bytes())] * 3, "dataset_name": pd.array([pd.NA, None, "digits"],
+                                                                                      dtype=object)})
+    records = records_from_request(request, SPACES, 1_000_000)
+    assert list(records["dataset_name"]) == ["digits", "shapes", "digits", "shapes", "digits"]

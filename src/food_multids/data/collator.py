@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-MAX_ASPECT_RATIO = 200  # qwen-vl-utils refuses more extreme images
+from food_multids.data.records import MAX_ASPECT_RATIO
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,

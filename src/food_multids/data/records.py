@@ -34,6 +34,7 @@ from food_multids.progress import progress
 PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
 MAX_LISTED_PROBLEMS = 20
 TOO_LARGE = "image too large"
+MAX_ASPECT_RATIO = 200  # qwen-vl-utils' resize rules refuse more extreme images
 
 
 class RecordError(ValueError):
@@ -366,9 +367,22 @@ def check_image_file(path: str, max_pixels: int | None = None) -> str | None:
             return f"{TOO_LARGE} ({exc}; data.max_image_pixels {max_pixels / 1e6:.1f} M)"
         except Exception as exc:  # PIL raises many types for a damaged header
             return f"unreadable image header ({type(exc).__name__}: {exc})"
+        shape_problem = image_shape_problem(width, height)
+        if shape_problem:
+            return shape_problem
         if width * height > max_pixels:
             return (f"{TOO_LARGE} ({width}x{height} = {width * height / 1e6:.1f} M pixels > data.max_image_pixels "
                     f"{max_pixels / 1e6:.1f} M; resize it or raise the setting)")
+    return None
+
+
+def image_shape_problem(width: int, height: int) -> str | None:
+    """What Qwen VL's resize rules refuse (they would fail at every load), or None."""
+    if width < 1 or height < 1:
+        return f"image has no pixels ({width}x{height})"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"aspect ratio {max(width, height) / min(width, height):.0f} ({width}x{height}) exceeds "
+                f"{MAX_ASPECT_RATIO}, which Qwen VL's resize rules refuse")
     return None
 
 

@@ -28,6 +28,7 @@ from food_multids.data.records import (
     PROBLEM_COLUMNS,
     RecordError,
     check_image_files,
+    image_shape_problem,
     read_jsonl,
 )
 
@@ -43,7 +44,7 @@ class BadRequest(ValueError):
 
 def _spaces_for(name: str | None, spaces: dict[str, tuple[int, int]]) -> list[str] | str:
     """The label spaces a row is predicted in, or the problem with its dataset_name."""
-    if name is None or (isinstance(name, float) and np.isnan(name)) or name == "":
+    if name is None or name == "" or (not isinstance(name, str | list | tuple | dict) and pd.isna(name)):
         return list(spaces)  # one space: that one; several: each of them
     if not isinstance(name, str) or name not in spaces:
         return f"{name!r} is not a label space of the model, which knows {', '.join(spaces)}"
@@ -116,8 +117,13 @@ def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path],
     if len(rejected) and on_bad_rows == "error":
         raise RecordError(format_problems(rejected, bad_rows_setting))
     if not rows:
-        raise RecordError("no images to predict: set predict.jsonl_list or predict.image_dir "
-                          f"({len(rejected)} row(s) rejected)")
+        sources = [str(p) for p in jsonl_files] + ([f"{len(image_paths)} image file(s)"] if image_paths else [])
+        if not len(rejected):
+            raise RecordError(f"no images to predict in {', '.join(sources) or 'no input'}: the files hold no rows")
+        raise RecordError(f"no images left to predict in {', '.join(sources)}: every row was rejected\n  "
+                          + format_problems(rejected, "nothing: fix the rows").split("\n  ", 1)[1])
+    # `row`: the position of the input among those predicted (rejected rows are in the rejected table).
+    rows = [(i, image, ref, wanted) for i, (_, image, ref, wanted) in enumerate(rows)]
     return _expand(rows, spaces), rejected
 
 
@@ -130,15 +136,16 @@ def format_problems(problems: pd.DataFrame, skip_with: str) -> str:
 
 
 # -- served requests ----------------------------------------------------------------------------------
-def decode_image(value: object, max_image_pixels: int) -> Image.Image:
-    """base64 file bytes -> an RGB image, refusing what would hurt the server: the pixel cap is checked
-    from the header, before the pixels are decoded. Raises ValueError saying what is wrong."""
+def read_header(value: object, max_image_pixels: int) -> tuple[bytes, int]:
+    """base64 file bytes -> (the bytes, the image's pixel count), from the header alone: refuses what
+    would hurt the server before any pixel is decoded. Raises ValueError saying what is wrong."""
     if not isinstance(value, str | bytes) or not value:
         raise ValueError("no image: 'image' must be the base64-encoded bytes of an image file")
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"'image' is not valid base64 ({exc})") from None
+        raise ValueError(f"'image' is not valid base64 ({exc}; line breaks or a 'data:' prefix are not "
+                         "accepted: encode with `base64 -w0` or Python's base64.b64encode)") from None
     try:
         with Image.open(io.BytesIO(raw)) as img:  # reads the header only
             width, height = img.size
@@ -146,35 +153,55 @@ def decode_image(value: object, max_image_pixels: int) -> Image.Image:
         raise ValueError(f"image too large ({exc})") from None
     except Exception as exc:  # PIL raises several types for bytes that are not an image
         raise ValueError(f"not a readable image ({type(exc).__name__}: {exc}; {len(raw)} bytes)") from None
+    shape = image_shape_problem(width, height)
+    if shape:
+        raise ValueError(shape)
     if width * height > max_image_pixels:
         raise ValueError(f"image too large: {width}x{height} = {width * height / 1e6:.1f} M pixels > "
                          f"predict.max_image_pixels {max_image_pixels / 1e6:.1f} M")
+    return raw, width * height
+
+
+def decode_image(raw: bytes) -> Image.Image:
     try:
         return load_rgb(io.BytesIO(raw))
     except Exception as exc:  # truncated or corrupt pixel data
         raise ValueError(f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def records_from_request(request: pd.DataFrame, spaces: dict[str, tuple[int, int]], max_image_pixels: int
-                         ) -> pd.DataFrame:
+def records_from_request(request: pd.DataFrame, spaces: dict[str, tuple[int, int]], max_image_pixels: int,
+                         max_request_pixels: int | None = None) -> pd.DataFrame:
     """A served request (columns image, optional dataset_name) -> records with decoded images.
 
     Any bad row fails the whole request (BadRequest naming every bad row): a client never has to look
-    for error fields in a 200 answer.
+    for error fields in a 200 answer. Headers are read first: a request whose images hold more than
+    `max_request_pixels` together is refused before any is decoded (decoded, each pixel takes 3 bytes).
     """
     if "image" not in request.columns:
         raise BadRequest(f"the request has no 'image' column (columns: {', '.join(map(str, request.columns))})")
     if len(request) == 0:
         raise BadRequest("the request has no rows")
     names = request["dataset_name"].tolist() if "dataset_name" in request.columns else [None] * len(request)
-    rows, problems = [], []
+    headers, problems = [], []
     for i, (value, name) in enumerate(zip(request["image"].tolist(), names, strict=True)):
         wanted = _spaces_for(name, spaces)
         if isinstance(wanted, str):
             problems.append(f"row {i}: unknown dataset_name: {wanted}")
             continue
         try:
-            image = decode_image(value, max_image_pixels)
+            raw, pixels = read_header(value, max_image_pixels)
+        except ValueError as exc:
+            problems.append(f"row {i}: {exc}")
+            continue
+        headers.append((i, raw, pixels, value, wanted))
+    total = sum(h[2] for h in headers)
+    if not problems and max_request_pixels is not None and total > max_request_pixels:
+        raise BadRequest(f"request too large: its {len(headers)} image(s) hold {total / 1e6:.1f} M pixels together > "
+                         f"predict.max_request_pixels {max_request_pixels / 1e6:.1f} M: send fewer rows per request")
+    rows = []
+    for i, raw, _, value, wanted in ([] if problems else headers):
+        try:
+            image = decode_image(raw)
         except ValueError as exc:
             problems.append(f"row {i}: {exc}")
             continue

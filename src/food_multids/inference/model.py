@@ -3,6 +3,7 @@ evaluation (which scores its rows), the predict pipeline, the served MLflow mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -68,11 +69,19 @@ class LoadedModel:
         return self.model.meta.label_spaces[dataset].id2label
 
 
+# How to compute, not what: these come from the run's `model:` section; the rest (image sizes, padding
+# side) from the settings the model was trained with, so it sees images as in training.
+SPEED_SETTINGS = ("torch_dtype", "attn_implementation", "batched_vision_windows", "torch_compile")
+
+
 def load_model(model_dir: Path, device: torch.device, settings: ModelConfig | None = None) -> LoadedModel:
-    """Load a saved classifier for inference. `settings` (the run's `model:` section) applies where given;
-    otherwise the settings recorded at training, so a model predicts as it was evaluated."""
+    """Load a saved classifier for inference with the image settings recorded at training (falling back to
+    `settings`, the run's `model:` section, for a folder without a record) and the run's speed settings."""
     model_dir = Path(model_dir)
-    settings = settings or trained_model_settings(model_dir) or ModelConfig(num_labels=1)
+    recorded = trained_model_settings(model_dir)
+    if recorded is not None and settings is not None:
+        settings = dataclasses.replace(recorded, **{k: getattr(settings, k) for k in SPEED_SETTINGS})
+    settings = settings or recorded or ModelConfig(num_labels=1)
     dtype = resolve_dtype(settings.torch_dtype, device)
     model = MultiDatasetClassifier.from_pretrained(model_dir, dtype, settings.attn_implementation).to(device)
     model.eval()
@@ -96,10 +105,11 @@ def records_loader(loaded: LoadedModel, frame: pd.DataFrame, batch_size: int, wo
 
 def run_model(loaded: LoadedModel, frame: pd.DataFrame, *, batch_size: int, top_k: int, workers: int = 0,
               rank: int = 0, world: int = 1, max_consecutive_bad_images: int = 10, desc: str = "predict",
-              progress_mode: str = "auto") -> EvalOutput:
+              progress_mode: str = "auto", own_classes: bool = False) -> EvalOutput:
     """Every row of `frame` (this rank's shard) through the model: per-row top-k with masked-softmax
-    probabilities, plus loss/accuracy sums for labelled rows. The one inference loop of the project."""
+    probabilities, plus loss/accuracy sums for labelled rows. The one inference loop of the project.
+    `own_classes`: rank within each row's dataset even for a model trained without masking."""
     loader = records_loader(loaded, frame, batch_size, workers, rank, world, max_consecutive_bad_images)
     return evaluate(loaded.model, loader, loaded.device, max(1, len(loaded.model.meta.label_spaces)), top_k=top_k,
                     masking=loaded.model.meta.enable_logits_masking, dtype=loaded.dtype, desc=desc,
-                    progress_mode=progress_mode)
+                    progress_mode=progress_mode, own_classes=own_classes)

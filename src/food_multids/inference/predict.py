@@ -52,18 +52,20 @@ def predict_records(loaded: LoadedModel, records: pd.DataFrame, *, top_k: int, b
                     progress_mode: str = "auto") -> pd.DataFrame:
     """One prediction row per record (an input row predicted in several label spaces has one per space)."""
     out = run_model(loaded, records, batch_size=batch_size, top_k=top_k, workers=workers, desc="predict",
-                    progress_mode=progress_mode)
+                    progress_mode=progress_mode, own_classes=True)
     return prediction_table(loaded, records, out.predictions)
 
 
 def predict_images(model: LoadedModel | Path | str, images: list[Path | str], dataset: str | None = None,
-                   top_k: int = 5, batch_size: int = 8) -> pd.DataFrame:
+                   top_k: int = 5, batch_size: int = 8, device: str = "auto",
+                   max_image_pixels: int = PredictConfig.max_image_pixels) -> pd.DataFrame:
     """Image files through a model folder (or a loaded model): the notebook's one call. Without
     `dataset`, each image is predicted in every label space the model knows."""
     from food_multids.inference.inputs import records_from_files
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), torch.device("cpu"))
-    records, _ = records_from_files([], [Path(i) for i in images], dataset, loaded.label_spaces)
+    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), resolve_device_name(device))
+    records, _ = records_from_files([], [Path(i) for i in images], dataset, loaded.label_spaces,
+                                    max_image_pixels=max_image_pixels)
     return predict_records(loaded, records, top_k=top_k, batch_size=batch_size, progress_mode="never")
 
 

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(Path(ctx.spec["model_dir"]), device)
     records = ctx.frame("predict")
     out = run_model(loaded, records, batch_size=settings.batch_size, top_k=settings.top_k, rank=rank, world=world,
-                    workers=settings.dataloader_num_workers, progress_mode=ctx.cfg.training.progress_bar)
+                    workers=settings.dataloader_num_workers, progress_mode=ctx.cfg.training.progress_bar,
+                    own_classes=True)
     rows = gather_rows(out.predictions, world)
     if rank == 0:
         table = prediction_table(loaded, records, rows)

@@ -84,11 +84,13 @@ class EvalOutput:
 
 @torch.inference_mode()
 def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: int = 0, masking: bool = True,
-             dtype: torch.dtype | None = None, desc: str = "eval", progress_mode: str = "auto") -> EvalOutput:
+             dtype: torch.dtype | None = None, desc: str = "eval", progress_mode: str = "auto",
+             own_classes: bool = False) -> EvalOutput:
     """Masked (as in training) loss and accuracy sums per dataset; with top_k > 0 also per-row predictions.
 
     With masking, top-k slots beyond a dataset's num_classes are -1 (probability 0), never a class
-    of another dataset.
+    of another dataset. `own_classes` ranks (and softmaxes) over the sample's dataset's classes even
+    for a model trained without masking (predictions for new images); the sums stay as trained.
     """
     was_training = model.training
     model.eval()
@@ -108,12 +110,16 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
         sums.add("out_of_range", ds, (pred >= batch["num_classes"]).double() * weights)
         if top_k:
             keep = batch["weights"] > 0
-            probs = logits.float().softmax(dim=-1)
+            scores = logits.float()
+            if own_classes and not masking:
+                outside = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= batch["num_classes"][:, None]
+                scores = scores.masked_fill(outside, float("-inf"))
+            probs = scores.softmax(dim=-1)
             k = min(top_k, logits.shape[-1])
             # Rank by logits: probabilities can underflow to ties at 0, logits keep -inf strictly last.
-            top_i = logits.topk(k, dim=-1).indices
+            top_i = scores.topk(k, dim=-1).indices
             top_p = probs.gather(1, top_i)
-            if masking:
+            if masking or own_classes:
                 beyond = top_i >= batch["num_classes"][:, None]
                 top_i, top_p = top_i.masked_fill(beyond, -1), top_p.masked_fill(beyond, 0.0)
             for key, value in (("sample_id", batch["sample_ids"]), ("dataset_id", ds), ("label", labels),

@@ -67,19 +67,21 @@ def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_a
     image = write_image(tmp_path / "img" / "a.png")
     jsonl = write_jsonl(tmp_path / "rows.jsonl", [
         {"image": "img/a.png", "dataset_name": "digits", "label": 3},   # label ignored
+        {"image": "img/gone.png", "dataset_name": "digits"},             # rejected: row numbers stay contiguous
         {"image_path": str(image)},
         {"image": "img/a.png", "dataset_name": "digitz"},
     ])
     with pytest.raises(RecordError) as err:
         run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)]})
-    assert (f"{jsonl}:3: unknown dataset_name: 'digitz' is not a label space of the model, which knows digits, "
+    assert (f"{jsonl}:4: unknown dataset_name: 'digitz' is not a label space of the model, which knows digits, "
             "shapes") in str(err.value)
+    assert f"{jsonl}:2: bad image file: image file not found" in str(err.value)
     catalog = run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)], "on_bad_rows": "skip"})
     predicted, rejected = catalog.load("image_predictions"), catalog.load("predict_rejected_rows")
     assert list(zip(predicted["row"], predicted["dataset_name"], strict=True)) == [
         (0, "digits"), (1, "digits"), (1, "shapes")]
     assert predicted.loc[0, "confidence"] == pytest.approx(predicted.loc[1, "confidence"], abs=1e-6)  # same image
-    assert list(rejected["line"]) == [3]
+    assert sorted(rejected["line"]) == [2, 4]
 
 
 def test_a_folder_of_images_is_predicted_and_bad_files_are_named(classifier_dir, tmp_path):  # noqa: F811
@@ -128,3 +130,46 @@ def test_predict_shards_across_two_processes_and_gathers_the_same_rows(classifie
     assert (sharded["prediction"] == single["prediction"]).all()
     np.testing.assert_allclose(np.array(sharded["top_k_probs"].tolist()), np.array(single["top_k_probs"].tolist()),
                                atol=1e-6)
+
+
+def test_a_model_trained_without_masking_still_ranks_within_the_images_dataset(tiny_model_dir, tmp_path):
+    import torch
+
+    from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
+    from food_multids.model.factory import load_tokenizer
+
+    torch.manual_seed(1)
+    meta = ClassifierMeta(num_labels=40, pooling="image_mean", enable_logits_masking=False,
+                          label_spaces={"digits": LabelSpace(0, 10), "shapes": LabelSpace(1, 40)})
+    model = create_classifier(tiny_model_dir, meta, "float32", torch.device("cpu"))
+    with torch.no_grad():
+        model.head.bias[10:] = 50.0  # the unmasked head prefers classes no digit has
+    out = tmp_path / "unmasked"
+    model.save_pretrained(out, load_tokenizer(tiny_model_dir),
+                          json.loads((tiny_model_dir / "preprocessor_config.json").read_text()))
+    write_image(tmp_path / "photos/a.png")
+    predicted = run_predict(out, {**PREDICT, "image_dir": str(tmp_path / "photos"), "dataset_name": "digits",
+                                  "top_k": 10}).load("image_predictions")
+    [ids] = predicted["top_k_ids"]
+    assert sorted(ids) == list(range(10))  # all ten digit classes, none of the 30 beyond
+    assert sum(predicted["top_k_probs"].iloc[0]) == pytest.approx(1.0, abs=1e-5)  # a softmax over the ten
+
+
+def test_a_saved_model_is_loaded_with_its_training_image_settings_and_todays_speed_settings(classifier_dir,  # noqa: F811
+                                                                                            tmp_path):
+    import shutil
+
+    import torch
+
+    from food_multids.config import ModelConfig
+    from food_multids.inference.model import load_model
+
+    folder = tmp_path / "with_info"
+    shutil.copytree(classifier_dir, folder)
+    trained = {**BASE, "model": {**BASE["model"], "min_pixels": 784, "max_pixels": 6272, "padding_side": "right"}}
+    (folder / "training_info.json").write_text(json.dumps({"parameters": trained}))
+    today = ModelConfig(num_labels=40, min_pixels=3136, max_pixels=3136, batched_vision_windows=False)
+    loaded = load_model(folder, torch.device("cpu"), today)
+    assert (loaded.settings.min_pixels, loaded.settings.max_pixels, loaded.settings.padding_side) == (784, 6272, "right")
+    assert loaded.settings.batched_vision_windows is False
+    assert (loaded.encoder.min_pixels, loaded.encoder.max_pixels) == (784, 6272)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from food_multids.config import PredictConfig, ProjectConfig
-from food_multids.inference.inputs import list_images, records_from_files, records_from_request
+from food_multids.inference.inputs import BadRequest, list_images, records_from_files, records_from_request
 from food_multids.inference.model import LoadedModel
 from food_multids.inference.predict import predict_records, predict_with_processes
 from food_multids.model.classifier import label_spaces_of
@@ -43,14 +43,19 @@ def predict(best_model: Path, predict_records: pd.DataFrame, parameters: dict) -
 def predict_request(best_model: LoadedModel, served_records: pd.DataFrame, predict: dict) -> pd.DataFrame:
     """The served model's predict step: the same loop, on the model it loaded when the server started."""
     cfg = PredictConfig.from_section(predict)
-    return predict_records(best_model, served_records, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                           progress_mode="never")
+    table = predict_records(best_model, served_records, top_k=cfg.top_k, batch_size=cfg.batch_size,
+                            progress_mode="never")
+    failed = table[table["error"].notna()]
+    if len(failed):  # decoded when the request came in, so unexpected: still the request's image, never a 200
+        raise BadRequest("\n".join([f"{len(failed)} row(s) could not be predicted; nothing was predicted:",
+                                    *(f"row {r.row}: {r.error}" for r in failed.itertuples())]))
+    return table
 
 
 def decode_request(serving_request: pd.DataFrame, best_model: LoadedModel, predict: dict) -> pd.DataFrame:
     """A served request's rows (base64 images, dataset names) -> records; any bad row fails the request."""
     cfg = PredictConfig.from_section(predict)
-    return records_from_request(serving_request, best_model.label_spaces, cfg.max_image_pixels)
+    return records_from_request(serving_request, best_model.label_spaces, cfg.max_image_pixels, cfg.max_request_pixels)
 
 
 def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dict) -> dict:
@@ -62,4 +67,10 @@ def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dic
         logger.info("predict.log_model is false: no MLflow model logged")
         return {"logged": False}
     example = str(full_eval_set["image"].iloc[0]), str(full_eval_set["dataset_name"].iloc[0])
-    return log_and_register(Path(best_model), predict, example)
+    try:
+        return log_and_register(Path(best_model), predict, example)
+    except Exception as exc:  # the training is done and its best model saved: this must not fail the run
+        logger.warning("The served model was not logged or registered (%s: %s); the best model is in the catalog: "
+                       "retry with food_multids.serving.log_and_register or `kedro run --pipelines train "
+                       "--from-nodes log_served_model`", type(exc).__name__, exc)
+        return {"logged": False, "error": f"{type(exc).__name__}: {exc}"}
