@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from food_multids.evaluation.full import run_full_evaluation
+from food_multids.runtime.device import finish_distributed
 from food_multids.runtime.files import write_json_atomic
 from food_multids.runtime.launch import RESULT_FILE, worker_context
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         result.predictions.to_parquet(ctx.launch / "predictions.parquet")
         result.confusions.to_parquet(ctx.launch / "confusions.parquet")
         write_json_atomic(ctx.launch / RESULT_FILE, {"metrics": result.metrics})
+    finish_distributed()
 
 
 if __name__ == "__main__":

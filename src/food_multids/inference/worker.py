@@ -7,7 +7,7 @@ from pathlib import Path
 
 from food_multids.inference.model import load_model, run_model
 from food_multids.inference.predict import PREDICTIONS_FILE, prediction_table
-from food_multids.runtime.device import init_distributed, resolve_device_name
+from food_multids.runtime.device import finish_distributed, init_distributed, resolve_device_name
 from food_multids.runtime.files import write_json_atomic
 from food_multids.runtime.launch import RESULT_FILE, worker_context
 from food_multids.runtime.scoring import gather_rows
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         table = prediction_table(loaded, records, rows)
         table.to_parquet(ctx.launch / PREDICTIONS_FILE)
         write_json_atomic(ctx.launch / RESULT_FILE, {"rows": len(table)})
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -46,3 +46,14 @@ def init_distributed(device: torch.device, master_port: int | None = None) -> tu
             if key != "LOCAL_RANK":
                 os.environ.pop(key, None)
     return dist.get_rank(), dist.get_world_size()
+
+
+def finish_distributed() -> None:
+    """Every rank waits for the others, then the process group is torn down before the interpreter exits:
+    a rank that exits with gloo's threads still running dies with SIGABRT ("terminate called without an
+    active exception"), which the launcher reports as a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from food_multids.runtime.device import finish_distributed
 from food_multids.runtime.files import write_json_atomic
 from food_multids.runtime.launch import RESULT_FILE, worker_context
 from food_multids.training.loop import Trainer
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.run()
     if trainer.is_main:
         write_json_atomic(ctx.launch / RESULT_FILE, {"history": result.history, "manifest": result.manifest})
+    finish_distributed()
 
 
 if __name__ == "__main__":
