@@ -221,7 +221,8 @@ def test_a_config_error_names_the_environments_files():
     assert "(conf/base/parameters.yml (conf/nowhere has no parameters file) and --params):" in str(ConfigError(["x"], "nowhere"))
 
 
-@pytest.mark.parametrize("env", ["gpu", "gpu-qwen2_5_vl-7b", "gpu-qwen2_vl-7b", "gpu-qwen3_vl-4b", "gpu-qwen3_vl-8b"])
+@pytest.mark.parametrize("env", ["gpu", "gpu-qwen2_5_vl-7b", "gpu-qwen2_vl-7b", "gpu-qwen3_vl-4b", "gpu-qwen3_vl-8b",
+                                 "gpu-lora", "gpu-lora-qwen2_5_vl-7b"])
 def test_every_gpu_preset_parses_on_top_of_base(base_params, env):
     import yaml
 

@@ -129,6 +129,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: _Problems) -> Any:
         if not isinstance(value, dict):
             problems.add(path, f"must be a mapping, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):  # a nested section (model.lora)
+        return _build(hint, value, path, problems)
     raise AssertionError(f"unsupported type hint {hint!r}")
 
 
@@ -149,8 +151,8 @@ def _build(cls: type, section: Any, path: str, problems: _Problems, skip: tuple[
         if f.name in section:
             before = len(problems.items)
             value = _coerce(section[f.name], hints[f.name], f"{path}.{f.name}", problems)
-            if len(problems.items) == before:
-                kwargs[f.name] = value
+            if len(problems.items) == before or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+                kwargs[f.name] = value  # a nested section keeps its good keys (its bad ones are defaults)
             elif f.default is not dataclasses.MISSING:
                 # Already reported; the default keeps the range checks in validate() well-typed.
                 kwargs[f.name] = f.default
@@ -160,6 +162,30 @@ def _build(cls: type, section: Any, path: str, problems: _Problems, skip: tuple[
         return cls(**kwargs)
     except TypeError:  # a required field missing: already reported
         return None
+
+
+LORA_PARTS = ("language", "vision")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """`model.lora:` low-rank adapters (peft) on the Linear layers of the chosen backbone parts."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    parts: tuple[Literal["language", "vision"], ...] = ("language",)
+    target_modules: tuple[str, ...] | None = None   # module names (or name endings) instead of `parts`
+
+    def validate(self, problems: _Problems, path: str = "model.lora") -> None:
+        if isinstance(self.r, int) and self.r < 1:
+            problems.add(f"{path}.r", f"must be >= 1, got {self.r}")
+        if isinstance(self.alpha, float) and self.alpha <= 0:
+            problems.add(f"{path}.alpha", f"must be > 0, got {self.alpha}")
+        if isinstance(self.dropout, float) and not 0 <= self.dropout < 1:
+            problems.add(f"{path}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.parts and not self.target_modules:
+            problems.add(f"{path}.parts", "is empty and no target_modules are given: nothing would get an adapter")
 
 
 @dataclass(frozen=True)
@@ -182,8 +208,12 @@ class ModelConfig:
     freeze_language_model: bool = False
     gradient_checkpointing: bool = False
     torch_compile: bool = False
+    finetuning: Literal["full", "lora"] = "full"
+    lora: LoraSettings = LoraSettings()
 
     def validate(self, problems: _Problems) -> None:
+        if isinstance(self.lora, LoraSettings):
+            self.lora.validate(problems)
         if isinstance(self.num_labels, int) and self.num_labels < 1:
             problems.add("model.num_labels", f"must be >= 1, got {self.num_labels}")
         if isinstance(self.min_pixels, int) and self.min_pixels < 28 * 28:
@@ -512,6 +542,8 @@ class ProjectConfig:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

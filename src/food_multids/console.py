@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--family", default="qwen2_5_vl", choices=SUPPORTED, help="config.json model_type")
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
+    export = sub.add_parser("export", help="write a LoRA classifier as an ordinary one (adapters merged)")
+    export.add_argument("model", type=Path, help="a classifier folder with LoRA adapters (a best_model version)")
+    export.add_argument("out", type=Path, help="the new folder")
+    export.add_argument("--merge", action="store_true", required=True, help="merge the adapters into the weights")
     predict_cli.add_parser(sub)
     for command, pipeline in PIPELINE_COMMANDS.items():
         run = sub.add_parser(command, help=f"`kedro run --pipelines {pipeline}` with a YAML file's parameters "
@@ -38,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "predict":
         return predict_cli.run(args)
+    if args.command == "export":
+        from food_multids.model.lora import export_merged
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            merged = export_merged(args.model, args.out)
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            parser.error(str(exc))
+        logging.getLogger(__name__).info("Merged %d adapted layers: %s is an ordinary classifier folder", merged,
+                                         args.out)
+        return 0
     if args.command in PIPELINE_COMMANDS:
         if not args.config.is_file():
             parser.error(f"--config {args.config}: no such file")

@@ -97,3 +97,14 @@ def test_the_git_commit_is_read_when_there_is_a_checkout(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}", head) and git_commit(repo) == head
     (repo / "conf_env.yml").write_text("x")  # an untracked file (a new env's parameters) makes it dirty
     assert git_commit(repo) == f"{head}-dirty"
+
+
+def test_the_configuration_says_the_finetuning_mode_and_the_trained_share(two_datasets):
+    from food_multids.evaluation.build_report import finetuning_summary
+
+    full = ProjectConfig.from_params(two_datasets)
+    assert finetuning_summary(full, {}) == "full"
+    lora = ProjectConfig.from_params(with_overrides(two_datasets, model={
+        "finetuning": "lora", "lora": {"r": 8, "alpha": 16, "parts": ["language", "vision"]}}))
+    assert finetuning_summary(lora, {"trainable_parameters": 1_500, "total_parameters": 60_000}) == \
+        "LoRA r=8, alpha=16 on language + vision layers; 1,500 of 60,000 parameters trained (2.5%)"

@@ -104,10 +104,24 @@ def configuration_table(cfg: ProjectConfig, recorded: bool, backbone: str, best:
             ("learning rate / schedule", f"{cfg.training.learning_rate} / {cfg.training.lr_scheduler_type}"),
             ("batch per device x accumulation",
              f"{cfg.training.per_device_train_batch_size} x {cfg.training.gradient_accumulation_steps}"),
+            ("fine-tuning", finetuning_summary(cfg, best)),
             ("DeepSpeed ZeRO stage", str(zero)),
             ("best model", f"{best['metric']} = {best['value']:.4f} at step {best['step']} "
                            f"({best.get('eval_subset_strategy')} subset)")]
     return pd.DataFrame(rows, columns=["setting", "value"])
+
+
+def finetuning_summary(cfg: ProjectConfig, best: dict) -> str:
+    """full, or LoRA with its rank and layers; with the trained share when the model folder records it."""
+    mode = "full"
+    if cfg.model.finetuning == "lora":
+        lora = cfg.model.lora
+        where = ", ".join(lora.target_modules) if lora.target_modules else " + ".join(lora.parts) + " layers"
+        mode = f"LoRA r={lora.r}, alpha={lora.alpha:g} on {where}"
+    trained, total = best.get("trainable_parameters"), best.get("total_parameters")
+    if trained and total:
+        mode += f"; {trained:,} of {total:,} parameters trained ({100 * trained / total:.1f}%)"
+    return mode
 
 
 def final_table(cfg: ProjectConfig, metrics: dict) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from torch import nn
 from food_multids.model.backbones import DEFAULT, family_of
 from food_multids.model.backbones.base import Backbone
 from food_multids.model.factory import resolve_dtype
+from food_multids.model.lora import ADAPTER_FILE, adapter_state, check_base_model, load_adapters
 
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "classifier_head.safetensors"
@@ -41,6 +42,9 @@ class ClassifierMeta:
     label_spaces: dict[str, LabelSpace] = field(default_factory=dict)
     prompt: str = "What food is shown in this image?"
     family: str = DEFAULT          # the backbone family (config.json model_type) it was trained on
+    finetuning: str = "full"        # full | lora
+    lora: dict | None = None        # with lora: r, alpha, dropout, the adapted layers, merger_trained
+    base_model: dict | None = None  # with lora: the base checkpoint's path and config.json sha256
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -145,9 +149,13 @@ class MultiDatasetClassifier(nn.Module):
         """Write the model directory; `state_dict` overrides the module's (e.g. gathered ZeRO-3 weights)."""
         directory.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         head_state = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
-        self.backbone.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
+        if self.meta.finetuning == "lora":  # small: adapters (+ a trained merger) and the base's config
+            save_file(adapter_state(self, state), str(directory / ADAPTER_FILE))
+            self.backbone.config.save_pretrained(directory)
+        else:
+            backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            self.backbone.save_pretrained(directory, state_dict=backbone_state, safe_serialization=True)
         save_file(head_state, str(directory / HEAD_FILE))
         (directory / CLASSIFIER_FILE).write_text(self.meta.to_json())
         if tokenizer is not None:
@@ -167,8 +175,12 @@ class MultiDatasetClassifier(nn.Module):
         if kind.model_type != meta.family:
             raise ValueError(f"{directory}: {CLASSIFIER_FILE} records the {meta.family} family but config.json holds "
                              f"a {kind.model_type} model: the folder was assembled from two models")
-        backbone = kind.load(directory, dtype, attn_implementation)
-        model = cls(backbone, meta, kind)
+        if meta.finetuning == "lora":  # adapters on their recorded base checkpoint
+            base = check_base_model(directory, meta.base_model)
+            model = cls(kind.load(base, dtype, attn_implementation), meta, kind)
+            load_adapters(model, directory)
+        else:
+            model = cls(kind.load(directory, dtype, attn_implementation), meta, kind)
         head = load_file(str(directory / HEAD_FILE))
         model.head.load_state_dict({k: v.to(dtype) for k, v in head.items()})
         return model
@@ -213,6 +225,9 @@ def create_classifier(path: Path, meta: ClassifierMeta, dtype_name: str, device:
     dtype = resolve_dtype(dtype_name, device)
     if (path / CLASSIFIER_FILE).is_file():
         model = MultiDatasetClassifier.from_pretrained(path, dtype, attn_implementation)
+        if model.meta.finetuning == "lora":
+            raise ValueError(f"{path} holds LoRA adapters: continue from a merged export instead (`food-multids "
+                             f"export {path} OUT --merge`, then model.name_or_path: OUT)")
         check_continuation(path, model.meta, meta)
         model.meta = meta
         model.meta.family = model.kind.model_type

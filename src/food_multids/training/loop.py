@@ -37,6 +37,7 @@ from food_multids.model.classifier import (
     create_classifier,
 )
 from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.model.lora import apply_lora
 from food_multids.model.speedups import prepare_model
 from food_multids.paths import resolve_path
 from food_multids.progress import progress
@@ -120,6 +121,15 @@ class Trainer:
                               label_spaces=label_spaces(cfg, self.train_df), prompt=cfg.model.prompt)
         model = create_classifier(self.model_path, meta, cfg.model.torch_dtype, self.device, cfg.model.attn_implementation)
         model.freeze(cfg.model.freeze_vision_tower, cfg.model.freeze_merger, cfg.model.freeze_language_model)
+        self.lora = cfg.model.finetuning == "lora"
+        if self.lora:  # adapters + head (+ merger unless frozen) are all that train
+            counts = apply_lora(model, cfg.model.lora, cfg.model.freeze_merger, self.model_path)
+            if self.is_main:
+                logger.info("LoRA r=%d alpha=%g on %d layers: %d of %d parameters train", cfg.model.lora.r,
+                            cfg.model.lora.alpha, counts["adapted_layers"], counts["trainable_parameters"],
+                            counts["total_parameters"])
+        self.parameter_counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                 "total_parameters": sum(p.numel() for p in model.parameters())}
         self.speedups = prepare_model(model, cfg.model, training=True)
         self.tokenizer = load_tokenizer(self.model_path)
         self.encoder, self.collator = create_collator(
@@ -155,9 +165,12 @@ class Trainer:
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
         workers = self.t.dataloader_num_workers
+        # Its own generator: each new iterator draws a worker seed, which from the global generator would shift
+        # the random stream (LoRA dropout) of a resumed run, whose iterator starts mid-epoch.
         return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=workers,
                           pin_memory=self.t.dataloader_pin_memory and self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if workers else None)
+                          persistent_workers=False, prefetch_factor=4 if workers else None,
+                          generator=torch.Generator().manual_seed(self.t.seed + self.rank))
 
     def _eval_loader(self, frame: pd.DataFrame, batch_size: int) -> DataLoader:
         dataset = RecordDataset(frame, self.encoder, self.t.max_consecutive_bad_images)
@@ -219,7 +232,8 @@ class Trainer:
                                                  "python": random.getstate()}}
 
     def _restore(self, source: Path) -> None:
-        _, state = self.engine.load_checkpoint(str(source.parent), tag=source.name)
+        # A LoRA checkpoint holds only what trains (the frozen base is loaded from model.name_or_path).
+        _, state = self.engine.load_checkpoint(str(source.parent), tag=source.name, load_module_strict=not self.lora)
         if state is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
         for key in ("global_step", "micro_step", "epoch", "batch_in_epoch", "best", "evals_without_improvement",
@@ -416,7 +430,8 @@ class Trainer:
                     # With the backbone and settings it was trained with: a later full_eval/report, run with
                     # other parameters, still describes this model.
                     write_json_atomic(staged / TRAINING_INFO, {
-                        **info, "backbone": str(self.model_path.resolve()), "parameters": self.cfg.to_params()})
+                        **info, "backbone": str(self.model_path.resolve()), "parameters": self.cfg.to_params(),
+                        "finetuning": self.cfg.model.finetuning, **self.parameter_counts})
                     path = ckpt.publish_best(self.output_dir, staged, info)
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -435,7 +450,8 @@ class Trainer:
         path = self.output_dir / "checkpoints" / tag
         what = f"checkpoint of step {self.global_step}"
         with reporting_write_failure(what, path):  # an incomplete folder has no COMPLETE marker: never used
-            self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state())
+            self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state(),
+                                        exclude_frozen_parameters=self.lora)
         self._barrier()
         if self.is_main:
             with reporting_write_failure(what, path):
