@@ -79,3 +79,18 @@ def test_lora_trains_in_two_gloo_processes(demo_params, tmp_path):
     best = Path(manifest["best"]["path"])
     assert (best / "adapter_model.safetensors").is_file()
     assert MultiDatasetClassifier.from_pretrained(best).meta.lora["targets"]
+
+
+def test_lora_trains_under_zero3_with_gradient_checkpointing_and_batched_windows(demo_params, tmp_path):
+    params = demo_params
+    params["model"].update(copy.deepcopy(LORA), gradient_checkpointing=True, batched_vision_windows=True)
+    params["deepspeed"] = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    params["training"].update(max_steps=6, logging_steps=3, eval_steps=6, save_steps=6, learning_rate=5e-3,
+                              resume_from_checkpoint="auto")
+    history, manifest = train_deepspeed(*data_nodes(params), params)
+    losses = [r["metrics"]["overall_loss"] for r in history["records"] if r["kind"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    best = Path(manifest["best"]["path"])
+    assert (best / "adapter_model.safetensors").is_file() and not (best / "model.safetensors").exists()
+    model = MultiDatasetClassifier.from_pretrained(best)
+    assert all(v.numel() > 0 for k, v in model.state_dict().items() if "lora_" in k)  # gathered, not ZeRO-3 stubs
