@@ -94,3 +94,19 @@ def test_lora_trains_under_zero3_with_gradient_checkpointing_and_batched_windows
     assert (best / "adapter_model.safetensors").is_file() and not (best / "model.safetensors").exists()
     model = MultiDatasetClassifier.from_pretrained(best)
     assert all(v.numel() > 0 for k, v in model.state_dict().items() if "lora_" in k)  # gathered, not ZeRO-3 stubs
+
+
+def test_kedro_run_with_lora_runs_the_whole_default_pipeline_on_the_demo(project_copy):
+    import subprocess
+
+    from tests.test_hooks import KEDRO, kedro_env
+
+    proc = subprocess.run([KEDRO, "run", "--params", "model.finetuning=lora,training.num_train_epochs=1"],
+                          cwd=project_copy, env=kedro_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    versions = sorted((project_copy / "data/06_models/best_model").iterdir())
+    assert (versions[-1] / "best_model/adapter_model.safetensors").is_file()
+    report = sorted((project_copy / "data/08_reporting/report.html").iterdir())[-1] / "report.html"
+    assert "LoRA r=16, alpha=32 on language layers;" in report.read_text()
+    registered = sorted((project_copy / "data/06_models/registered_model.json").iterdir())[-1]
+    assert json.loads((registered / "registered_model.json").read_text())["registry_uri"] == "models:/food_multids/1"
