@@ -101,6 +101,7 @@ def project_config():
     model.update(min_pixels=IMG * IMG, max_pixels=IMG * IMG, num_labels=NUM_LABELS,
                  torch_dtype="bfloat16" if DEV == "cuda" else "float32")
     training.update(device=DEV, max_steps=1000)
+    params["tracking"]["report_to"] = []  # nothing is logged here (and mlflow need not be installed there)
     params["deepspeed"]["zero_optimization"]["stage"] = int(os.environ.get("ZERO", "2"))
     return ProjectConfig.from_params(params, check_files=False)
 

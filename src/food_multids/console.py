@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("model", type=Path, help="a classifier folder with LoRA adapters (a best_model version)")
     export.add_argument("out", type=Path, help="the new folder")
     export.add_argument("--merge", action="store_true", required=True, help="merge the adapters into the weights")
+    export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights of the export (default float32: bf16 can round small adapter changes away)")
     predict_cli.add_parser(sub)
     for command, pipeline in PIPELINE_COMMANDS.items():
         run = sub.add_parser(command, help=f"`kedro run --pipelines {pipeline}` with a YAML file's parameters "
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
-            merged = export_merged(args.model, args.out)
+            merged = export_merged(args.model, args.out, args.dtype)
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
             parser.error(str(exc))
         logging.getLogger(__name__).info("Merged %d adapted layers: %s is an ordinary classifier folder", merged,

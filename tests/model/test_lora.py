@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from food_multids.config import LoraSettings
 from food_multids.inference.inputs import records_from_files
@@ -109,7 +110,11 @@ def test_a_saved_lora_model_is_small_and_loads_back_to_identical_logits(tiny_mod
 
 def test_the_merged_export_equals_the_adapter_model_and_needs_no_adapters(tiny_model_dir, images, tmp_path):
     folder = save(lora_model(tiny_model_dir), tiny_model_dir, tmp_path / "lora")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # as after bf16 training
     assert export_merged(folder, tmp_path / "merged") == 24  # 10 vision + 14 language Linear layers
+    with safe_open(str(tmp_path / "merged/model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}  # float32 unless asked
     merged_meta = json.loads((tmp_path / "merged/classifier.json").read_text())
     assert merged_meta["finetuning"] == "full" and merged_meta["lora"] is None
     plain = MultiDatasetClassifier.from_pretrained(tmp_path / "merged")
@@ -153,11 +158,17 @@ def test_target_modules_pick_layers_and_unknown_names_list_the_valid_ones(tiny_m
     adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted and all(n.endswith(("q_proj", "v_proj")) for n in adapted)
     assert len(model.meta.lora["targets"]) == 4  # 2 language layers x (q, v)
+    language_only = lora_model(tiny_model_dir, LoraSettings(r=2, target_modules=("gate_proj",)))
+    assert language_only.meta.lora["targets"] == ["language_model.layers.0.mlp.gate_proj",
+                                                  "language_model.layers.1.mlp.gate_proj"]  # not the vision MLPs'
+    both = lora_model(tiny_model_dir, LoraSettings(r=2, parts=("language", "vision"), target_modules=("gate_proj",)))
+    assert len(both.meta.lora["targets"]) == 4
     with pytest.raises(ValueError) as err:
-        lora_model(tiny_model_dir, LoraSettings(target_modules=("q_proj", "qkv_proj", "patch_embed.proj")))
+        lora_model(tiny_model_dir, LoraSettings(target_modules=("q_proj", "qkv", "patch_embed.proj")))
     text = str(err.value)
-    assert "['qkv_proj', 'patch_embed.proj'] match no Linear layer" in text
-    assert "valid names: down_proj, gate_proj, k_proj, o_proj, proj, q_proj, qkv, up_proj, v_proj" in text
+    assert "['qkv', 'patch_embed.proj'] match no Linear layer of model.lora.parts ['language']" in text
+    assert "valid names: language: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in text
+    assert "add vision to parts for the vision blocks" in text
 
 
 def test_continuing_training_from_adapters_is_refused_with_the_way_out(tiny_model_dir, tmp_path):

@@ -224,10 +224,10 @@ def create_classifier(path: Path, meta: ClassifierMeta, dtype_name: str, device:
     """Continue from a saved classifier directory, or put a fresh head on a backbone checkpoint of any family."""
     dtype = resolve_dtype(dtype_name, device)
     if (path / CLASSIFIER_FILE).is_file():
-        model = MultiDatasetClassifier.from_pretrained(path, dtype, attn_implementation)
-        if model.meta.finetuning == "lora":
+        if ClassifierMeta.from_json((path / CLASSIFIER_FILE).read_text()).finetuning == "lora":
             raise ValueError(f"{path} holds LoRA adapters: continue from a merged export instead (`food-multids "
                              f"export {path} OUT --merge`, then model.name_or_path: OUT)")
+        model = MultiDatasetClassifier.from_pretrained(path, dtype, attn_implementation)
         check_continuation(path, model.meta, meta)
         model.meta = meta
         model.meta.family = model.kind.model_type

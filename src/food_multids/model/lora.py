@@ -40,21 +40,24 @@ def adapter_candidates(model) -> dict[str, str]:
 
 
 def lora_targets(model, parts: tuple[str, ...], target_modules: tuple[str, ...] | None) -> list[str]:
-    """Full module names that get an adapter: every candidate of `parts`, or those `target_modules` name
-    (a full name or a name ending such as q_proj). Names that match nothing are an error listing the valid ones."""
-    candidates = adapter_candidates(model)
+    """Full module names that get an adapter: every candidate of `parts`, or, within `parts`, those that
+    `target_modules` name (a full name or a name ending such as q_proj: the vision blocks and the language
+    layers share endings like gate_proj). Names that match nothing are an error listing the valid ones."""
+    candidates = {name: part for name, part in adapter_candidates(model).items() if part in parts}
     if not target_modules:
-        return [name for name, part in candidates.items() if part in parts]
+        return list(candidates)
 
     def matches(name: str, wanted: str) -> bool:
         return name == wanted or name.endswith(f".{wanted}")
 
     unknown = [t for t in target_modules if not any(matches(n, t) for n in candidates)]
     if unknown:
-        endings = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise ValueError(f"params:model.lora.target_modules {unknown} match no Linear layer of the vision blocks or "
-                         f"language layers; valid names: {', '.join(endings)} (or a full name such as "
-                         f"{next(iter(candidates))}); the patch embedding and the merger never take an adapter")
+        by_part = {part: sorted({n.rsplit(".", 1)[-1] for n, p in candidates.items() if p == part}) for part in parts}
+        valid = "; ".join(f"{part}: {', '.join(names)}" for part, names in by_part.items())
+        raise ValueError(f"params:model.lora.target_modules {unknown} match no Linear layer of model.lora.parts "
+                         f"{list(parts)}; valid names: {valid} (or a full name such as {next(iter(candidates), '-')}); "
+                         "add vision to parts for the vision blocks; the patch embedding and the merger never take "
+                         "an adapter")
     return [n for n in candidates if any(matches(n, t) for t in target_modules)]
 
 
@@ -143,11 +146,11 @@ def merge_adapters(model) -> int:
     return merged
 
 
-def export_merged(model_dir: Path, out: Path) -> int:
+def export_merged(model_dir: Path, out: Path, dtype: str = "float32") -> int:
     """Write `model_dir` (a LoRA classifier) to `out` as an ordinary classifier folder: adapters merged in
-    float32, then stored in the base checkpoint's dtype. Returns how many layers were merged."""
+    float32 and stored as `dtype` (float32 by default: in bfloat16 an adapter's small change to a weight
+    can fall below the weight's rounding step and be lost). Returns how many layers were merged."""
     import json
-    import shutil
 
     from food_multids.model.classifier import TRAINING_INFO, MultiDatasetClassifier
     from food_multids.model.factory import load_tokenizer
@@ -155,19 +158,19 @@ def export_merged(model_dir: Path, out: Path) -> int:
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: export into a new folder")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     model = MultiDatasetClassifier.from_pretrained(model_dir, torch.float32)
     if model.meta.finetuning != "lora":
         raise ValueError(f"{model_dir} is already an ordinary classifier (no LoRA adapters): nothing to merge")
-    config = json.loads((model_dir / "config.json").read_text())
-    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     merged = merge_adapters(model)
-    model.to(getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else torch.float32)
+    model.to(getattr(torch, dtype))
+    model.backbone.config.dtype = dtype
     preprocessor = json.loads((model_dir / "preprocessor_config.json").read_text()) \
         if (model_dir / "preprocessor_config.json").is_file() else None
     model.save_pretrained(out, load_tokenizer(model_dir), preprocessor)
     if (model_dir / TRAINING_INFO).is_file():
         info = json.loads((model_dir / TRAINING_INFO).read_text())
-        info.update(finetuning="lora, merged", merged_from=str(model_dir.resolve()))
+        info.update(finetuning="lora, merged", merged_from=str(model_dir.resolve()), merged_dtype=dtype)
         (out / TRAINING_INFO).write_text(json.dumps(info, indent=2))
-    shutil.copymode(model_dir / "config.json", out / "config.json")
     return merged

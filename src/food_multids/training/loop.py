@@ -165,8 +165,9 @@ class Trainer:
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
         workers = self.t.dataloader_num_workers
-        # Its own generator: each new iterator draws a worker seed, which from the global generator would shift
-        # the random stream (LoRA dropout) of a resumed run, whose iterator starts mid-epoch.
+        # Its own generator: each new iterator draws a base seed for its workers, which from the global
+        # generator would shift the random stream (LoRA dropout) of a resumed run, whose iterator starts
+        # mid-epoch. (Workers do nothing random with it today.)
         return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=workers,
                           pin_memory=self.t.dataloader_pin_memory and self.device.type == "cuda",
                           persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -229,7 +230,10 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), "best": self.best,
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                                 "python": random.getstate()}}
+                                                 "python": random.getstate(),
+                                                 # dropout (LoRA) on a GPU draws from the device's generator
+                                                 "cuda": torch.cuda.get_rng_state(self.device)
+                                                 if self.device.type == "cuda" else None}}
 
     def _restore(self, source: Path) -> None:
         # A LoRA checkpoint holds only what trains (the frozen base is loaded from model.name_or_path).
@@ -243,6 +247,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         if self.is_main:
             logger.info("Resumed from %s: step %d, epoch %d, micro-batch %d of the epoch", source,
                         self.global_step, self.epoch, self.batch_in_epoch)
@@ -414,7 +420,8 @@ class Trainer:
 
     def _gathered_state_dict(self) -> dict | None:
         if self.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
+            # Every rank must call it; with LoRA only what trains (the frozen base is never saved).
+            return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.lora)
         return self.engine.module.state_dict() if self.is_main else None
 
     def _save_best(self) -> None:
