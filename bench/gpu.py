@@ -106,16 +106,17 @@ def project_config():
     return ProjectConfig.from_params(params, check_files=False)
 
 
-def build_model(cfg, device):
+def build_model(cfg, device, size: str = SIZE):
+    """A random-weight classifier of the Qwen2.5-VL shape `size` (3b, 7b, or the tiny one)."""
     from food_multids.model.backbones import family
-    from food_multids.model.backbones.qwen2_5_vl import config_3b
+    from food_multids.model.backbones.qwen2_5_vl import config_3b, config_7b
     from food_multids.model.classifier import ClassifierMeta, LabelSpace, MultiDatasetClassifier
     from food_multids.model.factory import resolve_dtype
     from food_multids.model.tiny import build_tokenizer
 
     kind = family("qwen2_5_vl")
     tokenizer = build_tokenizer()
-    config = config_3b() if SIZE == "3b" else kind.tiny_config(tokenizer)
+    config = {"3b": config_3b, "7b": config_7b}.get(size, lambda: kind.tiny_config(tokenizer))()
     for c in (config, config.text_config, config.vision_config):
         c._attn_implementation = cfg.model.attn_implementation
     dtype = resolve_dtype(cfg.model.torch_dtype, device)

@@ -34,13 +34,8 @@ def run_variant(mode: str, size: str, batch: int, gc: bool) -> None:
     import torch
 
     from food_multids.config import LoraSettings
-    from food_multids.model.backbones import family
-    from food_multids.model.backbones.qwen2_5_vl import config_3b, config_7b
-    from food_multids.model.classifier import ClassifierMeta, LabelSpace, MultiDatasetClassifier
-    from food_multids.model.factory import resolve_dtype
     from food_multids.model.lora import apply_lora
     from food_multids.model.speedups import prepare_model
-    from food_multids.model.tiny import build_tokenizer
     from food_multids.runtime.device import init_distributed
     from food_multids.training.engine import create_engine, resolve_deepspeed_config
 
@@ -53,18 +48,7 @@ def run_variant(mode: str, size: str, batch: int, gc: bool) -> None:
                                                            learning_rate=1e-4 if mode == "lora" else 1e-5))
     device = torch.device(g.DEV)
     init_distributed(device)
-    kind = family("qwen2_5_vl")
-    tokenizer = build_tokenizer()
-    config = {"3b": config_3b, "7b": config_7b}.get(size, lambda: kind.tiny_config(tokenizer))()
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = cfg.model.attn_implementation
-    dtype = resolve_dtype(cfg.model.torch_dtype, device)
-    torch.manual_seed(0)
-    with torch.device(device):
-        backbone = kind.model_class()(config).to(dtype)
-    meta = ClassifierMeta(num_labels=g.NUM_LABELS, pooling=cfg.model.pooling,
-                          label_spaces={"food101": LabelSpace(0, 101), "food2k": LabelSpace(1, 2000)})
-    model = MultiDatasetClassifier(backbone, meta, kind).to(device)
+    model, tokenizer, config, dtype = g.build_model(cfg, device, size)
     counts = {"trainable_parameters": sum(p.numel() for p in model.parameters()), "adapted_layers": 0}
     if mode == "lora":
         with tempfile.TemporaryDirectory() as base:  # apply_lora records the base's config.json checksum
