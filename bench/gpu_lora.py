@@ -49,7 +49,7 @@ def run_variant(mode: str, size: str, batch: int, gc: bool) -> None:
     device = torch.device(g.DEV)
     init_distributed(device)
     model, tokenizer, config, dtype = g.build_model(cfg, device, size)
-    counts = {"trainable_parameters": sum(p.numel() for p in model.parameters()), "adapted_layers": 0}
+    counts = {**model.parameter_counts(), "adapted_layers": 0}
     if mode == "lora":
         with tempfile.TemporaryDirectory() as base:  # apply_lora records the base's config.json checksum
             config.save_pretrained(base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 import types
@@ -539,6 +540,21 @@ class ProjectConfig:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
                    deepspeed=deepspeed, tracking=tracking, predict=predict)
+
+
+def recorded_config(info: dict, otherwise: str) -> ProjectConfig | None:
+    """The settings a saved model was trained with (its training_info.json's `parameters`), or None when it
+    records none or they no longer parse (written by another version of the project: a warning says so,
+    and `otherwise`, what is used instead)."""
+    recorded = info.get("parameters")
+    if not recorded:
+        return None
+    try:
+        return ProjectConfig.from_params(recorded, check_files=False)
+    except ValueError as exc:  # ConfigError, or a value an older version wrote differently
+        logging.getLogger(__name__).warning("The model's recorded training settings no longer parse (%s): %s",
+                                            exc, otherwise)
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -15,12 +15,12 @@ import pyarrow.compute as pc
 
 from food_multids.config import ProjectConfig, default_dataset_for_file
 from food_multids.data.records import (
-    MAX_LISTED_PROBLEMS,
     PROBLEM_COLUMNS,
     TOO_LARGE,
     RecordError,
     check_image_files,
     find_duplicates,
+    format_problems,
     read_jsonl,
     to_frame,
     validate_file,
@@ -106,15 +106,6 @@ def _summarise(split: str, files: tuple[Path, ...], frame: pd.DataFrame, problem
     return out
 
 
-def _format_problems(problems: pd.DataFrame) -> str:
-    shown = problems.sort_values(["split", "file", "line"]).head(MAX_LISTED_PROBLEMS)
-    lines = [f"{r.file}:{r.line}: {r.reason}: {r.detail}" for r in shown.itertuples()]
-    more = len(problems) - len(shown)
-    tail = [f"... and {more} more"] if more else []
-    return "\n  ".join([f"{len(problems)} bad input row(s) (data.on_bad_rows=error; set it to skip to drop them):",
-                        *lines, *tail])
-
-
 def ingest(cfg: ProjectConfig) -> IngestResult:
     """Read and validate both splits; raise RecordError or drop bad rows per data.on_bad_rows."""
     train_table, train_problems = _read_split("train", cfg.data.train_files, cfg)
@@ -122,7 +113,8 @@ def ingest(cfg: ProjectConfig) -> IngestResult:
     train, val = to_frame(train_table), to_frame(val_table)
     rejected = pd.DataFrame(train_problems + val_problems, columns=PROBLEM_COLUMNS)
     if len(rejected) and cfg.data.on_bad_rows == "error":
-        raise RecordError(_format_problems(rejected))
+        raise RecordError(format_problems(rejected, f"{len(rejected)} bad input row(s) (data.on_bad_rows=error; set "
+                                                     "it to skip to drop them):"))
     summary = {"train": _summarise("train", cfg.data.train_files, train, rejected),
                "val": _summarise("val", cfg.data.val_files, val, rejected)}
     for split, files in summary.items():

@@ -58,6 +58,15 @@ class FileRows:
         return len(self.line)
 
 
+def format_problems(problems: pd.DataFrame, header: str) -> str:
+    """`header`, then the first MAX_LISTED_PROBLEMS problems as `file:LINE: reason: detail` (no line where
+    the file is itself the row: an image of a folder), then how many more."""
+    shown = problems.sort_values(["split", "file", "line"]).head(MAX_LISTED_PROBLEMS)
+    lines = [f"{r.file}{f':{r.line}' if r.line else ''}: {r.reason}: {r.detail}" for r in shown.itertuples()]
+    more = len(problems) - len(shown)
+    return "\n  ".join([header, *lines, *([f"... and {more} more"] if more else [])])
+
+
 # -- parsing ----------------------------------------------------------------------------------------
 def _line_numbers(data: bytes, expected_rows: int) -> np.ndarray | None:
     """1-based numbers of the non-blank lines of `data`, or None when they do not match pyarrow's rows."""

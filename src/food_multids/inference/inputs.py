@@ -28,6 +28,7 @@ from food_multids.data.records import (
     PROBLEM_COLUMNS,
     RecordError,
     check_image_files,
+    format_problems,
     image_shape_problem,
     read_jsonl,
 )
@@ -115,24 +116,17 @@ def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path],
         rows = [r for i, r in enumerate(rows) if i not in bad]
     rejected = pd.DataFrame(problems, columns=PROBLEM_COLUMNS)
     if len(rejected) and on_bad_rows == "error":
-        raise RecordError(format_problems(rejected, bad_rows_setting))
+        raise RecordError(format_problems(rejected, f"{len(rejected)} bad input row(s) (drop them with "
+                                                     f"{bad_rows_setting}):"))
     if not rows:
         sources = [str(p) for p in jsonl_files] + ([f"{len(image_paths)} image file(s)"] if image_paths else [])
         if not len(rejected):
             raise RecordError(f"no images to predict in {', '.join(sources) or 'no input'}: the files hold no rows")
-        raise RecordError(f"no images left to predict in {', '.join(sources)}: every row was rejected\n  "
-                          + format_problems(rejected, "nothing: fix the rows").split("\n  ", 1)[1])
+        raise RecordError(format_problems(rejected, f"no images left to predict in {', '.join(sources)}: every row "
+                                                    "was rejected"))
     # `row`: the position of the input among those predicted (rejected rows are in the rejected table).
     rows = [(i, image, ref, wanted) for i, (_, image, ref, wanted) in enumerate(rows)]
     return _expand(rows, spaces), rejected
-
-
-def format_problems(problems: pd.DataFrame, skip_with: str) -> str:
-    shown = problems.sort_values(["file", "line"]).head(MAX_LISTED_PROBLEMS)
-    lines = [f"{r.file}{f':{r.line}' if r.line else ''}: {r.reason}: {r.detail}" for r in shown.itertuples()]
-    more = len(problems) - len(shown)
-    return "\n  ".join([f"{len(problems)} bad input row(s) (drop them with {skip_with}):",
-                        *lines, *([f"... and {more} more"] if more else [])])
 
 
 # -- served requests ----------------------------------------------------------------------------------

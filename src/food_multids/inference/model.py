@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from food_multids.config import ConfigError, ModelConfig, ProjectConfig
+from food_multids.config import ModelConfig, recorded_config
 from food_multids.data.collator import ClassificationCollator, ImageEncoder, create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
@@ -24,23 +24,14 @@ from food_multids.runtime.scoring import EvalOutput, evaluate
 
 logger = logging.getLogger(__name__)
 
-NO_LABEL = -100  # cross_entropy's ignore_index: an unlabelled row adds 0 to the loss and is never "correct"
-
-
 def trained_model_settings(model_dir: Path) -> ModelConfig | None:
     """The `model:` settings a saved classifier was trained with (image sizes, padding side, dtype), from
     its training_info.json; None for a folder without them (then the caller's settings apply)."""
     info_file = Path(model_dir) / TRAINING_INFO
     if not info_file.is_file():
         return None
-    recorded = json.loads(info_file.read_text()).get("parameters")
-    if not recorded:
-        return None
-    try:
-        return ProjectConfig.from_params(recorded, check_files=False).model
-    except ConfigError as exc:  # written by another version of the project
-        logger.warning("%s: the recorded training settings no longer parse (%s); using defaults", info_file, exc)
-        return None
+    cfg = recorded_config(json.loads(info_file.read_text()), f"{info_file}: using the run's settings or defaults")
+    return cfg.model if cfg is not None else None
 
 
 @dataclass

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from food_multids.config import PredictConfig, ProjectConfig
 from food_multids.inference.model import LoadedModel, load_model, run_model
 from food_multids.runtime.device import resolve_device_name
-from food_multids.runtime.launch import launch_processes
+from food_multids.runtime.launch import launch_processes, world_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -23,21 +22,12 @@ UNREADABLE = "the image could not be decoded (see the log)"
 PREDICTIONS_FILE = "image_predictions.parquet"  # what rank 0 of a multi-process predict writes
 
 
-def predict_world_size(settings: PredictConfig) -> int:
-    """predict.num_processes, else one process per visible GPU (1 on CPU)."""
-    if settings.num_processes is not None:
-        return settings.num_processes
-    if settings.device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
-
-
 def predict_with_processes(cfg: ProjectConfig, parameters: dict, model_dir: Path, records: pd.DataFrame
                            ) -> pd.DataFrame:
     """The records through the model folder: in this process, or sharded over one process per GPU (as the
     full evaluation is), rank 0 gathering the rows."""
     settings = cfg.predict
-    world = predict_world_size(settings)
+    world = world_size_for(settings.num_processes, settings.device)
     if world == 1 and not cfg.training.hostfile:
         loaded = load_model(model_dir, resolve_device_name(settings.device))
         return predict_records(loaded, records, top_k=settings.top_k, batch_size=settings.batch_size,

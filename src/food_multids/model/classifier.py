@@ -124,6 +124,11 @@ class MultiDatasetClassifier(nn.Module):
             groups[part].append((name, p))
         return groups
 
+    def parameter_counts(self) -> dict[str, int]:
+        """How many parameters train and how many there are (recorded with a saved model, shown in the report)."""
+        return {"trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "total_parameters": sum(p.numel() for p in self.parameters())}
+
     def freeze(self, vision: bool, merger: bool, language: bool) -> None:
         parts = self.parts()
         for part, frozen in (("vision", vision), ("merger", merger), ("language", language)):

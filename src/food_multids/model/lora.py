@@ -88,9 +88,7 @@ def apply_lora(model, settings, freeze_merger: bool, base_model: Path) -> dict[s
     model.meta.lora = {"r": settings.r, "alpha": settings.alpha, "dropout": settings.dropout, "targets": targets,
                        "merger_trained": not freeze_merger}
     model.meta.base_model = {"path": str(Path(base_model).resolve()), "config_sha256": config_sha256(base_model)}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"adapted_layers": len(targets), "trainable_parameters": trainable,
-            "total_parameters": sum(p.numel() for p in model.parameters())}
+    return {"adapted_layers": len(targets), **model.parameter_counts()}
 
 
 def adapter_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

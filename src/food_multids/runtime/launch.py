@@ -57,9 +57,14 @@ def worker_context(argv: list[str] | None = None) -> WorkerContext:
 
 
 def resolve_world_size(cfg: ProjectConfig) -> int:
-    if cfg.training.num_processes is not None:
-        return cfg.training.num_processes
-    if cfg.training.device != "cpu" and torch.cuda.is_available():
+    return world_size_for(cfg.training.num_processes, cfg.training.device)
+
+
+def world_size_for(num_processes: int | None, device: str) -> int:
+    """The processes asked for, else one per visible GPU (1 on CPU or with device: cpu)."""
+    if num_processes is not None:
+        return num_processes
+    if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count()
     return 1
 

@@ -128,8 +128,7 @@ class Trainer:
                 logger.info("LoRA r=%d alpha=%g on %d layers: %d of %d parameters train", cfg.model.lora.r,
                             cfg.model.lora.alpha, counts["adapted_layers"], counts["trainable_parameters"],
                             counts["total_parameters"])
-        self.parameter_counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                 "total_parameters": sum(p.numel() for p in model.parameters())}
+        self.parameter_counts = model.parameter_counts()
         self.speedups = prepare_model(model, cfg.model, training=True)
         self.tokenizer = load_tokenizer(self.model_path)
         self.encoder, self.collator = create_collator(
@@ -155,10 +154,10 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = create_engine(model, cfg, ds_config, self.total_steps, self.device)
         self.zero_stage = ds_config["zero_optimization"].get("stage", 0)
         if self.is_main:
-            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info("Training %s on %s (%d process(es), ZeRO-%d, %s): %d optimizer steps, %d trainable parameters, "
                         "epoch = %d micro-batches of %d per process; target mix %s; %s", self.model_path.name,
-                        self.device.type, self.world, self.zero_stage, self.dtype, self.total_steps, n_train,
+                        self.device.type, self.world, self.zero_stage, self.dtype, self.total_steps,
+                        self.parameter_counts["trainable_parameters"],
                         len(self.sampler), self.t.per_device_train_batch_size,
                         {n: round(float(p), 3) for n, p in zip(self.names, self.target_mix, strict=True)},
                         self.speedups)

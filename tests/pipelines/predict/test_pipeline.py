@@ -99,7 +99,9 @@ def test_a_folder_of_images_is_predicted_and_bad_files_are_named(classifier_dir,
     assert (predicted["dataset_name"] == "shapes").all() and predicted["top_k_ids"].map(len).eq(3).all()
     probs = np.array(predicted["top_k_probs"].tolist())
     assert (np.diff(probs, axis=1) <= 0).all() and (probs.sum(axis=1) <= 1 + 1e-6).all()
-    json.dumps(predicted.drop(columns=["top_k_ids", "top_k_names", "top_k_probs"]).to_dict(orient="records"))
+    as_json = json.loads(json.dumps(predicted.drop(columns=["top_k_ids", "top_k_names", "top_k_probs"])
+                                    .to_dict(orient="records")))  # plain values, as the CLI's --json writes them
+    assert [r["dataset_name"] for r in as_json] == ["shapes"] * 3
 
 
 def test_an_unknown_dataset_for_a_folder_is_an_error_naming_the_setting(classifier_dir, tmp_path):  # noqa: F811

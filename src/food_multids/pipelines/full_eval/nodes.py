@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from food_multids.config import ProjectConfig
+from food_multids.config import ProjectConfig, recorded_config
 from food_multids.evaluation.build_report import Provenance, build_report, git_commit
 from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
 from food_multids.paths import find_project_root, resolve_path
@@ -83,15 +83,7 @@ def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:
 
 def trained_config(model_info: dict) -> ProjectConfig | None:
     """The settings the evaluated model was trained with (recorded in its folder), or None."""
-    recorded = model_info.get("parameters")
-    if not recorded:
-        return None
-    try:
-        return ProjectConfig.from_params(recorded, check_files=False)
-    except ValueError as exc:  # recorded by another version of the project
-        logger.warning("The model's recorded training settings no longer parse (%s): the report shows the current "
-                       "parameters instead", exc)
-        return None
+    return recorded_config(model_info, "the report shows the current parameters instead")
 
 
 def _run_tag(active, run_id: str | None, key: str) -> str | None:
