@@ -80,9 +80,8 @@ def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path],
     with on_bad_rows=error any problem raises RecordError listing them as file:LINE.
     """
     problems: list[tuple] = []
-    rows: list[tuple[int, object, str, list[str]]] = []
+    rows: list[tuple[str, list[str]]] = []  # (image path, its label spaces)
     where: list[tuple[str, int]] = []  # (file, line) of each row, for its problems
-    row = 0
     for path in jsonl_files:
         parsed = read_jsonl(Path(path))
         problems += [("predict", str(path), line, reason, detail) for line, reason, detail in parsed.parse_problems]
@@ -98,21 +97,19 @@ def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path],
                 problems.append(("predict", str(path), line, "unknown dataset_name", wanted))
                 continue
             resolved = image if os.path.isabs(image) else os.path.normpath(os.path.join(Path(path).parent, image))
-            rows.append((row, resolved, resolved, wanted))
+            rows.append((resolved, wanted))
             where.append((str(path), line))
-            row += 1
     for image in image_paths:
         wanted = _spaces_for(dataset_name, spaces)
         if isinstance(wanted, str):
             raise RecordError(f"params:predict.dataset_name (or --dataset): {wanted}")
-        rows.append((row, str(image), str(image), wanted))
+        rows.append((str(image), wanted))
         where.append((str(image), 0))
-        row += 1
     if rows:
-        found = check_image_files([r[1] for r in rows], check_workers, "checking images", max_image_pixels)
+        found = check_image_files([image for image, _ in rows], check_workers, "checking images", max_image_pixels)
         bad = {i for i, f in enumerate(found) if f is not None}
         for i in sorted(bad):
-            problems.append(("predict", *where[i], "bad image file", f"{found[i]}: {rows[i][1]}"))
+            problems.append(("predict", *where[i], "bad image file", f"{found[i]}: {rows[i][0]}"))
         rows = [r for i, r in enumerate(rows) if i not in bad]
     rejected = pd.DataFrame(problems, columns=PROBLEM_COLUMNS)
     if len(rejected) and on_bad_rows == "error":
@@ -125,8 +122,7 @@ def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path],
         raise RecordError(format_problems(rejected, f"no images left to predict in {', '.join(sources)}: every row "
                                                     "was rejected"))
     # `row`: the position of the input among those predicted (rejected rows are in the rejected table).
-    rows = [(i, image, ref, wanted) for i, (_, image, ref, wanted) in enumerate(rows)]
-    return _expand(rows, spaces), rejected
+    return _expand([(i, image, image, wanted) for i, (image, wanted) in enumerate(rows)], spaces), rejected
 
 
 # -- served requests ----------------------------------------------------------------------------------
