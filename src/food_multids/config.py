@@ -190,6 +190,37 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class NodeSettings:
+    """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
+
+    launch: Literal["auto", "ssh", "per_node"] = "auto"
+    num_nodes: int | None = None        # per_node: else NNODES or SLURM_NNODES from the environment
+    master_addr: str | None = None      # per_node: else MASTER_ADDR, SLURM's first node, this machine's name
+    join_timeout_s: float = 600.0       # per_node: a node or rank that has not joined by then fails the run
+    lost_after_s: float = 60.0          # per_node: a node silent this long is lost; the run stops
+
+    def validate(self, problems: _Problems, hostfile: str | None, path: str = "training.nodes") -> None:
+        if isinstance(self.num_nodes, int) and self.num_nodes < 1:
+            problems.add(f"{path}.num_nodes", f"must be >= 1 or null (from the environment), got {self.num_nodes}")
+        for name in ("join_timeout_s", "lost_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value <= 0:
+                problems.add(f"{path}.{name}", f"must be > 0, got {value}")
+        if self.launch == "ssh" and not hostfile:
+            problems.add(f"{path}.launch", "is ssh but training.hostfile is not set: name the DeepSpeed hostfile "
+                                           "(one `host slots=N` line per machine)")
+        if self.launch == "per_node" and hostfile:
+            problems.add("training.hostfile", "must be null with training.nodes.launch: per_node (each node starts "
+                                              "its own processes; the node list comes from training.nodes)")
+
+    def mode(self, hostfile: str | None) -> Literal["single", "ssh", "per_node"]:
+        """single (this machine), ssh (DeepSpeed's hostfile + pdsh) or per_node (every node starts its own)."""
+        if self.launch == "per_node":
+            return "per_node"
+        return "ssh" if self.launch == "ssh" or hostfile else "single"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """`model:` backbone location, head size, masking, pooling, image sizes and freezing."""
 
@@ -315,6 +346,7 @@ class TrainConfig:
     num_processes: int | None = None
     hostfile: str | None = None
     master_port: int | None = None
+    nodes: NodeSettings = NodeSettings()
     progress_bar: Literal["auto", "always", "never"] = "auto"
 
     def validate(self, problems: _Problems) -> None:
@@ -344,6 +376,11 @@ class TrainConfig:
             problems.add("training.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
         if isinstance(self.num_processes, int) and self.num_processes < 1:
             problems.add("training.num_processes", f"must be >= 1 or null (auto), got {self.num_processes}")
+        if isinstance(self.nodes, NodeSettings):
+            self.nodes.validate(problems, self.hostfile)
+
+    def launch_mode(self) -> Literal["single", "ssh", "per_node"]:
+        return self.nodes.mode(self.hostfile)
 
     def best_metric_greater_is_better(self) -> bool:
         """Explicit setting wins; otherwise losses and out-of-range prediction counts are minimised,

@@ -36,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="weights of the export (default float32: bf16 can round small adapter changes away)")
     predict_cli.add_parser(sub)
+    node = sub.add_parser("node-worker", help="a node other than node 0 of a training.nodes.launch: per_node run: "
+                                              "join node 0's launches until its run ends")
+    node.add_argument("--output-dir", type=Path, required=True,
+                      help="node 0's training.output_dir, on storage every node shares at the same path")
+    node.add_argument("--node-rank", type=int, default=None,
+                      help="this node's rank, 1..N-1 (default: NODE_RANK, SLURM_NODEID or JOB_COMPLETION_INDEX)")
+    node.add_argument("--wait-s", type=float, default=3600.0,
+                      help="give up when no launch from node 0 appears for this long (default 3600: node 0 "
+                           "prepares the data first)")
     for command, pipeline in PIPELINE_COMMANDS.items():
         run = sub.add_parser(command, help=f"`kedro run --pipelines {pipeline}` with a YAML file's parameters "
                                            "layered over conf/base (the original trainer's --config)")
@@ -44,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "predict":
         return predict_cli.run(args)
+    if args.command == "node-worker":
+        return run_node_worker(args)
     if args.command == "export":
         from food_multids.model.lora import export_merged
 
@@ -71,6 +82,28 @@ def main(argv: list[str] | None = None) -> int:
             build_tiny_model_dir(root / TINY_MODEL)
     else:
         build_tiny_model_dir(args.out, family_name=args.family, seed=args.seed, hidden=args.hidden)
+    return 0
+
+
+def run_node_worker(args: argparse.Namespace) -> int:
+    from food_multids.interrupts import RunInterrupted, raise_on_signals
+    from food_multids.paths import resolve_path
+    from food_multids.runtime.node_worker import resolve_node_rank, serve_launches
+    from food_multids.runtime.nodes import NodeFailure
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    log = logging.getLogger(__name__)
+    try:
+        # SIGTERM (a scheduler cancelling the job) reaches this node's ranks as it would under kedro run.
+        with raise_on_signals():
+            serve_launches(resolve_path(str(args.output_dir)), resolve_node_rank(args.node_rank), args.wait_s)
+    except NodeFailure as exc:
+        log.error("node-worker: %s", exc)
+        return 1
+    except RunInterrupted as exc:
+        log.error("node-worker: %s", exc)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from kedro.framework.hooks import hook_impl
 
 from food_multids.interrupts import RunInterrupted, raise_on_signals
+from food_multids.runtime.nodes import finish_sessions
 
 logger = logging.getLogger(__name__)
 # Written by the train pipeline in the same session as best_model, so they share its version string.
@@ -187,10 +188,12 @@ class ProjectHooks:
     @hook_impl(tryfirst=True)  # before other hooks can raise past it
     def after_pipeline_run(self) -> None:
         self._close_run_scope()
+        finish_sessions(ok=True)  # a per_node run's workers exit
 
     @hook_impl(trylast=True)  # after kedro-mlflow has ended the run as FAILED
     def on_pipeline_error(self, error: Exception) -> None:
         self._close_run_scope()
+        finish_sessions(ok=False, message=f"{type(error).__name__}: {error}")
         if isinstance(error, RunInterrupted) and self._run_id:
             import mlflow
             from mlflow.tracking import MlflowClient

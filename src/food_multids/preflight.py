@@ -90,9 +90,22 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_evaluated_model(cfg, load))
     if cfg is not None and "ingest_images" in plan.node_names:
         found.problems.extend(check_predict_inputs(cfg.predict))
+    if cfg is not None and cfg.training.launch_mode() == "per_node":
+        found.problems.extend(check_node_plan(cfg))
     for name, path in plan.output_paths.items():
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
     return found
+
+
+def check_node_plan(cfg: ProjectConfig) -> list[str]:
+    """A per_node run knows its node count and runs on node 0 (nodes.resolve_plan's own checks)."""
+    from food_multids.runtime.nodes import NodeFailure, resolve_plan
+
+    try:
+        resolve_plan(cfg, 1)
+    except NodeFailure as exc:
+        return [f"params:training.nodes: {exc}"]
+    return []
 
 
 def check_predict_inputs(predict) -> list[str]:

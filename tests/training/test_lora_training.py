@@ -49,6 +49,7 @@ def test_lora_learns_a_separable_set_and_saves_a_small_best_model(base_params, t
     assert model.meta.finetuning == "lora" and any("lora_A" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.threads_pinned  # every run is a driver process at one thread
 def test_lora_resumes_exactly_after_sigkill_from_checkpoints_of_the_trained_part_only(demo_params, tmp_path):
     params = demo_params
     params["model"].update(copy.deepcopy(LORA))

@@ -155,6 +155,7 @@ def start_and_signal(params, tmp_path, name, signum):
     return proc, output
 
 
+@pytest.mark.threads_pinned  # every run is a driver process at one thread
 def test_resume_after_sigkill_or_sigterm_ends_with_the_same_metrics(demo_params, tmp_path):
     params = demo_params
     params["data"].update(mix_strategy="weighted")

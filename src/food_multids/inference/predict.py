@@ -12,7 +12,7 @@ import pandas as pd
 from food_multids.config import PredictConfig, ProjectConfig
 from food_multids.inference.model import LoadedModel, load_model, run_model
 from food_multids.runtime.device import resolve_device_name
-from food_multids.runtime.launch import launch_processes, world_size_for
+from food_multids.runtime.launch import launch_processes, uses_launcher, world_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def predict_with_processes(cfg: ProjectConfig, parameters: dict, model_dir: Path
     full evaluation is), rank 0 gathering the rows."""
     settings = cfg.predict
     world = world_size_for(settings.num_processes, settings.device)
-    if world == 1 and not cfg.training.hostfile:
+    if not uses_launcher(cfg, world):
         loaded = load_model(model_dir, resolve_device_name(settings.device))
         return predict_records(loaded, records, top_k=settings.top_k, batch_size=settings.batch_size,
                                workers=settings.dataloader_num_workers, progress_mode=cfg.training.progress_bar)

@@ -8,6 +8,7 @@ import socket
 import torch
 
 from food_multids.config import ProjectConfig
+from food_multids.runtime.nodes import mark_joined
 
 
 def resolve_device(cfg: ProjectConfig) -> torch.device:
@@ -40,6 +41,7 @@ def init_distributed(device: torch.device, master_port: int | None = None) -> tu
         added = [k for k in defaults if k not in os.environ]
         os.environ.update({k: defaults[k] for k in added})
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        mark_joined(dist.get_rank())  # a per_node launch's supervisors wait for every rank's mark
         # A single in-process run made these up; child processes (the DeepSpeed launcher, tests'
         # subprocesses) must not inherit a port that this process is now listening on.
         for key in added:

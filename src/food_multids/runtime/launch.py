@@ -2,7 +2,8 @@
 
 The parent writes the inputs (parquet) and the resolved parameters to a launch folder, starts
 `deepspeed --num_gpus N [--hostfile F] --module <worker>`, and reads back rank 0's result file.
-Training (training/launcher.py) and the full evaluation (pipelines/full_eval) both launch this way.
+Training (training/launcher.py), the full evaluation (pipelines/full_eval) and predict all launch this
+way. With `training.nodes.launch: per_node` the parent is node 0 of several (runtime/nodes.py).
 """
 
 from __future__ import annotations
@@ -69,11 +70,20 @@ def world_size_for(num_processes: int | None, device: str) -> int:
     return 1
 
 
-def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
+def uses_launcher(cfg: ProjectConfig, world: int) -> bool:
+    """Several processes, or other machines: the DeepSpeed launcher starts them (else this process works)."""
+    return world > 1 or cfg.training.launch_mode() != "single"
+
+
+def deepspeed_launcher() -> str:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     if launcher is None:
         raise FileNotFoundError("the `deepspeed` launcher is not on PATH; install deepspeed in this environment")
-    cmd = [launcher, "--num_gpus", str(world)]
+    return launcher
+
+
+def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
+    cmd = [deepspeed_launcher(), "--num_gpus", str(world)]
     if cfg.training.hostfile:
         cmd += ["--hostfile", str(resolve_path(cfg.training.hostfile))]
     if cfg.training.master_port:
@@ -95,6 +105,14 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
     env.update(FOOD_MULTIDS_PROJECT_ROOT=str(find_project_root()), PYTHONUNBUFFERED="1")
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
+    if cfg.training.launch_mode() == "per_node":
+        from food_multids.runtime import nodes
+
+        try:
+            nodes.run_node_zero(cfg, nodes.resolve_plan(cfg, world), ["--module", module, "--spec", str(spec)], env)
+        except nodes.NodeFailure as exc:
+            raise RuntimeError(f"multi-node launch failed: {exc}") from None
+        return
     cmd = launcher_command(cfg, world, spec, module)
     logger.info("Starting %d processes: %s", world, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)

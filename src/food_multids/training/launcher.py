@@ -13,7 +13,7 @@ import json
 import pandas as pd
 
 from food_multids.config import ProjectConfig
-from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size
+from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
 from food_multids.tracking import active_run_target
 from food_multids.training.loop import Trainer, TrainingResult
 from food_multids.training.output_dir import OutputDirLock, check_writable
@@ -32,7 +32,7 @@ def _run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_su
                   full_eval: pd.DataFrame) -> TrainingResult:
     world = resolve_world_size(cfg)
     run_id, tracking_uri = active_run_target()
-    if world == 1 and not cfg.training.hostfile:
+    if not uses_launcher(cfg, world):
         return Trainer(cfg, train, eval_subset, full_eval, run_id, tracking_uri).run()
 
     launch = cfg.training.resolved_output_dir() / "launch"

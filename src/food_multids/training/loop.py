@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import signal
@@ -42,7 +43,7 @@ from food_multids.model.speedups import prepare_model
 from food_multids.paths import resolve_path
 from food_multids.progress import progress
 from food_multids.runtime.device import init_distributed, resolve_device
-from food_multids.runtime.files import write_json_atomic
+from food_multids.runtime.files import fsync_tree, write_json_atomic
 from food_multids.runtime.scoring import MODEL_INPUTS, PerDatasetSums, all_reduce_, evaluate, to_device
 from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
@@ -458,6 +459,10 @@ class Trainer:
         with reporting_write_failure(what, path):  # an incomplete folder has no COMPLETE marker: never used
             self.engine.save_checkpoint(str(path.parent), tag=tag, client_state=self._state(),
                                         exclude_frozen_parameters=self.lora)
+            if not self.is_main and os.environ.get("LOCAL_RANK", "0") == "0":
+                # Another machine's shards reach shared storage before rank 0 seals the checkpoint (rank 0
+                # syncs its own machine's in mark_complete); one process per machine is enough.
+                fsync_tree(path)
         self._barrier()
         if self.is_main:
             with reporting_write_failure(what, path):

@@ -13,7 +13,7 @@ from food_multids.config import ProjectConfig, recorded_config
 from food_multids.evaluation.build_report import Provenance, build_report, git_commit
 from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
 from food_multids.paths import find_project_root, resolve_path
-from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size
+from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
 from food_multids.tracking import Trackers, active_run_target
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     cfg = ProjectConfig.from_params(parameters, check_files=False)
     check_model_dir(cfg, Path(best_model))  # before starting any process
     world = resolve_world_size(cfg)
-    if world == 1 and not cfg.training.hostfile:
+    if not uses_launcher(cfg, world):
         result = run_full_evaluation(cfg, Path(best_model), full_eval_set)
         metrics, predictions, confusions = result.metrics, result.predictions, result.confusions
     else:  # one process per GPU, each on its shard; rank 0 gathers the rows

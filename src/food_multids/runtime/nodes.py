@@ -1,0 +1,337 @@
+"""Several machines without ssh between them (`training.nodes.launch: per_node`), as SLURM and Kubernetes run jobs.
+
+Every node starts a process of its own: node 0 runs `kedro run` (data nodes once, then each multi-process
+step), the others run `food-multids node-worker`. They meet in `<training.output_dir>/nodes/`, which must be
+on storage every node sees at the same path:
+
+  nodes/board.json            node 0's current launch: open (join it), closed, or the run finished
+  nodes/<launch id>/hostfile  the DeepSpeed hostfile of the launch (names only: no ssh is used)
+  nodes/<launch id>/node-K.json
+                              node K's heartbeat (a counter written every second) and its state
+  nodes/<launch id>/joined-rank-R
+                              written by rank R once it is in the process group
+
+Each node starts `deepspeed --no_ssh --node_rank K --hostfile ... --master_addr A --master_port P` over
+the same launch folder, and watches the others: a node that never shows up, a rank that cannot join
+within `join_timeout_s`, or a node whose heartbeat stops for `lost_after_s` stops the run on every node
+with a message naming the nodes and ranks, instead of a collective that waits forever. Heartbeats are
+compared by their counter against this machine's own clock, so the nodes' clocks need not agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from food_multids.config import ProjectConfig
+from food_multids.interrupts import RunInterrupted
+from food_multids.runtime.files import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+BOARD = "board.json"
+NODE_DIR_ENV = "FOOD_MULTIDS_NODE_DIR"  # set for the ranks of a per_node launch: where they report joining
+DEFAULT_PORT = 29500
+BEAT_S = 1.0
+# Environment variables a scheduler sets, most specific first: torchrun's names, SLURM's, a Kubernetes
+# Indexed Job's completion index (the pod's place in the job).
+NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID", "JOB_COMPLETION_INDEX")
+NUM_NODES_VARS = ("NNODES", "SLURM_NNODES")
+
+
+class NodeFailure(RuntimeError):
+    """A per_node launch failed: a node never came, was lost, or its processes failed."""
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What every node of a launch agrees on; node 0 works it out and posts it."""
+
+    num_nodes: int
+    procs_per_node: int
+    master_addr: str
+    master_port: int
+
+    def ranks_of(self, node: int) -> list[int]:
+        return list(range(node * self.procs_per_node, (node + 1) * self.procs_per_node))
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.procs_per_node
+
+    def hostfile_text(self) -> str:
+        # DeepSpeed's launcher reads the node list from a hostfile; with --no_ssh the names only order them.
+        return "".join(f"node-{k} slots={self.procs_per_node}\n" for k in range(self.num_nodes))
+
+
+def _from_env(names: tuple[str, ...]) -> tuple[str, str] | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return name, value
+    return None
+
+
+def _as_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise NodeFailure(f"the environment variable {name}={value!r} is not an integer") from None
+
+
+def env_node_rank() -> tuple[int, str] | None:
+    """This node's rank from the scheduler's environment, and the variable it came from."""
+    found = _from_env(NODE_RANK_VARS)
+    return None if found is None else (_as_int(*found), found[0])
+
+
+def slurm_first_host() -> str | None:
+    """The first node of a SLURM allocation (node 0 of `srun`), via `scontrol show hostnames`."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    scontrol = shutil.which("scontrol")
+    if not nodelist or scontrol is None:
+        return None
+    out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
+    names = out.stdout.split()
+    return names[0] if out.returncode == 0 and names else None
+
+
+def resolve_plan(cfg: ProjectConfig, procs_per_node: int) -> NodePlan:
+    """Node count, master address and port: settings first, then the scheduler's environment (on node 0)."""
+    nodes = cfg.training.nodes
+    problems = []
+    num_nodes = nodes.num_nodes
+    if num_nodes is None:
+        found = _from_env(NUM_NODES_VARS)
+        if found is None:
+            problems.append("training.nodes.num_nodes is not set and neither NNODES nor SLURM_NNODES is in the "
+                            "environment: say how many nodes take part")
+        else:
+            num_nodes = _as_int(*found)
+    here = env_node_rank()
+    if here is not None and here[0] != 0:
+        problems.append(f"this machine is node {here[0]} ({here[1]}={here[0]}), but `kedro run` runs on node 0 only: "
+                        "run `food-multids node-worker --output-dir <training.output_dir>` on the other nodes")
+    master_addr = nodes.master_addr or os.environ.get("MASTER_ADDR") or slurm_first_host() or socket.gethostname()
+    port = cfg.training.master_port or _as_int("MASTER_PORT", os.environ.get("MASTER_PORT") or str(DEFAULT_PORT))
+    if problems:
+        raise NodeFailure("; ".join(problems))
+    return NodePlan(num_nodes, procs_per_node, master_addr, port)
+
+
+def board_dir(cfg: ProjectConfig) -> Path:
+    return cfg.training.resolved_output_dir() / "nodes"
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file another node writes (atomically); None while it does not exist yet."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:  # a non-atomic copy on some network file systems: read it next time
+        return None
+
+
+# Boards this process posted to, and its session id: a Kedro run's hooks finish them when the run ends.
+_session = {"id": None, "boards": set()}
+
+
+def session_id() -> str:
+    if _session["id"] is None:
+        _session["id"] = uuid.uuid4().hex[:12]
+    return _session["id"]
+
+
+def finish_sessions(ok: bool, message: str = "") -> None:
+    """Tell the node workers that node 0's run ended (they exit, 0 if it succeeded)."""
+    for board in sorted(_session["boards"]):
+        write_json_atomic(board / BOARD, {"state": "finished", "session": _session["id"], "ok": ok,
+                                          "message": message[:2000], "finished_at": time.time()})
+    _session["boards"].clear()
+    _session["id"] = None
+
+
+def mark_joined(rank: int) -> None:
+    """Called by each rank right after it joined the process group (see device.init_distributed)."""
+    folder = os.environ.get(NODE_DIR_ENV)
+    if folder:
+        (Path(folder) / f"joined-rank-{rank}").write_text(str(os.getpid()))
+
+
+def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: dict) -> None:
+    """Post a launch on the board, run node 0's share of it, and close the post."""
+    board = board_dir(cfg)
+    board.mkdir(parents=True, exist_ok=True)
+    launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    node_dir = board / launch_id
+    node_dir.mkdir()
+    (node_dir / "hostfile").write_text(plan.hostfile_text())
+    post = {"state": "open", "id": launch_id, "session": session_id(), "plan": asdict(plan), "cmd_tail": cmd_tail,
+            "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""), "posted_by": socket.gethostname(),
+            "timeouts": {"join_timeout_s": cfg.training.nodes.join_timeout_s,
+                         "lost_after_s": cfg.training.nodes.lost_after_s}}
+    _session["boards"].add(board)
+    supervisor = NodeSupervisor(node_dir, post, 0, cfg.training.nodes.join_timeout_s, cfg.training.nodes.lost_after_s)
+    logger.info("Launch %s: waiting for %d more node(s) to join (food-multids node-worker --output-dir %s)",
+                launch_id, plan.num_nodes - 1, cfg.training.resolved_output_dir())
+    ok = False
+    try:
+        supervisor.run(env, on_started=lambda: write_json_atomic(board / BOARD, post))
+        ok = True
+    finally:
+        write_json_atomic(board / BOARD, {**post, "state": "closed", "ok": ok})
+
+
+def launcher_argv(plan: NodePlan, node_dir: Path, node_rank: int, cmd_tail: list[str]) -> list[str]:
+    from food_multids.runtime.launch import deepspeed_launcher
+
+    return [deepspeed_launcher(), "--hostfile", str(node_dir / "hostfile"), "--no_ssh", "--node_rank", str(node_rank),
+            "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
+            "--num_gpus", str(plan.procs_per_node), *cmd_tail]
+
+
+class NodeSupervisor:
+    """One node's share of a launch: start the local DeepSpeed launcher and watch every node's heartbeat."""
+
+    def __init__(self, node_dir: Path, post: dict, node_rank: int, join_timeout_s: float, lost_after_s: float):
+        self.node_dir, self.post, self.me = node_dir, post, node_rank
+        self.plan = NodePlan(**post["plan"])
+        self.join_timeout_s, self.lost_after_s = join_timeout_s, lost_after_s
+        self.beat = 0
+        self.seen: dict[int, tuple[int, float, dict]] = {}  # node -> (last counter, when it changed, record)
+        self.started = time.monotonic()
+
+    def run(self, env: dict, on_started=lambda: None) -> None:
+        cmd = launcher_argv(self.plan, self.node_dir, self.me, self.post["cmd_tail"])
+        logger.info("Node %d of %d: %s", self.me, self.plan.num_nodes, " ".join(cmd))
+        self._write("starting")
+        # A session of its own: a lost node stops the whole local process tree at once, and the ranks
+        # (blocked in a collective with the lost one) are not left behind.
+        proc = subprocess.Popen(cmd, env={**env, NODE_DIR_ENV: str(self.node_dir)}, start_new_session=True)
+        on_started()
+        try:
+            while (code := proc.poll()) is None:
+                self._write("running")
+                problem = self._watch()
+                if problem:
+                    self._stop(proc, signal.SIGKILL)
+                    self._write("failed", problem)
+                    raise NodeFailure(problem)
+                time.sleep(BEAT_S)
+        except (RunInterrupted, KeyboardInterrupt):
+            # The ranks stop at their next agreed step with a checkpoint (the launcher kills those that
+            # take longer than 30 s).
+            self._stop(proc, signal.SIGTERM)
+            self._write("failed", "interrupted")
+            raise
+        if code == 0:
+            self._write("done")
+            return
+        self._write("failed", f"the DeepSpeed launcher on node {self.me} exited with code {code}")
+        raise NodeFailure(self._diagnose(code))
+
+    def _stop(self, proc: subprocess.Popen, signum: int) -> None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def _write(self, state: str, message: str = "") -> None:
+        self.beat += 1
+        write_json_atomic(self.node_dir / f"node-{self.me}.json",
+                          {"node": self.me, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat,
+                           "state": state, "message": message, "ranks": self.plan.ranks_of(self.me)})
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        for node in range(self.plan.num_nodes):
+            if node == self.me:
+                continue
+            record = read_json(self.node_dir / f"node-{node}.json")
+            if record is None:
+                continue
+            last = self.seen.get(node)
+            if last is None or last[0] != record["beat"]:
+                self.seen[node] = (record["beat"], now, record)
+
+    def _watch(self) -> str | None:
+        """A reason to stop this node's processes now, or None."""
+        self._refresh()
+        now = time.monotonic()
+        waited = now - self.started
+        for node in range(self.plan.num_nodes):
+            if node == self.me:
+                continue
+            if node not in self.seen:
+                if waited > self.join_timeout_s:
+                    return (f"node {node} (ranks {_ranks(self.plan.ranks_of(node))}) never joined launch "
+                            f"{self.node_dir.name} within {self.join_timeout_s:.0f} s "
+                            "(training.nodes.join_timeout_s): start `food-multids node-worker --output-dir "
+                            "<training.output_dir>` there, with the same shared output folder")
+                continue
+            beat, changed, record = self.seen[node]
+            if record["state"] == "failed":
+                return f"node {node} ({record['host']}) failed: {record['message']}"
+            if now - changed > self.lost_after_s and record["state"] != "done":
+                return self._lost([node], now)
+        missing = self._not_joined()
+        if missing and waited > self.join_timeout_s:
+            mine = [r for r in missing if self.plan.node_of(r) == self.me]
+            where = f"{self.plan.master_addr}:{self.plan.master_port}"
+            if mine:
+                return (f"rank(s) {_ranks(mine)} on this node (node {self.me}) could not join the process group at "
+                        f"{where} within {self.join_timeout_s:.0f} s (training.nodes.join_timeout_s): check that "
+                        f"node 0 ({self.post.get('posted_by')}) is reachable from here on that port "
+                        "(training.nodes.master_addr, training.master_port, a firewall between the nodes)")
+            return (f"rank(s) {_ranks(missing)} on node(s) {_ranks(sorted({self.plan.node_of(r) for r in missing}))} "
+                    f"did not join the process group at {where} within {self.join_timeout_s:.0f} s")
+        return None
+
+    def _not_joined(self) -> list[int]:
+        world = self.plan.num_nodes * self.plan.procs_per_node
+        return [r for r in range(world) if not (self.node_dir / f"joined-rank-{r}").exists()]
+
+    def _lost(self, nodes: list[int], now: float) -> str:
+        parts = []
+        for node in nodes:
+            _, changed, record = self.seen[node]
+            parts.append(f"rank(s) {_ranks(self.plan.ranks_of(node))} on node {node} (host {record['host']}, "
+                         f"node process {record['pid']}): no heartbeat for {now - changed:.0f} s")
+        return ("lost " + "; ".join(parts) + ". Their processes stopped without reporting an error: the machine "
+                "went down, was disconnected, or its processes were killed. Resume with "
+                "training.resume_from_checkpoint: auto once every node is back")
+
+    def _diagnose(self, code: int) -> str:
+        """After this node's launcher failed: which other nodes failed too, and which went silent."""
+        grace = max(5 * BEAT_S, 3.0)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            self._refresh()
+            time.sleep(BEAT_S / 2)
+        now = time.monotonic()
+        silent = [n for n in range(self.plan.num_nodes) if n != self.me and n in self.seen
+                  and now - self.seen[n][1] >= grace and self.seen[n][2]["state"] not in ("done", "failed")]
+        head = f"the DeepSpeed launcher on node {self.me} exited with code {code} (see the rank logs above)"
+        if silent:
+            return f"{self._lost(silent, now)}; {head}"
+        failed = [f"node {n}: {rec['message']}" for n, (_, _, rec) in sorted(self.seen.items())
+                  if rec["state"] == "failed"]
+        return head + (f"; also failed: {'; '.join(failed)}" if failed else "")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
