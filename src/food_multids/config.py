@@ -239,6 +239,7 @@ class ModelConfig:
     freeze_merger: bool = False
     freeze_language_model: bool = False
     gradient_checkpointing: bool = False
+    gradient_checkpointing_every_n_layers: int = 1
     torch_compile: bool = False
     finetuning: Literal["full", "lora"] = "full"
     lora: LoraSettings = LoraSettings()
@@ -248,6 +249,9 @@ class ModelConfig:
             self.lora.validate(problems)
         if isinstance(self.num_labels, int) and self.num_labels < 1:
             problems.add("model.num_labels", f"must be >= 1, got {self.num_labels}")
+        if isinstance(self.gradient_checkpointing_every_n_layers, int) and self.gradient_checkpointing_every_n_layers < 1:
+            problems.add("model.gradient_checkpointing_every_n_layers",
+                         f"must be >= 1 (1: every layer), got {self.gradient_checkpointing_every_n_layers}")
         if isinstance(self.min_pixels, int) and self.min_pixels < 28 * 28:
             problems.add("model.min_pixels", f"must be >= 784 (one 28x28 patch group), got {self.min_pixels}")
         if isinstance(self.max_pixels, int) and isinstance(self.min_pixels, int) and self.max_pixels < self.min_pixels:
@@ -346,6 +350,7 @@ class TrainConfig:
     num_processes: int | None = None
     hostfile: str | None = None
     master_port: int | None = None
+    single_process_zero_stage: int | None = None
     nodes: NodeSettings = NodeSettings()
     progress_bar: Literal["auto", "always", "never"] = "auto"
 
@@ -376,6 +381,8 @@ class TrainConfig:
             problems.add("training.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
         if isinstance(self.num_processes, int) and self.num_processes < 1:
             problems.add("training.num_processes", f"must be >= 1 or null (auto), got {self.num_processes}")
+        if self.single_process_zero_stage not in (None, 0, 1, 2, 3):
+            problems.add("training.single_process_zero_stage", f"must be 0, 1, 2, 3 or null, got {self.single_process_zero_stage}")
         if isinstance(self.nodes, NodeSettings):
             self.nodes.validate(problems, self.hostfile)
 

@@ -204,7 +204,7 @@ def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradi
 
     plain, fast = make_model(tiny_model_dir), make_model(tiny_model_dir)
     done = prepare_model(fast, ModelConfig(num_labels=7, gradient_checkpointing=True, torch_compile=True), training=True)
-    assert done == {"gradient_checkpointing": True, "batched_windows": 2, "cached_vision_indices": True,
+    assert done == {"gradient_checkpointing": 4, "batched_windows": 2, "cached_vision_indices": True,
                     "compiled_blocks": 4}
     blocks = list(fast.backbone.visual.blocks) + list(fast.backbone.language_model.layers)
     assert all(b._compiled_call_impl is not None for b in blocks)
@@ -222,5 +222,26 @@ def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradi
         assert torch.allclose(forward(plain.eval(), batch), forward(fast.eval(), batch), atol=1e-5, rtol=1e-4)
     untouched = prepare_model(make_model(tiny_model_dir), ModelConfig(num_labels=7, batched_vision_windows=False),
                               training=False)
-    assert untouched == {"gradient_checkpointing": False, "batched_windows": 0, "cached_vision_indices": False,
+    assert untouched == {"gradient_checkpointing": 0, "batched_windows": 0, "cached_vision_indices": False,
                          "compiled_blocks": 0}
+
+
+def test_checkpointing_every_other_layer_recomputes_half_the_layers_with_the_same_gradients(tiny_model_dir):
+    from food_multids.config import ModelConfig
+    from food_multids.model.speedups import checkpointed_layers, prepare_model
+
+    batch = make_batch(tiny_model_dir, n=4, seed=5)
+    grads, counts = [], []
+    for chosen in ({}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True,
+                                                            "gradient_checkpointing_every_n_layers": 2}):
+        model = make_model(tiny_model_dir)
+        done = prepare_model(model, ModelConfig(num_labels=7, **chosen), training=True)
+        counts.append((done["gradient_checkpointing"], checkpointed_layers(model.backbone)))
+        model.train()
+        F.cross_entropy(forward(model, batch), batch["labels"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert counts == [(0, 0), (4, 4), (2, 2)]  # 2 vision blocks + 2 decoder layers; every other one
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, grad in grads[0].items():
+            assert torch.allclose(grad, other[name], atol=1e-5, rtol=1e-4), name

@@ -107,6 +107,22 @@ def test_minimised_metric_and_early_stopping(demo_params):
     assert manifest["stopped_early"] is True and manifest["final_step"] == 15
 
 
+def test_one_process_trains_the_same_under_zero_stage_0_as_under_stage_2(demo_params, tmp_path):
+    # training.single_process_zero_stage: 0 skips ZeRO-2's gradient buckets on one GPU; the update is the same.
+    runs = []
+    for stage in (None, 0):
+        params = copy.deepcopy(demo_params)
+        params["deepspeed"] = {"zero_optimization": {"stage": 2}}
+        params["training"].update(max_steps=6, logging_steps=2, eval_steps=6, save_steps=6, device="cpu",
+                                  single_process_zero_stage=stage, output_dir=str(tmp_path / f"stage{stage}"))
+        history, _ = train_deepspeed(*data_nodes(params), params)
+        runs.append([r["metrics"]["overall_loss"] for r in history["records"]])
+    assert len(runs[0]) == 4  # three training windows and one evaluation
+    # Losses after the first window depend on the updates made (learning rate > 0): a stage that skipped or
+    # changed them would show here.
+    assert demo_params["training"]["learning_rate"] > 0 and runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
 def test_unknown_best_metric_is_a_clear_error(demo_params):
     params = demo_params
     params["training"].update(max_steps=2, eval_steps=2, metric_for_best_model="food101_accuracy")

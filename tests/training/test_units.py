@@ -103,6 +103,20 @@ def test_deepspeed_config_is_filled_from_training_settings(two_datasets, caplog)
     assert not fp32["bf16"]["enabled"]
 
 
+def test_a_single_process_run_uses_its_own_zero_stage_and_several_keep_the_configured_one(two_datasets):
+    params = with_overrides(two_datasets, training={"single_process_zero_stage": 0})
+    params["deepspeed"] = {"zero_optimization": {"stage": 2, "overlap_comm": True}}
+    cfg = ProjectConfig.from_params(params)
+    assert resolve_deepspeed_config(cfg, world_size=1, dtype=torch.bfloat16)["zero_optimization"] == \
+        {"stage": 0, "overlap_comm": True}
+    assert resolve_deepspeed_config(cfg, world_size=2, dtype=torch.bfloat16)["zero_optimization"]["stage"] == 2
+    params["training"]["single_process_zero_stage"] = None
+    assert resolve_deepspeed_config(ProjectConfig.from_params(params), 1, torch.bfloat16)["zero_optimization"]["stage"] == 2
+    params["training"]["single_process_zero_stage"] = 4
+    with pytest.raises(ValueError, match="training.single_process_zero_stage must be 0, 1, 2, 3 or null, got 4"):
+        ProjectConfig.from_params(params)
+
+
 def test_sharded_concat_sampling_covers_each_sample_once_per_epoch():
     ids = np.repeat([0, 1], [37, 64])
     seen = []

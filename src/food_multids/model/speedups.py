@@ -142,16 +142,24 @@ def compile_blocks(blocks: list[torch.nn.Module], recompile_limit: int = 64) -> 
     return len(blocks)
 
 
+def checkpointed_layers(backbone) -> int:
+    """How many of the backbone's repeated layers (vision blocks, decoder layers) recompute in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(1 for m in backbone.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
+
+
 def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
     """The `model:` speed settings, applied the same way by training, full evaluation and bench/gpu.py:
-    gradient checkpointing (training only), batched vision windows with cached vision indices, then
+    gradient checkpointing (training only; every n-th layer), batched vision windows with cached vision indices, then
     regional torch.compile. Returns what was applied (logged by the trainer)."""
     backbone = model.backbone
-    done: dict[str, int | bool] = {"gradient_checkpointing": False, "batched_windows": 0, "cached_vision_indices": False,
+    done: dict[str, int | bool] = {"gradient_checkpointing": 0, "batched_windows": 0, "cached_vision_indices": False,
                                    "compiled_blocks": 0}
     if training and model_cfg.gradient_checkpointing:
-        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        done["gradient_checkpointing"] = True
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                 every_n_layers=model_cfg.gradient_checkpointing_every_n_layers)
+        done["gradient_checkpointing"] = checkpointed_layers(backbone)
     if model_cfg.batched_vision_windows and model.kind.batched_vision_windows:
         done["batched_windows"] = enable_batched_windows(backbone)
         done["cached_vision_indices"] = enable_cached_vision_indices(backbone)

@@ -40,6 +40,9 @@ def resolve_deepspeed_config(cfg: ProjectConfig, world_size: int, dtype: torch.d
         ds["bf16"].setdefault("check_grad_overflow", False)
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == torch.float16}
     ds.setdefault("zero_optimization", {"stage": 0})
+    if world_size == 1 and t.single_process_zero_stage is not None:
+        # ZeRO-2 on one process partitions nothing but still copies every gradient through its buckets.
+        ds["zero_optimization"] = {**ds["zero_optimization"], "stage": t.single_process_zero_stage}
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
