@@ -18,8 +18,9 @@ that fails prints FAIL and the next one still runs; optional phases are skipped 
   SPLIT    forward+backward vs optimizer step time of the configured variant
   EVAL     runtime.scoring.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
   PROFILE  the heaviest GPU kernels of one training step -> $OUT/profile_train.txt
-Env: SIZE (tiny|3b), IMG, B, GC (0/1), COMPILE (0/1) override conf/gpu; TRAIN_VARIANTS ("B:GC,...");
-EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS ("VARIANT:B:GC,..."); BUDGET_S.
+Env: SIZE (tiny|3b), IMG, B, GC (0 off, 1 every layer, n every n-th layer), COMPILE (0/1) override conf/gpu;
+TRAIN_VARIANTS ("B:GC,..."); EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS
+("VARIANT:B:GC,..."); BUDGET_S; MEM_GIB (cap GPU memory, e.g. 79 for an 80 GB card); RUN (label, append).
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ EVAL_BATCHES = [int(x) for x in os.environ.get("EVAL_BATCHES", "128,64").split("
 ANCHOR = os.environ.get("ANCHOR", str(ROOT.parent / "shared/bench/bare_loop_anchor.py"))
 ANCHOR_ARGS = [v.split(":") for v in os.environ.get("ANCHOR_ARGS", "stock:8:0").split(",") if v]
 BUDGET_S = float(os.environ.get("BUDGET_S", "300"))
+MEM_GIB = float(os.environ.get("MEM_GIB") or 0)  # cap this process's GPU memory (80: an H100-sized card)
+RUN = os.environ.get("RUN", "")  # a label on every line (bench/gpu_round2.sh runs several configurations)
 OUT = Path(os.environ.get("OUT") or ROOT / "bench/out")
 T0 = time.perf_counter()
 NUM_LABELS = 2101
 
 
 def emit(tag: str, **fields) -> None:
-    fields = {"t": round(time.perf_counter() - T0, 1), **fields}
+    fields = {"t": round(time.perf_counter() - T0, 1), **({"run": RUN} if RUN else {}), **fields}
     print(tag, json.dumps(fields), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     with (OUT / "gpu_results.jsonl").open("a") as f:
@@ -93,9 +96,11 @@ def project_config():
     params = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())
     params.update(yaml.safe_load((ROOT / "conf/gpu/parameters.yml").read_text()))
     model, training = params["model"], params["training"]
-    for env, section, key in (("GC", model, "gradient_checkpointing"), ("COMPILE", model, "torch_compile")):
-        if os.environ.get(env):
-            section[key] = os.environ[env] == "1"
+    if os.environ.get("COMPILE"):
+        model["torch_compile"] = os.environ["COMPILE"] == "1"
+    if os.environ.get("GC"):  # 0 off, 1 every layer, n every n-th layer
+        model["gradient_checkpointing"] = int(os.environ["GC"]) > 0
+        model["gradient_checkpointing_every_n_layers"] = max(1, int(os.environ["GC"]))
     if os.environ.get("B"):
         training["per_device_train_batch_size"] = int(os.environ["B"])
     model.update(min_pixels=IMG * IMG, max_pixels=IMG * IMG, num_labels=NUM_LABELS,
@@ -206,11 +211,12 @@ def make_host(engine, device, dtype) -> StepHost:
     return StepHost(engine=engine, device=device, dtype=dtype, window=PerDatasetSums(TRAIN_SUMS, 2, device))
 
 
-def set_checkpointing(model, on: bool) -> None:
-    if on:
-        model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.backbone.activation_checkpointing_disable()
+def set_checkpointing(model, every: int) -> None:
+    """0: no checkpointing; n: every n-th layer recomputes (model.gradient_checkpointing_every_n_layers)."""
+    model.backbone.activation_checkpointing_disable()
+    if every:
+        model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                                       every_n_layers=every)
 
 
 def reset_after_failure(engine) -> None:
@@ -223,7 +229,7 @@ def reset_after_failure(engine) -> None:
         torch.cuda.empty_cache()
 
 
-def train_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg, split: bool = False) -> dict:
+def train_phase(host, model, batch_size: int, gc: int, tokenizer, config, cfg, split: bool = False) -> dict:
     from food_multids.runtime.scoring import MODEL_INPUTS, to_device
     from food_multids.training.loop import train_step
 
@@ -289,7 +295,7 @@ def eval_phase(model, eval_batch: int, tokenizer, config, cfg, dtype, device) ->
     return result
 
 
-def profile_phase(host, model, batch_size: int, gc: bool, tokenizer, config, cfg) -> None:
+def profile_phase(host, model, batch_size: int, gc: int, tokenizer, config, cfg) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from food_multids.training.loop import train_step
@@ -314,7 +320,8 @@ def main() -> None:
     from food_multids.runtime.device import init_distributed
     from food_multids.training.engine import create_engine, resolve_deepspeed_config
 
-    (OUT / "gpu_results.jsonl").unlink(missing_ok=True)
+    if not RUN:  # a labelled run appends to the results of the runs before it
+        (OUT / "gpu_results.jsonl").unlink(missing_ok=True)
     phase("ENV", env_phase)
     if ANCHOR and Path(ANCHOR).is_file():
         anchors = [phase("ANCHOR", anchor_phase, *args) for args in ANCHOR_ARGS]
@@ -323,8 +330,12 @@ def main() -> None:
         emit("SKIP", phase="ANCHOR", reason=f"no anchor script at {ANCHOR!r}")
     device = torch.device(DEV)
     cfg = project_config()
-    default_b, default_gc = cfg.training.per_device_train_batch_size, cfg.model.gradient_checkpointing
+    default_b = cfg.training.per_device_train_batch_size
+    default_gc = cfg.model.gradient_checkpointing_every_n_layers if cfg.model.gradient_checkpointing else 0
     init_distributed(device)
+    if DEV == "cuda" and MEM_GIB:  # a smaller card on this one (same compute, less memory)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, MEM_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+        emit("MEMCAP", gib=MEM_GIB)
     model, tokenizer, config, dtype = build_model(cfg, device)
     if phase("CHECK", check_phase, model, tokenizer, config, cfg, dtype, device) is None:
         prepare_model(model, cfg.model, training=True)
@@ -334,11 +345,11 @@ def main() -> None:
     engine, _, _ = create_engine(model, cfg, ds_config, 1000, device)
     host = make_host(engine, device, dtype)
     # Most wanted first: the configured variant, evaluation, then other variants (the last may run out of memory).
-    trains = [phase(f"TRAIN {default_b}:{int(default_gc)}", train_phase, host, model, default_b, default_gc, tokenizer,
+    trains = [phase(f"TRAIN {default_b}:{default_gc}", train_phase, host, model, default_b, default_gc, tokenizer,
                     config, cfg, True)]
     evals = [phase(f"EVAL {eb}", eval_phase, model, eb, tokenizer, config, cfg, dtype, device) for eb in EVAL_BATCHES]
     for b, gc in TRAIN_VARIANTS:
-        trains.append(phase(f"TRAIN {b}:{gc}", train_phase, host, model, b, bool(gc), tokenizer, config, cfg, optional=True))
+        trains.append(phase(f"TRAIN {b}:{gc}", train_phase, host, model, b, gc, tokenizer, config, cfg, optional=True))
     phase("PROFILE", profile_phase, host, model, default_b, default_gc, tokenizer, config, cfg, optional=True)
     anchor = next((a for a in anchors if a), None)
     summary = {"train": trains[0]["img_per_s"] if trains[0] else None, "eval": evals[0]["img_per_s"] if evals[0] else None,

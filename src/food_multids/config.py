@@ -197,7 +197,7 @@ class NodeSettings:
     num_nodes: int | None = None        # per_node: else NNODES or SLURM_NNODES from the environment
     master_addr: str | None = None      # per_node: else MASTER_ADDR, SLURM's first node, this machine's name
     join_timeout_s: float = 600.0       # per_node: a node or rank that has not joined by then fails the run
-    lost_after_s: float = 60.0          # per_node: a node silent this long is lost; the run stops
+    lost_after_s: float = 120.0         # per_node: a node silent this long is lost (above NFS's attribute cache)
 
     def validate(self, problems: _Problems, hostfile: str | None, path: str = "training.nodes") -> None:
         if isinstance(self.num_nodes, int) and self.num_nodes < 1:

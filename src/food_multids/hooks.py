@@ -180,6 +180,7 @@ class ProjectHooks:
                 describe_run(self._run_id, run_params, {n.name for n in pipeline.nodes}, catalog)
             except Exception as exc:  # naming is a courtesy: never the reason a run does not start
                 logger.warning("Could not name or link MLflow run %s: %s", self._run_id, exc)
+        announce_per_node_run(catalog)
         self._run_scope = contextlib.ExitStack()
         if self._run_id and "train_deepspeed" in {n.name for n in pipeline.nodes}:
             self._run_scope.callback(start_system_metrics(self._run_id))
@@ -206,6 +207,19 @@ class ProjectHooks:
         if self._run_scope is not None:
             self._run_scope.close()
             self._run_scope = None
+
+
+def announce_per_node_run(catalog) -> None:
+    """A per_node run tells the node workers it started (and replaces a crashed run's left-over launch)."""
+    from food_multids.config import ConfigError, ProjectConfig
+    from food_multids.runtime.nodes import board_dir, open_session
+
+    try:
+        cfg = ProjectConfig.from_params(catalog.load("parameters"), check_files=False)
+    except ConfigError:  # the preflight hook has reported it
+        return
+    if cfg.training.launch_mode() == "per_node":
+        open_session(board_dir(cfg))
 
 
 def start_system_metrics(run_id: str):

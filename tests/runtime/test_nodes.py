@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -168,6 +169,34 @@ def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(pr
     assert json.loads((out / "FINISHED.json").read_text())["final_step"] == 40
 
 
+@pytest.mark.slow
+@pytest.mark.threads_pinned
+def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint(project_copy):
+    # As SLURM pre-empts a job: SIGTERM to the task on each node at once. Each node passes one SIGTERM to
+    # its ranks, which agree on a step, save a checkpoint there and stop.
+    out = project_copy / "data/06_models/train_output"
+    long_run = ("training.max_steps=400,training.logging_steps=4,training.eval_steps=200,training.save_steps=200,"
+                "training.device=cpu")
+    worker = start_worker(project_copy, out)
+    node0 = start_kedro(project_copy, "--pipelines", "train", "--params", f"{long_run},{per_node(free_port())}")
+    deadline = time.time() + 300
+    while not (out / "nodes").is_dir() or not list((out / "nodes").glob("*/joined-rank-1")):
+        assert time.time() < deadline and node0.poll() is None, "the two nodes never formed a process group"
+        time.sleep(0.1)
+    time.sleep(3)  # a few training steps
+    for proc in (node0, worker):
+        proc.send_signal(signal.SIGTERM)
+    log, _ = node0.communicate(timeout=300)
+    worker_log, _ = worker.communicate(timeout=300)
+    assert node0.returncode != 0 and worker.returncode != 0
+    stopped = re.search(r"training stopped by SIGTERM at step (\d+) of 400; resumable checkpoint ([^;\s]+)", log)
+    assert stopped, log[-4000:] + worker_log[-2000:]
+    step = int(stopped.group(1))
+    assert complete_checkpoints(out)[-1] == (step, Path(stopped.group(2))) and 0 < step < 400
+    assert "stopped by SIGTERM" in worker_log
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
 def test_a_worker_without_node_zero_gives_up_with_a_message(tmp_path):
     started = time.time()
     proc = subprocess.run([FOOD_MULTIDS, "node-worker", "--output-dir", str(tmp_path / "out"), "--wait-s", "2"],
@@ -212,8 +241,9 @@ def test_a_node_that_cannot_reach_the_master_fails_after_the_join_timeout(tmp_pa
     finally:
         stop.set()
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert (f"rank(s) 1 on this node (node 1) could not join the process group at 127.0.0.1:{port} within 8 s "
-            "(training.nodes.join_timeout_s)") in proc.stderr
+    assert (f"the process group at 127.0.0.1:{port} did not form within 8 s (training.nodes.join_timeout_s): "
+            f"rank(s) 0, 1 on node(s) 0, 1 did not join; node(s) 1 cannot connect to the master at 127.0.0.1:{port}: "
+            "check that node 0 (h0) is reachable from there on that port") in proc.stderr
     assert time.time() - started < 60
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(spec) in " ".join(p.info["cmdline"] or [])]
 

@@ -34,7 +34,7 @@ def serve_launches(output_dir: Path, node_rank: int, wait_s: float, join_timeout
     if node_rank < 1:
         raise NodeFailure(f"node rank {node_rank}: node 0 runs `kedro run` itself; workers are nodes 1, 2, ...")
     board = output_dir / "nodes"
-    started_at = time.time()
+    initial = read_json(board / BOARD)  # what a finished earlier run left: not this run's end
     joined_sessions: set[str] = set()
     seen: set[str] = set()
     deadline = time.monotonic() + wait_s
@@ -42,20 +42,21 @@ def serve_launches(output_dir: Path, node_rank: int, wait_s: float, join_timeout
     while True:
         record = read_json(board / BOARD)
         if record and record.get("state") == "finished" and (
-                record.get("session") in joined_sessions or record.get("finished_at", 0) >= started_at):
+                record.get("session") in joined_sessions or record != initial):
             if record.get("ok"):
                 logger.info("Node %d: node 0's run finished", node_rank)
                 return
             raise NodeFailure(f"node 0's run failed: {record.get('message') or 'see its log'}")
         if record and record.get("state") == "open" and record["id"] not in seen:
             seen.add(record["id"])
-            if _poster_alive(board / record["id"], record):
+            timeouts = record.get("timeouts", {})
+            if _poster_alive(board / record["id"], lost_after_s or timeouts.get("lost_after_s", 120.0)):
                 _join(board / record["id"], record, node_rank, join_timeout_s, lost_after_s)
                 joined_sessions.add(record["session"])
                 deadline = time.monotonic() + wait_s
             else:
-                logger.warning("Ignoring launch %s: node 0 is not running it (left over from an earlier run)",
-                               record["id"])
+                logger.warning("Ignoring launch %s: node 0 is not running it (it ended, or was left over from an "
+                               "earlier run)", record["id"])
         if time.monotonic() > deadline:
             raise NodeFailure(
                 f"no launch from node 0 appeared in {board} within {wait_s:.0f} s (--wait-s): is `kedro run` running "
@@ -65,8 +66,9 @@ def serve_launches(output_dir: Path, node_rank: int, wait_s: float, join_timeout
         time.sleep(POLL_S)
 
 
-def _poster_alive(node_dir: Path, record: dict, within_s: float = 5.0) -> bool:
-    """Node 0's heartbeat for this launch changes within a few seconds (a stale post's does not)."""
+def _poster_alive(node_dir: Path, within_s: float) -> bool:
+    """Node 0's heartbeat for this launch changes within `within_s` (usually a second; longer where a network
+    file system caches what it reads); a left-over post's never does."""
     first = read_json(node_dir / "node-0.json")
     end = time.monotonic() + within_s
     while time.monotonic() < end:
@@ -87,7 +89,7 @@ def _join(node_dir: Path, record: dict, node_rank: int, join_timeout_s: float | 
                           f"(0..{plan.num_nodes - 1}): check training.nodes.num_nodes / NNODES / SLURM_NNODES")
     settings = record.get("timeouts", {})
     supervisor = NodeSupervisor(node_dir, record, node_rank, join_timeout_s or settings.get("join_timeout_s", 600.0),
-                                lost_after_s or settings.get("lost_after_s", 60.0))
+                                lost_after_s or settings.get("lost_after_s", 120.0))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(PYTHONUNBUFFERED="1")
     if record.get("project_root"):

@@ -135,29 +135,34 @@ def read_json(path: Path) -> dict | None:
     """A JSON file another node writes (atomically); None while it does not exist yet."""
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:  # a non-atomic copy on some network file systems: read it next time
+    except (OSError, json.JSONDecodeError):  # not there yet, a stale NFS handle, a half-copied file: next time
         return None
 
 
-# Boards this process posted to, and its session id: a Kedro run's hooks finish them when the run ends.
-_session = {"id": None, "boards": set()}
+# The board this Kedro run announced itself on, and its session id (hooks.py opens and finishes it).
+_session: dict = {"id": None, "board": None}
 
 
-def session_id() -> str:
-    if _session["id"] is None:
-        _session["id"] = uuid.uuid4().hex[:12]
+def open_session(board: Path) -> None:
+    """Announce node 0's run before its first node: a worker then knows a run is on, and a launch left
+    over from a crashed earlier run is replaced."""
+    board.mkdir(parents=True, exist_ok=True)
+    _session.update(id=uuid.uuid4().hex[:12], board=board)
+    write_json_atomic(board / BOARD, {"state": "session", "session": _session["id"], "started_at": time.time()})
+
+
+def session_id(board: Path) -> str:
+    if _session["board"] != board:  # a launch outside a Kedro run (a script calling the nodes)
+        open_session(board)
     return _session["id"]
 
 
 def finish_sessions(ok: bool, message: str = "") -> None:
     """Tell the node workers that node 0's run ended (they exit, 0 if it succeeded)."""
-    for board in sorted(_session["boards"]):
-        write_json_atomic(board / BOARD, {"state": "finished", "session": _session["id"], "ok": ok,
-                                          "message": message[:2000], "finished_at": time.time()})
-    _session["boards"].clear()
-    _session["id"] = None
+    if _session["board"] is not None:
+        write_json_atomic(_session["board"] / BOARD, {"state": "finished", "session": _session["id"], "ok": ok,
+                                                      "message": message[:2000], "finished_at": time.time()})
+    _session.update(id=None, board=None)
 
 
 def mark_joined(rank: int) -> None:
@@ -175,11 +180,10 @@ def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: 
     node_dir = board / launch_id
     node_dir.mkdir()
     (node_dir / "hostfile").write_text(plan.hostfile_text())
-    post = {"state": "open", "id": launch_id, "session": session_id(), "plan": asdict(plan), "cmd_tail": cmd_tail,
+    post = {"state": "open", "id": launch_id, "session": session_id(board), "plan": asdict(plan), "cmd_tail": cmd_tail,
             "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""), "posted_by": socket.gethostname(),
             "timeouts": {"join_timeout_s": cfg.training.nodes.join_timeout_s,
                          "lost_after_s": cfg.training.nodes.lost_after_s}}
-    _session["boards"].add(board)
     supervisor = NodeSupervisor(node_dir, post, 0, cfg.training.nodes.join_timeout_s, cfg.training.nodes.lost_after_s)
     logger.info("Launch %s: waiting for %d more node(s) to join (food-multids node-worker --output-dir %s)",
                 launch_id, plan.num_nodes - 1, cfg.training.resolved_output_dir())
@@ -202,13 +206,16 @@ def launcher_argv(plan: NodePlan, node_dir: Path, node_rank: int, cmd_tail: list
 class NodeSupervisor:
     """One node's share of a launch: start the local DeepSpeed launcher and watch every node's heartbeat."""
 
-    def __init__(self, node_dir: Path, post: dict, node_rank: int, join_timeout_s: float, lost_after_s: float):
+    def __init__(self, node_dir: Path, post: dict, node_rank: int, join_timeout_s: float, lost_after_s: float,
+                 stop_grace_s: float = 300.0):
         self.node_dir, self.post, self.me = node_dir, post, node_rank
         self.plan = NodePlan(**post["plan"])
-        self.join_timeout_s, self.lost_after_s = join_timeout_s, lost_after_s
+        self.join_timeout_s, self.lost_after_s, self.stop_grace_s = join_timeout_s, lost_after_s, stop_grace_s
         self.beat = 0
         self.seen: dict[int, tuple[int, float, dict]] = {}  # node -> (last counter, when it changed, record)
         self.started = time.monotonic()
+        self.master_reachable: bool | None = None  # probed by nodes > 0 while their ranks wait to join
+        self.probed_at = 0.0
 
     def run(self, env: dict, on_started=lambda: None) -> None:
         cmd = launcher_argv(self.plan, self.node_dir, self.me, self.post["cmd_tail"])
@@ -217,21 +224,21 @@ class NodeSupervisor:
         # A session of its own: a lost node stops the whole local process tree at once, and the ranks
         # (blocked in a collective with the lost one) are not left behind.
         proc = subprocess.Popen(cmd, env={**env, NODE_DIR_ENV: str(self.node_dir)}, start_new_session=True)
-        on_started()
         try:
+            on_started()
             while (code := proc.poll()) is None:
                 self._write("running")
                 problem = self._watch()
                 if problem:
-                    self._stop(proc, signal.SIGKILL)
+                    self._kill(proc)
                     self._write("failed", problem)
                     raise NodeFailure(problem)
                 time.sleep(BEAT_S)
         except (RunInterrupted, KeyboardInterrupt):
-            # The ranks stop at their next agreed step with a checkpoint (the launcher kills those that
-            # take longer than 30 s).
-            self._stop(proc, signal.SIGTERM)
-            self._write("failed", "interrupted")
+            self._stop_gracefully(proc)
+            raise
+        except BaseException:
+            self._kill(proc)  # whatever went wrong here, no rank outlives its supervisor
             raise
         if code == 0:
             self._write("done")
@@ -239,22 +246,46 @@ class NodeSupervisor:
         self._write("failed", f"the DeepSpeed launcher on node {self.me} exited with code {code}")
         raise NodeFailure(self._diagnose(code))
 
-    def _stop(self, proc: subprocess.Popen, signum: int) -> None:
+    def _stop_gracefully(self, proc: subprocess.Popen) -> None:
+        """A signal (Ctrl-C, a scheduler's SIGTERM): one SIGTERM to each rank of this node, which then stop
+        together at their next agreed step with a checkpoint; peers see `stopping`, not a failure."""
+        import psutil
+
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            os.killpg(proc.pid, signum)
+            self._write("stopping")
+            try:  # runner -> DeepSpeed's launch.py -> the ranks (its SIGTERM would reach them twice)
+                ranks = [c for child in psutil.Process(proc.pid).children() for c in child.children()]
+            except psutil.NoSuchProcess:
+                ranks = []
+            for rank in ranks:
+                try:
+                    rank.send_signal(signal.SIGTERM)
+                except psutil.NoSuchProcess:
+                    pass
+            deadline = time.monotonic() + self.stop_grace_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                self._write("stopping")
+                time.sleep(BEAT_S)
+            self._kill(proc)
+            self._write("failed", "stopped by a signal")
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
 
     def _write(self, state: str, message: str = "") -> None:
         self.beat += 1
         write_json_atomic(self.node_dir / f"node-{self.me}.json",
                           {"node": self.me, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat,
-                           "state": state, "message": message, "ranks": self.plan.ranks_of(self.me)})
+                           "state": state, "message": message, "ranks": self.plan.ranks_of(self.me),
+                           "master_reachable": self.master_reachable})
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -283,23 +314,43 @@ class NodeSupervisor:
                             "(training.nodes.join_timeout_s): start `food-multids node-worker --output-dir "
                             "<training.output_dir>` there, with the same shared output folder")
                 continue
-            beat, changed, record = self.seen[node]
+            _, changed, record = self.seen[node]
             if record["state"] == "failed":
                 return f"node {node} ({record['host']}) failed: {record['message']}"
-            if now - changed > self.lost_after_s and record["state"] != "done":
+            silent = now - changed
+            if record["state"] == "done" and silent > self.lost_after_s:
+                return (f"node {node} finished launch {self.node_dir.name} {silent:.0f} s ago, but this node's "
+                        "processes are still running: stopped")
+            if record["state"] not in ("done", "stopping") and silent > self.lost_after_s:
                 return self._lost([node], now)
         missing = self._not_joined()
+        if missing and self.me > 0 and any(self.plan.node_of(r) == self.me for r in missing) and waited > 5 \
+                and now - self.probed_at > 10:
+            self.master_reachable, self.probed_at = self._probe_master(), now
         if missing and waited > self.join_timeout_s:
-            mine = [r for r in missing if self.plan.node_of(r) == self.me]
-            where = f"{self.plan.master_addr}:{self.plan.master_port}"
-            if mine:
-                return (f"rank(s) {_ranks(mine)} on this node (node {self.me}) could not join the process group at "
-                        f"{where} within {self.join_timeout_s:.0f} s (training.nodes.join_timeout_s): check that "
-                        f"node 0 ({self.post.get('posted_by')}) is reachable from here on that port "
-                        "(training.nodes.master_addr, training.master_port, a firewall between the nodes)")
-            return (f"rank(s) {_ranks(missing)} on node(s) {_ranks(sorted({self.plan.node_of(r) for r in missing}))} "
-                    f"did not join the process group at {where} within {self.join_timeout_s:.0f} s")
+            return self._join_problem(missing)
         return None
+
+    def _probe_master(self) -> bool:
+        try:
+            with socket.create_connection((self.plan.master_addr, self.plan.master_port), timeout=3):
+                return True
+        except OSError:
+            return False
+
+    def _join_problem(self, missing: list[int]) -> str:
+        where = f"{self.plan.master_addr}:{self.plan.master_port}"
+        unreachable = sorted(n for n, (_, _, rec) in self.seen.items() if rec.get("master_reachable") is False)
+        if self.master_reachable is False:
+            unreachable = sorted({*unreachable, self.me})
+        nodes = _ranks(sorted({self.plan.node_of(r) for r in missing}))
+        text = (f"the process group at {where} did not form within {self.join_timeout_s:.0f} s "
+                f"(training.nodes.join_timeout_s): rank(s) {_ranks(missing)} on node(s) {nodes} did not join")
+        if unreachable:
+            text += (f"; node(s) {_ranks(unreachable)} cannot connect to the master at {where}: check that node 0 "
+                     f"({self.post.get('posted_by')}) is reachable from there on that port (training.nodes.master_addr, "
+                     "training.master_port, a firewall between the nodes)")
+        return text
 
     def _not_joined(self) -> list[int]:
         world = self.plan.num_nodes * self.plan.procs_per_node
