@@ -36,6 +36,7 @@ run() {  # label, seconds, env...
 if [ "${DRY:-0}" = 1 ]; then
   run h200-zero0 "$budget" ZERO=0
   run 80g-zero0 "$budget" ZERO=0 GC=2 TRAIN_VARIANTS=4:3,4:1
+  run 80g-zero1 "$budget" ZERO=1 GC=2
 else
   run h200-zero0 160 ZERO=0 B=32 GC=0
   run h200-zero2 100 ZERO=2 B=32 GC=0 ANCHOR= EVAL_BATCHES=128
