@@ -18,7 +18,7 @@ that fails prints FAIL and the next one still runs; optional phases are skipped 
   SPLIT    forward+backward vs optimizer step time of the configured variant
   EVAL     runtime.scoring.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
   PROFILE  the heaviest GPU kernels of one training step -> $OUT/profile_train.txt
-Env: SIZE (tiny|3b), IMG, B, GC (0 off, 1 every layer, n every n-th layer), COMPILE (0/1) override conf/gpu;
+Env: SIZE (tiny|3b), IMG, B, GC (0 off, 1 every layer, n every n-th layer), COMPILE (0/1), COMPILE_MODE override conf/gpu;
 TRAIN_VARIANTS ("B:GC,..."); EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS
 ("VARIANT:B:GC,..."); BUDGET_S; MEM_GIB (cap GPU memory, e.g. 79 for an 80 GB card); RUN (label, append).
 """
@@ -98,6 +98,8 @@ def project_config():
     model, training = params["model"], params["training"]
     if os.environ.get("COMPILE"):
         model["torch_compile"] = os.environ["COMPILE"] == "1"
+    if os.environ.get("COMPILE_MODE"):
+        model["torch_compile_mode"] = os.environ["COMPILE_MODE"]
     if os.environ.get("GC"):  # 0 off, 1 every layer, n every n-th layer
         model["gradient_checkpointing"] = int(os.environ["GC"]) > 0
         model["gradient_checkpointing_every_n_layers"] = max(1, int(os.environ["GC"]))
@@ -340,7 +342,8 @@ def main() -> None:
     if phase("CHECK", check_phase, model, tokenizer, config, cfg, dtype, device) is None:
         prepare_model(model, cfg.model, training=True)
     ds_config = resolve_deepspeed_config(cfg, 1, dtype)
-    emit("CONFIG", B=default_b, gc=default_gc, torch_compile=cfg.model.torch_compile, bf16=ds_config["bf16"],
+    emit("CONFIG", B=default_b, gc=default_gc, torch_compile=cfg.model.torch_compile,
+         compile_mode=cfg.model.torch_compile_mode, mem_gib=MEM_GIB or None, bf16=ds_config["bf16"],
          zero=ds_config["zero_optimization"])
     engine, _, _ = create_engine(model, cfg, ds_config, 1000, device)
     host = make_host(engine, device, dtype)

@@ -241,6 +241,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     gradient_checkpointing_every_n_layers: int = 1
     torch_compile: bool = False
+    torch_compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
     finetuning: Literal["full", "lora"] = "full"
     lora: LoraSettings = LoraSettings()
 

@@ -245,3 +245,31 @@ def test_checkpointing_every_other_layer_recomputes_half_the_layers_with_the_sam
         assert other.keys() == grads[0].keys()
         for name, grad in grads[0].items():
             assert torch.allclose(grad, other[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_torch_compile_mode_reaches_every_block_and_keeps_the_logits_and_gradients(tiny_model_dir):
+    from food_multids.config import ModelConfig
+    from food_multids.model.speedups import prepare_model
+
+    modes = []
+    plain, fast = make_model(tiny_model_dir), make_model(tiny_model_dir)
+    blocks = list(fast.backbone.visual.blocks) + list(fast.backbone.language_model.layers)
+    def recording(original):  # what each block's compile is asked for; the real compile still runs
+        def compile_block(*args, **kwargs):
+            modes.append(kwargs.get("mode"))
+            return original(*args, **kwargs)
+        return compile_block
+
+    for block in blocks:
+        block.compile = recording(block.compile)
+    mode = "max-autotune-no-cudagraphs"  # inductor's GEMM autotuning (on CPU it falls back to the default kernels)
+    done = prepare_model(fast, ModelConfig(num_labels=7, torch_compile=True, torch_compile_mode=mode), training=True)
+    assert done["compiled_blocks"] == len(blocks) == 4 and modes == [mode] * 4
+    batch = make_batch(tiny_model_dir, n=4, seed=4)
+    for model in (plain, fast):
+        model.train()
+        F.cross_entropy(forward(model, batch), batch["labels"]).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3), name
+    with torch.no_grad():
+        assert torch.allclose(forward(plain.eval(), batch), forward(fast.eval(), batch), atol=1e-5, rtol=1e-4)

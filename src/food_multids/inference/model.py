@@ -62,7 +62,7 @@ class LoadedModel:
 
 # How to compute, not what: these come from the run's `model:` section; the rest (image sizes, padding
 # side) from the settings the model was trained with, so it sees images as in training.
-SPEED_SETTINGS = ("torch_dtype", "attn_implementation", "batched_vision_windows", "torch_compile")
+SPEED_SETTINGS = ("torch_dtype", "attn_implementation", "batched_vision_windows", "torch_compile", "torch_compile_mode")
 
 
 def load_model(model_dir: Path, device: torch.device, settings: ModelConfig | None = None) -> LoadedModel:

@@ -121,7 +121,7 @@ def enable_cached_vision_indices(backbone: torch.nn.Module) -> bool:
     return True
 
 
-def compile_blocks(blocks: list[torch.nn.Module], recompile_limit: int = 64) -> int:
+def compile_blocks(blocks: list[torch.nn.Module], recompile_limit: int = 64, mode: str = "default") -> int:
     """Regional torch.compile: each vision block and language decoder layer compiled in place.
 
     Identical blocks share one compiled graph (the parameters are graph inputs), so compiling costs
@@ -131,14 +131,15 @@ def compile_blocks(blocks: list[torch.nn.Module], recompile_limit: int = 64) -> 
     code, so dynamo's recompile limit (8 by default) is raised to `recompile_limit`: past it dynamo
     silently runs the block uncompiled. With the cached vision indices the window width is read before
     the blocks run, so each block compiles without a graph break (tested). Returns the number of
-    blocks compiled.
+    blocks compiled. `mode` is torch.compile's (max-autotune: inductor benchmarks GEMM choices at compile
+    time; reduce-overhead: CUDA graphs).
     """
     import torch._dynamo
 
     limit = max(int(torch._dynamo.config.recompile_limit), recompile_limit)
     torch._dynamo.config.recompile_limit = limit
     for block in blocks:
-        block.compile()
+        block.compile(mode=None if mode == "default" else mode)
     return len(blocks)
 
 
@@ -164,5 +165,5 @@ def prepare_model(model, model_cfg, training: bool) -> dict[str, int | bool]:
         done["batched_windows"] = enable_batched_windows(backbone)
         done["cached_vision_indices"] = enable_cached_vision_indices(backbone)
     if model_cfg.torch_compile:
-        done["compiled_blocks"] = compile_blocks(model.kind.blocks(backbone))
+        done["compiled_blocks"] = compile_blocks(model.kind.blocks(backbone), mode=model_cfg.torch_compile_mode)
     return done
