@@ -125,6 +125,23 @@ def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_o
     assert spread_table["confidence"].to_numpy() == pytest.approx(alone_table["confidence"].to_numpy(), abs=1e-6)
 
 
+def training_run(steps: int, eval_steps: int, save_steps: int) -> str:
+    return (f"training.max_steps={steps},training.logging_steps=4,training.eval_steps={eval_steps},"
+            f"training.save_steps={save_steps},training.device=cpu")
+
+
+def start_two_nodes(root: Path, params: str, until) -> tuple[Path, subprocess.Popen, subprocess.Popen]:
+    """Node 1 (a worker) and node 0 (`kedro run --pipelines train`), returned once `until(output_dir)` holds."""
+    out = root / "data/06_models/train_output"
+    worker = start_worker(root, out)
+    node0 = start_kedro(root, "--pipelines", "train", "--params", params)
+    deadline = time.time() + 300
+    while not until(out):
+        assert time.time() < deadline and node0.poll() is None, "node 0 ended or timed out before the moment came"
+        time.sleep(0.05)
+    return out, worker, node0
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and everything under it: a node whose machine went down."""
     root = psutil.Process(pid)
@@ -138,15 +155,9 @@ def kill_tree(pid: int) -> None:
 @pytest.mark.slow
 @pytest.mark.threads_pinned
 def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(project_copy):
-    out = project_copy / "data/06_models/train_output"
-    long_run = ("training.max_steps=40,training.logging_steps=4,training.eval_steps=20,training.save_steps=4,"
-                "training.device=cpu")
-    worker = start_worker(project_copy, out)
-    node0 = start_kedro(project_copy, "--pipelines", "train", "--params", f"{long_run},{per_node(free_port(), 20)}")
-    deadline = time.time() + 300
-    while not complete_checkpoints(out) and time.time() < deadline and node0.poll() is None:
-        time.sleep(0.05)
-    assert complete_checkpoints(out), "no checkpoint before the deadline"
+    long_run = training_run(steps=40, eval_steps=20, save_steps=4)
+    out, worker, node0 = start_two_nodes(project_copy, f"{long_run},{per_node(free_port(), 20)}",
+                                         lambda out: bool(complete_checkpoints(out)))
     kill_tree(worker.pid)
     killed_at = time.time()
     log, _ = node0.communicate(timeout=300)
@@ -174,15 +185,8 @@ def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(pr
 def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint(project_copy):
     # As SLURM pre-empts a job: SIGTERM to the task on each node at once. Each node passes one SIGTERM to
     # its ranks, which agree on a step, save a checkpoint there and stop.
-    out = project_copy / "data/06_models/train_output"
-    long_run = ("training.max_steps=400,training.logging_steps=4,training.eval_steps=200,training.save_steps=200,"
-                "training.device=cpu")
-    worker = start_worker(project_copy, out)
-    node0 = start_kedro(project_copy, "--pipelines", "train", "--params", f"{long_run},{per_node(free_port())}")
-    deadline = time.time() + 300
-    while not (out / "nodes").is_dir() or not list((out / "nodes").glob("*/joined-rank-1")):
-        assert time.time() < deadline and node0.poll() is None, "the two nodes never formed a process group"
-        time.sleep(0.1)
+    joined = lambda out: bool(list((out / "nodes").glob("*/joined-rank-1")))  # noqa: E731
+    out, worker, node0 = start_two_nodes(project_copy, f"{training_run(400, 200, 200)},{per_node(free_port())}", joined)
     time.sleep(3)  # a few training steps
     for proc in (node0, worker):
         proc.send_signal(signal.SIGTERM)
@@ -195,6 +199,29 @@ def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint
     assert complete_checkpoints(out)[-1] == (step, Path(stopped.group(2))) and 0 < step < 400
     assert "stopped by SIGTERM" in worker_log
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+@pytest.mark.threads_pinned
+def test_ranks_do_not_outlive_a_node_process_killed_outright(project_copy):
+    # kedro on node 0 is SIGKILLed (out of memory, say): its ranks, in a session of their own, must not go
+    # on training and writing checkpoints; node 1 then loses node 0 and says so.
+    joined = lambda out: bool(list((out / "nodes").glob("*/joined-rank-1")))  # noqa: E731
+    # lost_after_s 30: node 1 cannot be what stops node 0's ranks inside the 10 s allowed below.
+    out, worker, node0 = start_two_nodes(project_copy, f"{training_run(400, 200, 200)},{per_node(free_port(), 30)}",
+                                         joined)
+    node0.kill()
+    node0.wait()
+    killed_at = time.time()
+    leftovers = True
+    while leftovers and time.time() - killed_at < 10:
+        time.sleep(0.5)
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(out / "launch") in " ".join(p.info["cmdline"] or [])
+                     and p.pid != worker.pid]
+    assert not leftovers, f"ranks still running {time.time() - killed_at:.0f} s after node 0 was killed"
+    worker_log, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 1
+    assert re.search(r"lost rank\(s\) 0 on node 0|node 0 \(\S+\) failed", worker_log), worker_log[-3000:]
 
 
 def test_a_worker_without_node_zero_gives_up_with_a_message(tmp_path):

@@ -74,7 +74,7 @@ def _poster_alive(node_dir: Path, within_s: float) -> bool:
     while time.monotonic() < end:
         time.sleep(POLL_S / 2)
         now = read_json(node_dir / "node-0.json")
-        if now and now.get("state") in ("done", "failed"):
+        if now and now.get("state") in ("done", "failed", "stopped"):
             return False
         if now and (first is None or now["beat"] != first["beat"]):
             return True

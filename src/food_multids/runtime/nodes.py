@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 BOARD = "board.json"
 NODE_DIR_ENV = "FOOD_MULTIDS_NODE_DIR"  # set for the ranks of a per_node launch: where they report joining
+SUPERVISOR_ENV = "FOOD_MULTIDS_SUPERVISOR_PID"  # the process the ranks die with (kedro or the node worker)
 DEFAULT_PORT = 29500
 BEAT_S = 1.0
+KEEP_LAUNCHES = 4  # launch folders kept on the board besides the current one (a few hundred bytes each)
 # Environment variables a scheduler sets, most specific first: torchrun's names, SLURM's, a Kubernetes
 # Indexed Job's completion index (the pod's place in the job).
 NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID", "JOB_COMPLETION_INDEX")
@@ -172,6 +174,35 @@ def mark_joined(rank: int) -> None:
         (Path(folder) / f"joined-rank-{rank}").write_text(str(os.getpid()))
 
 
+def exit_with_supervisor(poll_s: float = 2.0) -> None:
+    """In a rank: a daemon thread that ends this process once its node's supervisor is gone.
+
+    The launcher runs in a session of its own (so that a lost node can be stopped as a whole), so a
+    supervisor killed outright (SIGKILL, out of memory) would otherwise leave its ranks training, and
+    writing checkpoints, behind the back of whoever restarts the run. DeepSpeed's launcher then stops the
+    node's other ranks, as for any rank that fails.
+    """
+    import threading
+
+    pid = int(os.environ.get(SUPERVISOR_ENV) or 0)
+    if not pid:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.error("The node's supervisor (process %d: kedro run or food-multids node-worker) is gone: "
+                             "this rank stops", pid)
+                os._exit(70)
+            except PermissionError:  # alive, owned by someone else (cannot happen for our own parent)
+                pass
+
+    threading.Thread(target=watch, name="exit-with-supervisor", daemon=True).start()
+
+
 def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: dict) -> None:
     """Post a launch on the board, run node 0's share of it, and close the post."""
     board = board_dir(cfg)
@@ -179,13 +210,15 @@ def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: 
     launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     node_dir = board / launch_id
     node_dir.mkdir()
+    for old in sorted(p for p in board.iterdir() if p.is_dir() and p != node_dir)[:-KEEP_LAUNCHES]:
+        shutil.rmtree(old, ignore_errors=True)  # heartbeats of launches long over
     (node_dir / "hostfile").write_text(plan.hostfile_text())
     post = {"state": "open", "id": launch_id, "session": session_id(board), "plan": asdict(plan), "cmd_tail": cmd_tail,
             "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""), "posted_by": socket.gethostname(),
             "timeouts": {"join_timeout_s": cfg.training.nodes.join_timeout_s,
                          "lost_after_s": cfg.training.nodes.lost_after_s}}
     supervisor = NodeSupervisor(node_dir, post, 0, cfg.training.nodes.join_timeout_s, cfg.training.nodes.lost_after_s)
-    logger.info("Launch %s: waiting for %d more node(s) to join (food-multids node-worker --output-dir %s)",
+    logger.info("Launch %s posted for %d more node(s) (food-multids node-worker --output-dir %s)",
                 launch_id, plan.num_nodes - 1, cfg.training.resolved_output_dir())
     ok = False
     try:
@@ -223,7 +256,8 @@ class NodeSupervisor:
         self._write("starting")
         # A session of its own: a lost node stops the whole local process tree at once, and the ranks
         # (blocked in a collective with the lost one) are not left behind.
-        proc = subprocess.Popen(cmd, env={**env, NODE_DIR_ENV: str(self.node_dir)}, start_new_session=True)
+        proc = subprocess.Popen(cmd, env={**env, NODE_DIR_ENV: str(self.node_dir), SUPERVISOR_ENV: str(os.getpid())},
+                                start_new_session=True)
         try:
             on_started()
             while (code := proc.poll()) is None:
@@ -234,8 +268,8 @@ class NodeSupervisor:
                     self._write("failed", problem)
                     raise NodeFailure(problem)
                 time.sleep(BEAT_S)
-        except (RunInterrupted, KeyboardInterrupt):
-            self._stop_gracefully(proc)
+        except (RunInterrupted, KeyboardInterrupt) as exc:
+            self._stop_gracefully(proc, getattr(exc, "signum", signal.SIGINT))
             raise
         except BaseException:
             self._kill(proc)  # whatever went wrong here, no rank outlives its supervisor
@@ -246,9 +280,10 @@ class NodeSupervisor:
         self._write("failed", f"the DeepSpeed launcher on node {self.me} exited with code {code}")
         raise NodeFailure(self._diagnose(code))
 
-    def _stop_gracefully(self, proc: subprocess.Popen) -> None:
-        """A signal (Ctrl-C, a scheduler's SIGTERM): one SIGTERM to each rank of this node, which then stop
-        together at their next agreed step with a checkpoint; peers see `stopping`, not a failure."""
+    def _stop_gracefully(self, proc: subprocess.Popen, signum: int) -> None:
+        """A signal (Ctrl-C, a scheduler's SIGTERM): the same signal once to each rank of this node; all ranks
+        then stop together at their next agreed (logging) step with a checkpoint. Peers see `stopping`, then
+        `stopped`: not a failure."""
         import psutil
 
         old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -260,7 +295,7 @@ class NodeSupervisor:
                 ranks = []
             for rank in ranks:
                 try:
-                    rank.send_signal(signal.SIGTERM)
+                    rank.send_signal(signum)
                 except psutil.NoSuchProcess:
                     pass
             deadline = time.monotonic() + self.stop_grace_s
@@ -268,7 +303,7 @@ class NodeSupervisor:
                 self._write("stopping")
                 time.sleep(BEAT_S)
             self._kill(proc)
-            self._write("failed", "stopped by a signal")
+            self._write("stopped", f"stopped by {signal.Signals(signum).name}")
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
@@ -321,7 +356,7 @@ class NodeSupervisor:
             if record["state"] == "done" and silent > self.lost_after_s:
                 return (f"node {node} finished launch {self.node_dir.name} {silent:.0f} s ago, but this node's "
                         "processes are still running: stopped")
-            if record["state"] not in ("done", "stopping") and silent > self.lost_after_s:
+            if record["state"] not in ("done", "stopping", "stopped") and silent > self.lost_after_s:
                 return self._lost([node], now)
         missing = self._not_joined()
         if missing and self.me > 0 and any(self.plan.node_of(r) == self.me for r in missing) and waited > 5 \
@@ -374,11 +409,17 @@ class NodeSupervisor:
             self._refresh()
             time.sleep(BEAT_S / 2)
         now = time.monotonic()
+        ended = ("done", "failed", "stopping", "stopped")
         silent = [n for n in range(self.plan.num_nodes) if n != self.me and n in self.seen
-                  and now - self.seen[n][1] >= grace and self.seen[n][2]["state"] not in ("done", "failed")]
+                  and now - self.seen[n][1] >= grace and self.seen[n][2]["state"] not in ended]
         head = f"the DeepSpeed launcher on node {self.me} exited with code {code} (see the rank logs above)"
         if silent:
             return f"{self._lost(silent, now)}; {head}"
+        stopped = [f"node {n} ({rec['message'] or 'a signal'})" for n, (_, _, rec) in sorted(self.seen.items())
+                   if rec["state"] in ("stopping", "stopped")]
+        if stopped:
+            return (f"the run was stopped on {', '.join(stopped)}; this node's ranks stopped with it at the agreed "
+                    "step (resume with training.resume_from_checkpoint: auto)")
         failed = [f"node {n}: {rec['message']}" for n, (_, _, rec) in sorted(self.seen.items())
                   if rec["state"] == "failed"]
         return head + (f"; also failed: {'; '.join(failed)}" if failed else "")
