@@ -12,7 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from food_multids.runtime.nodes import BOARD, NodeFailure, NodePlan, NodeSupervisor, env_node_rank, read_json
+from food_multids.runtime.node_supervisor import NodeSupervisor
+from food_multids.runtime.nodes import BOARD, NodeFailure, NodePlan, env_node_rank, read_json
 
 logger = logging.getLogger(__name__)
 POLL_S = 1.0
