@@ -93,16 +93,12 @@ def run_node_worker(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    log = logging.getLogger(__name__)
     try:
         # SIGTERM (a scheduler cancelling the job) reaches this node's ranks as it would under kedro run.
         with raise_on_signals():
             serve_launches(resolve_path(str(args.output_dir)), resolve_node_rank(args.node_rank), args.wait_s)
-    except NodeFailure as exc:
-        log.error("node-worker: %s", exc)
-        return 1
-    except RunInterrupted as exc:
-        log.error("node-worker: %s", exc)
+    except (NodeFailure, RunInterrupted) as exc:
+        logging.getLogger(__name__).error("node-worker: %s", exc)
         return 1
     return 0
 

@@ -107,16 +107,20 @@ def test_minimised_metric_and_early_stopping(demo_params):
     assert manifest["stopped_early"] is True and manifest["final_step"] == 15
 
 
-def test_one_process_trains_the_same_under_zero_stage_0_as_under_stage_2(demo_params, tmp_path):
+def test_one_process_trains_the_same_under_zero_stage_0_as_under_stage_2(demo_params, tmp_path, caplog):
     # training.single_process_zero_stage: 0 skips ZeRO-2's gradient buckets on one GPU; the update is the same.
-    runs = []
+    caplog.set_level("INFO", logger="food_multids.training.loop")
+    runs, stages = [], []
     for stage in (None, 0):
+        caplog.clear()
         params = copy.deepcopy(demo_params)
         params["deepspeed"] = {"zero_optimization": {"stage": 2}}
         params["training"].update(max_steps=6, logging_steps=2, eval_steps=6, save_steps=6, device="cpu",
                                   single_process_zero_stage=stage, output_dir=str(tmp_path / f"stage{stage}"))
         history, _ = train_deepspeed(*data_nodes(params), params)
         runs.append([r["metrics"]["overall_loss"] for r in history["records"]])
+        stages.append(re.findall(r"\(1 process\(es\), ZeRO-(\d)", caplog.text))
+    assert stages == [["2"], ["0"]]  # the engine ran under the stage asked for
     assert len(runs[0]) == 4  # three training windows and one evaluation
     # Losses after the first window depend on the updates made (learning rate > 0): a stage that skipped or
     # changed them would show here.

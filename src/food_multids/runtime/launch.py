@@ -91,6 +91,14 @@ def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "
     return cmd + ["--module", module, "--spec", str(spec)]
 
 
+def launcher_env(project_root: str) -> dict:
+    """This process's environment for the DeepSpeed launcher: without the rank variables a scheduler (or an
+    outer launcher) may have set, which the launcher sets for each rank itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(FOOD_MULTIDS_PROJECT_ROOT=project_root, PYTHONUNBUFFERED="1")
+    return env
+
+
 def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict, frames: dict[str, pd.DataFrame],
                      module: str, run_id: str | None = None, tracking_uri: str | None = None,
                      extra: dict | None = None) -> None:
@@ -101,8 +109,7 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
     (launch / RESULT_FILE).unlink(missing_ok=True)
     spec = launch / "spec.json"
     spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch), **(extra or {})}, default=str))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(FOOD_MULTIDS_PROJECT_ROOT=str(find_project_root()), PYTHONUNBUFFERED="1")
+    env = launcher_env(str(find_project_root()))
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
     if cfg.training.launch_mode() == "per_node":

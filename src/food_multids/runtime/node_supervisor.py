@@ -30,11 +30,15 @@ def launcher_argv(plan: NodePlan, node_dir: Path, node_rank: int, cmd_tail: list
 class NodeSupervisor:
     """One node's share of a launch: start the local DeepSpeed launcher and watch every node's heartbeat."""
 
-    def __init__(self, node_dir: Path, post: dict, node_rank: int, join_timeout_s: float, lost_after_s: float,
-                 stop_grace_s: float = 300.0):
+    def __init__(self, node_dir: Path, post: dict, node_rank: int, stop_grace_s: float = 300.0):
+        """`post`: node 0's launch record (plan, command, its training.nodes timeouts, which every node uses)."""
         self.node_dir, self.post, self.me = node_dir, post, node_rank
         self.plan = NodePlan(**post["plan"])
-        self.join_timeout_s, self.lost_after_s, self.stop_grace_s = join_timeout_s, lost_after_s, stop_grace_s
+        self.join_timeout_s = post["timeouts"]["join_timeout_s"]
+        self.lost_after_s = post["timeouts"]["lost_after_s"]
+        self.stop_grace_s = stop_grace_s
+        self.host = socket.gethostname()
+        self.all_joined = False  # once true, the join marks are not looked at again
         self.beat = 0
         self.seen: dict[int, tuple[int, float, dict]] = {}  # node -> (last counter, when it changed, record)
         self.started = time.monotonic()
@@ -109,7 +113,7 @@ class NodeSupervisor:
     def _write(self, state: str, message: str = "") -> None:
         self.beat += 1
         write_json_atomic(self.node_dir / f"node-{self.me}.json",
-                          {"node": self.me, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat,
+                          {"node": self.me, "host": self.host, "pid": os.getpid(), "beat": self.beat,
                            "state": state, "message": message, "ranks": self.plan.ranks_of(self.me),
                            "master_reachable": self.master_reachable})
 
@@ -179,8 +183,12 @@ class NodeSupervisor:
         return text
 
     def _not_joined(self) -> list[int]:
+        if self.all_joined:
+            return []
         world = self.plan.num_nodes * self.plan.procs_per_node
-        return [r for r in range(world) if not (self.node_dir / f"joined-rank-{r}").exists()]
+        missing = [r for r in range(world) if not (self.node_dir / f"joined-rank-{r}").exists()]
+        self.all_joined = not missing
+        return missing
 
     def _lost(self, nodes: list[int], now: float) -> str:
         parts = []

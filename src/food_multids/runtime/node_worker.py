@@ -8,10 +8,11 @@ the DeepSpeed launcher with its own node rank, and exits when node 0's run ends:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
+from food_multids.paths import find_project_root
+from food_multids.runtime.launch import launcher_env
 from food_multids.runtime.node_supervisor import NodeSupervisor
 from food_multids.runtime.nodes import BOARD, NodeFailure, NodePlan, env_node_rank, read_json
 
@@ -29,8 +30,7 @@ def resolve_node_rank(explicit: int | None) -> int:
     return found[0]
 
 
-def serve_launches(output_dir: Path, node_rank: int, wait_s: float, join_timeout_s: float | None = None,
-                   lost_after_s: float | None = None) -> None:
+def serve_launches(output_dir: Path, node_rank: int, wait_s: float) -> None:
     """Join node 0's launches until its run ends; raise NodeFailure on any failure or timeout."""
     if node_rank < 1:
         raise NodeFailure(f"node rank {node_rank}: node 0 runs `kedro run` itself; workers are nodes 1, 2, ...")
@@ -50,9 +50,8 @@ def serve_launches(output_dir: Path, node_rank: int, wait_s: float, join_timeout
             raise NodeFailure(f"node 0's run failed: {record.get('message') or 'see its log'}")
         if record and record.get("state") == "open" and record["id"] not in seen:
             seen.add(record["id"])
-            timeouts = record.get("timeouts", {})
-            if _poster_alive(board / record["id"], lost_after_s or timeouts.get("lost_after_s", 120.0)):
-                _join(board / record["id"], record, node_rank, join_timeout_s, lost_after_s)
+            if _poster_alive(board / record["id"], record["timeouts"]["lost_after_s"]):
+                _join(board / record["id"], record, node_rank)
                 joined_sessions.add(record["session"])
                 deadline = time.monotonic() + wait_s
             else:
@@ -82,19 +81,13 @@ def _poster_alive(node_dir: Path, within_s: float) -> bool:
     return False
 
 
-def _join(node_dir: Path, record: dict, node_rank: int, join_timeout_s: float | None,
-          lost_after_s: float | None) -> None:
+def _join(node_dir: Path, record: dict, node_rank: int) -> None:
     plan = NodePlan(**record["plan"])
     if node_rank >= plan.num_nodes:
         raise NodeFailure(f"this is node {node_rank}, but node 0's launch {record['id']} has {plan.num_nodes} nodes "
                           f"(0..{plan.num_nodes - 1}): check training.nodes.num_nodes / NNODES / SLURM_NNODES")
-    settings = record.get("timeouts", {})
-    supervisor = NodeSupervisor(node_dir, record, node_rank, join_timeout_s or settings.get("join_timeout_s", 600.0),
-                                lost_after_s or settings.get("lost_after_s", 120.0))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(PYTHONUNBUFFERED="1")
-    if record.get("project_root"):
-        env["FOOD_MULTIDS_PROJECT_ROOT"] = record["project_root"]
+    supervisor = NodeSupervisor(node_dir, record, node_rank)
+    env = launcher_env(record["project_root"] or str(find_project_root()))
     logger.info("Node %d: joining launch %s (%d nodes x %d processes, master %s:%d)", node_rank, record["id"],
                 plan.num_nodes, plan.procs_per_node, plan.master_addr, plan.master_port)
     supervisor.run(env)

@@ -219,7 +219,7 @@ def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: 
                          "lost_after_s": cfg.training.nodes.lost_after_s}}
     from food_multids.runtime.node_supervisor import NodeSupervisor
 
-    supervisor = NodeSupervisor(node_dir, post, 0, cfg.training.nodes.join_timeout_s, cfg.training.nodes.lost_after_s)
+    supervisor = NodeSupervisor(node_dir, post, 0)
     logger.info("Launch %s posted for %d more node(s) (food-multids node-worker --output-dir %s)",
                 launch_id, plan.num_nodes - 1, cfg.training.resolved_output_dir())
     ok = False
