@@ -30,6 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Stop DeepSpeed's CPU backend from JIT-building its shared-memory all-reduce (`deepspeed_shm_comm`).
+
+    Built on the first `init_distributed` of every CPU run, it costs 50-100 s of silent C++ compile into
+    ~/.cache/torch_extensions, a folder every checkout and venv on the machine shares; a build killed
+    midway leaves a `lock` file there that every later DeepSpeed process waits on forever. The op only
+    serves DeepSpeed's tensor-parallel inference all-reduce (`inference_all_reduce`), which nothing here
+    calls: training and evaluation reduce through torch.distributed (gloo on CPU). DeepSpeed keeps one
+    dict of compatible ops per process, so marking the op incompatible makes it skip the build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(device: torch.device, master_port: int | None = None) -> tuple[int, int]:
     """Join (or start, for a single in-process run) the process group; return (rank, world_size)."""
     import deepspeed
@@ -41,6 +55,8 @@ def init_distributed(device: torch.device, master_port: int | None = None) -> tu
         added = [k for k in defaults if k not in os.environ]
         os.environ.update({k: defaults[k] for k in added})
         exit_with_supervisor()  # a per_node rank does not outlive kedro / the node worker that started it
+        if device.type == "cpu":
+            skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         mark_joined(dist.get_rank())  # a per_node launch's supervisors wait for every rank's mark
         # A single in-process run made these up; child processes (the DeepSpeed launcher, tests'
