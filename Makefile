@@ -1,5 +1,5 @@
 # Quick start:  make run   (set up + run the main job on the embedded demo)
-#               make test  (set up + run the tests)
+#               make test  (set up + run the fast tests; make test-all runs every tier)
 # The install order matters (see README): torch first, then DeepSpeed without build isolation.
 
 PYTHON ?= python3
@@ -15,7 +15,7 @@ TRACKER_SPECS := wandb=wandb==0.31.0 tensorboard=tensorboard==2.21.0
 export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo run train full_eval predict serve test lint viz mlflow-ui notebook
+.PHONY: setup demo run train full_eval predict serve test test-all lint viz mlflow-ui notebook
 
 # make viz PORT=4142 / make mlflow-ui PORT=5001 / make notebook PORT=8889 (each tool's default otherwise)
 PORT ?=
@@ -46,7 +46,13 @@ train: setup
 full_eval: setup
 	$(BIN)/kedro run --pipelines full_eval
 
+# The fast tier: no training, no compile, no subprocess of kedro/mlflow/jupyter, no second node.
+FAST_TIER := not slow and not e2e and not multinode
 test: setup
+	$(BIN)/python -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
+
+# Every tier (slow, e2e, multinode too): what CI runs.
+test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

@@ -6,6 +6,9 @@ import copy
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -15,8 +18,30 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+KEDRO = str(BIN / "kedro")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kedro_env() -> dict:
+    """This process's environment without what would tie a child `kedro` to this test's MLflow run or project."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FOOD_MULTIDS_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env.update(KEDRO_DISABLE_TELEMETRY="true", FOOD_MULTIDS_PROGRESS="never")
+    return env
+
+
+def kedro(root: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`kedro run ARGS` in the project copy ROOT."""
+    return subprocess.run([KEDRO, "run", *args], cwd=root, env=env or kedro_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def write_image(path: Path, colour=(200, 30, 30), size=(56, 56), mode="RGB", fmt=None) -> Path:
@@ -114,18 +139,58 @@ def demo_root(tmp_path_factory) -> Path:
     return write_demo(tmp_path_factory.mktemp("demo") / "demo")
 
 
-@pytest.fixture
-def project_copy(tmp_path, demo_root, tiny_model_dir) -> Path:
-    """A throwaway copy of the Kedro project (conf + pyproject) with the demo data and tiny model."""
-    root = tmp_path / "project"
-    root.mkdir()
+def copy_project(root: Path, demo_root: Path, tiny_model_dir: Path) -> Path:
+    """A copy of the Kedro project (conf, notebooks, pyproject) at ROOT with the demo data and tiny model."""
+    root.mkdir(parents=True)
     shutil.copy(REPO / "pyproject.toml", root)
     (root / "src").mkdir()  # the package itself comes from the installed (editable) project
     shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf/local").mkdir()
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
     shutil.copytree(demo_root, root / "data/01_raw/demo")
     shutil.copytree(tiny_model_dir, root / "data/06_models/tiny_qwen2_5_vl")
     return root
+
+
+@pytest.fixture
+def project_copy(tmp_path, demo_root, tiny_model_dir) -> Path:
+    """A throwaway copy of the Kedro project with the demo data and tiny model."""
+    return copy_project(tmp_path / "project", demo_root, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory, demo_root, tiny_model_dir):
+    """One `kedro run` (train + full_eval + report) of the demo in a project copy, shared by every test
+    that reads what a finished run leaves behind (report, notebook, viz, registry). Tests must not
+    change it: one that writes to a project uses its own `project_copy`."""
+    root = copy_project(tmp_path_factory.mktemp("trained_demo") / "project", demo_root, tiny_model_dir)
+    env = kedro_env()
+    proc = kedro(root, "--params", "training.num_train_epochs=2,training.eval_steps=20", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, env, proc.stdout + proc.stderr
+
+
+def latest(root: Path, relative: str) -> Path:
+    """The newest version of a versioned catalog file under ROOT (folder RELATIVE/<version>/<name>)."""
+    folder = root / relative
+    return sorted(folder.iterdir())[-1] / folder.name
+
+
+@pytest.fixture
+def classifier_dir(tiny_model_dir, tmp_path) -> Path:
+    """An untrained classifier (digits 10 classes + shapes 40) saved as a training run saves its best model."""
+    import torch
+
+    from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
+    from food_multids.model.factory import load_tokenizer
+
+    torch.manual_seed(0)
+    meta = ClassifierMeta(num_labels=40, pooling="image_mean",
+                          label_spaces={"digits": LabelSpace(0, 10, [str(i) for i in range(10)]), "shapes": LabelSpace(1, 40)})
+    model = create_classifier(tiny_model_dir, meta, "float32", torch.device("cpu"))
+    out = tmp_path / "clf"
+    model.save_pretrained(out, load_tokenizer(tiny_model_dir), json.loads((tiny_model_dir / "preprocessor_config.json").read_text()))
+    return out
 
 
 @pytest.fixture

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.test_hooks import KEDRO, kedro_env
-
-
-def kedro(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([KEDRO, "run", *args], cwd=root, env=env or kedro_env(), capture_output=True, text=True,
-                          timeout=600)
+from tests.conftest import kedro, kedro_env
 
 
 def run_count(root: Path) -> int:
@@ -34,7 +28,7 @@ def write_env(root: Path, name: str, params: dict) -> None:
     (root / "conf" / name / "parameters.yml").write_text(yaml.safe_dump(params))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_configuration_problems_stop_the_run_before_any_node_and_any_mlflow_run(project_copy):
     write_env(project_copy, "seed", {
         "model": {"num_labels": 2000, "enable_logits_masking": True},
@@ -68,7 +62,7 @@ def test_configuration_problems_stop_the_run_before_any_node_and_any_mlflow_run(
     assert run_count(project_copy) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and_pinnable(project_copy, base_params):
     demo = "data/01_raw/demo"
     write_env(project_copy, "seed", {
@@ -149,7 +143,7 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert history["records"], "the pinned run's history"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_yaml_error_and_an_override_that_cannot_apply_are_reported_without_a_traceback(project_copy):
     (project_copy / "conf/broken").mkdir()
     (project_copy / "conf/broken/parameters.yml").write_text("model:\n  num_labels: 4\n   prompt: [\n")

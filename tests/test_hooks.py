@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,14 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from food_multids.hooks import MlflowStoreError, check_sqlite_store
 from food_multids.training.checkpoint import complete_checkpoints
-
-KEDRO = str(Path(sys.executable).with_name("kedro"))
-
-
-def kedro_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("FOOD_MULTIDS_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    env.update(KEDRO_DISABLE_TELEMETRY="true", FOOD_MULTIDS_PROGRESS="never")
-    return env
+from tests.conftest import KEDRO, kedro_env
 
 
 def make_store(path: Path) -> None:
@@ -58,7 +49,7 @@ def test_a_page_damaged_store_is_named(tmp_path):
         sqlite3.connect(store).execute("SELECT name FROM sqlite_master").fetchall()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kedro_run_names_a_truncated_store_before_any_node(project_copy):
     store = project_copy / "mlflow.db"
     make_store(store)
@@ -71,7 +62,7 @@ def test_kedro_run_names_a_truncated_store_before_any_node(project_copy):
     assert not (project_copy / "data/02_intermediate/train_records.parquet").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ctrl_c_during_training_saves_a_checkpoint_and_marks_the_run_killed(project_copy):
     out_dir = project_copy / "data/06_models/train_output"
     proc = subprocess.Popen([KEDRO, "run", "--pipelines", "train", "--params", "training.save_steps=10"],

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from food_multids.inference.predict import predict_images
 from tests.conftest import write_image, write_jsonl
-from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)
 
 CLI = str(Path(sys.executable).with_name("food-multids"))
 
@@ -20,7 +20,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, "predict", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_the_cli_predicts_a_folder_as_the_library_does(classifier_dir, tmp_path):  # noqa: F811
+@pytest.mark.e2e
+def test_the_cli_predicts_a_folder_as_the_library_does(classifier_dir, tmp_path):
     images = [write_image(tmp_path / f"photos/{i}.png", colour=(60 * i, 20, 200 - 50 * i)) for i in range(3)]
     proc = cli(str(classifier_dir), "photos", "--dataset", "digits", "--top-k", "3", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -37,7 +38,8 @@ def test_the_cli_predicts_a_folder_as_the_library_does(classifier_dir, tmp_path)
     assert f"{expected['top_k_names'][0][0]} (" in lines[0]
 
 
-def test_the_cli_reads_jsonl_and_names_bad_input(classifier_dir, tmp_path):  # noqa: F811
+@pytest.mark.e2e
+def test_the_cli_reads_jsonl_and_names_bad_input(classifier_dir, tmp_path):
     write_image(tmp_path / "a.png")
     write_jsonl(tmp_path / "rows.jsonl", [{"image": "a.png", "dataset_name": "shapes"}, {"image": "gone.png"}])
     proc = cli(str(classifier_dir), "rows.jsonl", cwd=tmp_path)

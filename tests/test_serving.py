@@ -8,9 +8,7 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,18 +25,9 @@ from food_multids.inference.model import load_model
 from food_multids.inference.predict import predict_records
 from food_multids.inference.source import local_model_dir
 from food_multids.serving import log_and_register
-from tests.conftest import write_image
+from tests.conftest import BIN, free_port, write_image
 from tests.inference.test_inputs import BAD
-from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)
 from tests.pipelines.predict.test_pipeline import PREDICT
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, records: list[dict]) -> tuple[int, dict]:
@@ -70,8 +59,8 @@ def serve(store: str, model_uri: str, port: int, log: Path) -> subprocess.Popen:
     raise AssertionError(f"the server did not answer /ping in 180 s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.slow
-def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir, tmp_path):  # noqa: F811
+@pytest.mark.e2e
+def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
     experiment = MlflowClient(store).create_experiment("served")  # not set_experiment: it outlives the test
@@ -115,7 +104,7 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
         server.wait(timeout=30)
 
 
-def test_a_failure_to_log_the_served_model_does_not_fail_the_finished_training(classifier_dir, tmp_path, caplog):  # noqa: F811
+def test_a_failure_to_log_the_served_model_does_not_fail_the_finished_training(classifier_dir, tmp_path, caplog):
     import pandas as pd
 
     from food_multids.pipelines.predict.nodes import log_served_model

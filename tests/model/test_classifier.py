@@ -18,6 +18,7 @@ from food_multids.model.classifier import (
     MultiDatasetClassifier,
     create_classifier,
     mask_logits,
+    pool_hidden,
 )
 from food_multids.model.factory import load_tokenizer
 
@@ -109,13 +110,12 @@ def test_pooling_is_the_same_under_left_and_right_padding(tiny_model_dir, poolin
     assert torch.allclose(left[0][finite[0]], alone[0][finite[0]], atol=1e-4)
 
 
-def test_last_pooling_picks_the_last_attended_token():
-    model = MultiDatasetClassifier.__new__(MultiDatasetClassifier)
-    torch.nn.Module.__init__(model)
-    model.meta = ClassifierMeta(num_labels=2, pooling="last")
+def test_last_pooling_picks_the_last_attended_token_and_image_mean_averages_the_image_tokens():
     hidden = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
-    assert model.pool(hidden, torch.zeros(2, 4, dtype=torch.long), mask).flatten().tolist() == [3.0, 5.0]
+    ids = torch.tensor([[0, 9, 9, 1], [9, 1, 0, 0]])
+    assert pool_hidden(hidden, ids, mask, "last", image_token_id=9).flatten().tolist() == [3.0, 5.0]
+    assert pool_hidden(hidden, ids, mask, "image_mean", image_token_id=9).flatten().tolist() == [1.5, 4.0]
 
 
 def test_save_and_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
@@ -194,6 +194,7 @@ def test_freezing_and_param_groups(tiny_model_dir):
     assert len(groups["vision"]["params"]) == len(parts["merger"])
 
 
+@pytest.mark.slow  # CPU inductor compiles
 def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradients(tiny_model_dir):
     # The GPU defaults' path (batched windows + regional torch.compile, here with checkpointing too)
     # against the plain model: same function, same gradients, in float32.
@@ -247,6 +248,7 @@ def test_checkpointing_every_other_layer_recomputes_half_the_layers_with_the_sam
             assert torch.allclose(grad, other[name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow  # CPU inductor compiles
 def test_a_torch_compile_mode_reaches_every_block_and_keeps_the_logits_and_gradients(tiny_model_dir):
     from food_multids.config import ModelConfig
     from food_multids.model.speedups import prepare_model

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_hooks import KEDRO, kedro_env
+from tests.conftest import KEDRO, kedro_env
 
 FOOD_MULTIDS = str(Path(KEDRO).with_name("food-multids"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(("model_type", "pixels"), [("qwen2_vl", 3136), ("qwen3_vl", 4096), ("qwen3_5", 4096)])
 def test_kedro_run_trains_and_evaluates_with_another_family(project_copy, model_type, pixels):
     folder = f"data/06_models/tiny_{model_type}"
@@ -35,7 +35,7 @@ def test_kedro_run_trains_and_evaluates_with_another_family(project_copy, model_
     assert metrics["overall_samples"] == 260 and 0 <= metrics["overall_accuracy"] <= 1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_min_pixels_below_one_patch_group_of_the_family_is_refused_before_the_run(project_copy):
     folder = "data/06_models/tiny_qwen3_vl"
     subprocess.run([FOOD_MULTIDS, "build-tiny-model", folder, "--family", "qwen3_vl"], cwd=project_copy,

@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,20 +21,13 @@ import pytest
 from food_multids.config import ConfigError, ProjectConfig
 from food_multids.runtime.nodes import NodeFailure, resolve_plan
 from food_multids.training.checkpoint import complete_checkpoints
-from tests.test_first_run import kedro
-from tests.test_hooks import kedro_env
+from tests.conftest import free_port, kedro, kedro_env
 
 REPO = Path(__file__).resolve().parents[2]
 FOOD_MULTIDS = str(Path(sys.executable).with_name("food-multids"))
 logger = logging.getLogger(__name__)
 SHORT = ("training.max_steps=12,training.logging_steps=4,training.eval_steps=6,training.save_steps=6,"
          "training.device=cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def per_node(port: int, lost_after_s: int = 60) -> str:
@@ -68,7 +60,7 @@ def comparable(records: list[dict]) -> list[dict]:
     return [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "images_per_second"}} for r in records]
 
 
-@pytest.mark.slow
+@pytest.mark.multinode
 @pytest.mark.threads_pinned
 def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_one_process(project_copy):
     out = project_copy / "data/06_models/train_output"
@@ -152,7 +144,7 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-@pytest.mark.slow
+@pytest.mark.multinode
 @pytest.mark.threads_pinned
 def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(project_copy):
     long_run = training_run(steps=40, eval_steps=20, save_steps=4)
@@ -180,7 +172,7 @@ def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(pr
     assert json.loads((out / "FINISHED.json").read_text())["final_step"] == 40
 
 
-@pytest.mark.slow
+@pytest.mark.multinode
 @pytest.mark.threads_pinned
 def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint(project_copy):
     # As SLURM pre-empts a job: SIGTERM to the task on each node at once. Each node passes one SIGTERM to
@@ -201,7 +193,7 @@ def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
 
 
-@pytest.mark.slow
+@pytest.mark.multinode
 @pytest.mark.threads_pinned
 def test_ranks_do_not_outlive_a_node_process_killed_outright(project_copy):
     # kedro on node 0 is SIGKILLed (out of memory, say): its ranks, in a session of their own, must not go
@@ -224,6 +216,7 @@ def test_ranks_do_not_outlive_a_node_process_killed_outright(project_copy):
     assert re.search(r"lost rank\(s\) 0 on node 0|node 0 \(\S+\) failed", worker_log), worker_log[-3000:]
 
 
+@pytest.mark.multinode
 def test_a_worker_without_node_zero_gives_up_with_a_message(tmp_path):
     started = time.time()
     proc = subprocess.run([FOOD_MULTIDS, "node-worker", "--output-dir", str(tmp_path / "out"), "--wait-s", "2"],
@@ -241,7 +234,7 @@ def beating(node_dir: Path, stop: threading.Event) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.slow
+@pytest.mark.multinode
 def test_a_node_that_cannot_reach_the_master_fails_after_the_join_timeout(tmp_path, base_params):
     # Node 0 is alive (its heartbeat runs here) but nothing listens at the master address: as behind a
     # firewall. The worker's rank keeps trying to connect until the join timeout stops it.

@@ -14,8 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from food_multids.config import ConfigError, ProjectConfig
-from tests.conftest import with_overrides
-from tests.test_hooks import KEDRO, kedro_env
+from tests.conftest import KEDRO, kedro_env, with_overrides
 
 FOOD_MULTIDS = str(Path(KEDRO).with_name("food-multids"))
 
@@ -94,7 +93,7 @@ SEED_ON_DEMO = {  # the README's seed YAML, on the demo's data
 }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_trainers_yaml_runs_as_an_env_and_every_tracker_gets_the_same_metrics(project_copy, tmp_path):
     config = tmp_path / "multi_datasets_config.yaml"
     config.write_text(yaml.safe_dump(SEED_ON_DEMO))

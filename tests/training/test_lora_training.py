@@ -98,10 +98,11 @@ def test_lora_trains_under_zero3_with_gradient_checkpointing_and_batched_windows
     assert trained_b and all(v.abs().sum() > 0 for v in trained_b)  # gathered after training (B starts at zero)
 
 
+@pytest.mark.e2e
 def test_kedro_run_with_lora_runs_the_whole_default_pipeline_on_the_demo(project_copy):
     import subprocess
 
-    from tests.test_hooks import KEDRO, kedro_env
+    from tests.conftest import KEDRO, kedro_env
 
     proc = subprocess.run([KEDRO, "run", "--params", "model.finetuning=lora,training.num_train_epochs=1"],
                           cwd=project_copy, env=kedro_env(), capture_output=True, text=True, timeout=600)

@@ -160,19 +160,14 @@ def test_sharded_eval_gives_equal_batches_and_marks_padding():
 
 def test_fresh_eval_subsets_differ_between_evaluations_and_stay_stratified(two_datasets):
     from food_multids.data.ingest import ingest
-    from food_multids.data.tables import stratified_subset, tag_records
-    from food_multids.training.loop import Trainer
+    from food_multids.data.tables import partial_eval_subset, stratified_subset, tag_records
 
-    params = with_overrides(two_datasets, training={"eval_subset_strategy": "fresh", "device": "cpu"})
-    cfg = ProjectConfig.from_params(params)
+    cfg = ProjectConfig.from_params(two_datasets)
     result = ingest(cfg)
     full = tag_records(result.val, cfg.datasets, "val", 0, shuffle=False)
     fixed = stratified_subset(full, cfg.datasets, cfg.training.seed)
-    trainer = Trainer(cfg, full, fixed, full)
-    draws = []
-    for _ in range(3):
-        draws.append(trainer._eval_frame())
-        trainer.eval_count += 1
+    draws = [partial_eval_subset(k, "fresh", fixed, full, cfg.datasets, cfg.training.seed) for k in range(3)]
+    assert partial_eval_subset(5, "fixed", fixed, full, cfg.datasets, cfg.training.seed) is fixed
     ids = [sorted(d["sample_id"]) for d in draws]
     assert ids[0] != ids[1] != ids[2]
     for d in draws:

@@ -129,6 +129,16 @@ def stratified_subset(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], seed:
     return pd.concat(parts, ignore_index=True) if parts else frame.iloc[:0]
 
 
+def partial_eval_subset(evaluation: int, strategy: str, fixed: pd.DataFrame, full: pd.DataFrame | None,
+                        specs: tuple[DatasetSpec, ...], seed: int) -> pd.DataFrame:
+    """The rows scored by partial evaluation number EVALUATION (0, 1, ...): the fixed subset, or with the
+    `fresh` strategy a new stratified draw of the full validation set each time (seeded by the number, so
+    a resumed run draws what it would have drawn)."""
+    if strategy == "fresh" and full is not None:
+        return stratified_subset(full, specs, seed + 1_000_003 * (evaluation + 1))
+    return fixed
+
+
 def count_overlap(train: pd.DataFrame, val: pd.DataFrame) -> int:
     """Images listed under the same dataset in both splits (a leak worth a warning)."""
     hits = pc.is_in(pa.array(train["image"]), value_set=pa.array(val["image"]))

@@ -72,6 +72,18 @@ def mask_logits(logits: torch.Tensor, num_classes: torch.Tensor) -> torch.Tensor
     return logits.masked_fill(invalid, float("-inf"))
 
 
+def pool_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                image_token_id: int) -> torch.Tensor:
+    """(batch, length, hidden) -> (batch, hidden): the mean over image tokens (`image_mean`) or the last
+    attended position (`last`, right for left and right padding alike)."""
+    if pooling == "image_mean":
+        weights = (input_ids == image_token_id).to(hidden.dtype)
+        return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class MultiDatasetClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, meta: ClassifierMeta, kind: Backbone):
         super().__init__()
@@ -87,13 +99,7 @@ class MultiDatasetClassifier(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.meta.pooling == "image_mean":
-            weights = (input_ids == self.image_token_id).to(hidden.dtype)
-            return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
-        # Last attended position: correct for left and right padding alike.
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (attention_mask * positions).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return pool_hidden(hidden, input_ids, attention_mask, self.meta.pooling, self.image_token_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 image_grid_thw: torch.Tensor, num_classes: torch.Tensor | None = None,

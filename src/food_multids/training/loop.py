@@ -27,7 +27,7 @@ from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
-from food_multids.data.tables import stratified_subset
+from food_multids.data.tables import partial_eval_subset
 from food_multids.interrupts import StopFlag, TrainingInterrupted
 from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.model.classifier import (
@@ -376,13 +376,9 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['overall_loss']:.4f}", acc=f"{metrics['overall_accuracy']:.3f}",
                             img_s=f"{metrics['images_per_second']:.1f}")
 
-    def _eval_frame(self) -> pd.DataFrame:
-        if self.t.eval_subset_strategy == "fresh" and self.full_eval_df is not None:
-            return stratified_subset(self.full_eval_df, self.cfg.datasets, self.t.seed + 1_000_003 * (self.eval_count + 1))
-        return self.eval_df
-
     def _evaluate_and_track(self) -> None:
-        frame = self._eval_frame()
+        frame = partial_eval_subset(self.eval_count, self.t.eval_subset_strategy, self.eval_df, self.full_eval_df,
+                                    self.cfg.datasets, self.t.seed)
         self.eval_count += 1
         out = evaluate(self.engine.module, self._eval_loader(frame, self.t.per_device_eval_batch_size), self.device,
                        len(self.names), masking=self.cfg.model.enable_logits_masking, dtype=self.dtype,

@@ -24,7 +24,7 @@ def test_data_pipeline_slice_runs_on_an_in_memory_catalog(two_datasets):
     assert {"dataset_id", "num_classes", "sample_id"} <= set(catalog.load("train_set").columns)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kedro_run_data_pipeline_writes_versioned_parquet(project_copy):
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
     env.pop("FOOD_MULTIDS_PROJECT_ROOT", None)

@@ -4,34 +4,17 @@ import copy
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
-from food_multids.model.factory import load_tokenizer
 from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
 from food_multids.pipelines.full_eval import create_pipeline
-
-KEDRO = os.path.join(os.path.dirname(sys.executable), "kedro")
-
-
-@pytest.fixture
-def classifier_dir(tiny_model_dir, tmp_path) -> Path:
-    torch.manual_seed(0)
-    meta = ClassifierMeta(num_labels=40, pooling="image_mean",
-                          label_spaces={"digits": LabelSpace(0, 10, [str(i) for i in range(10)]), "shapes": LabelSpace(1, 40)})
-    model = create_classifier(tiny_model_dir, meta, "float32", torch.device("cpu"))
-    out = tmp_path / "clf"
-    model.save_pretrained(out, load_tokenizer(tiny_model_dir), json.loads((tiny_model_dir / "preprocessor_config.json").read_text()))
-    return out
+from tests.conftest import KEDRO, latest
 
 
 def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir, classifier_dir, tmp_path):
@@ -87,37 +70,9 @@ def test_full_evaluate_shards_across_two_processes(base_params, demo_root, class
     assert conf["count"].sum() == 260
 
 
-@pytest.fixture(scope="module")
-def finished_project(tmp_path_factory, demo_root, tiny_model_dir):
-    """One `kedro run` (train + full_eval + report) of the demo in a copy of the project."""
-    import shutil
-
-    repo = Path(__file__).resolve().parents[3]
-    root = tmp_path_factory.mktemp("e2e") / "project"
-    root.mkdir()
-    shutil.copy(repo / "pyproject.toml", root)
-    (root / "src").mkdir()
-    shutil.copytree(repo / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf/local").mkdir()
-    shutil.copytree(repo / "notebooks", root / "notebooks")
-    shutil.copytree(demo_root, root / "data/01_raw/demo")
-    shutil.copytree(tiny_model_dir, root / "data/06_models/tiny_qwen2_5_vl")
-    env = {k: v for k, v in os.environ.items() if k not in ("FOOD_MULTIDS_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    env.update(KEDRO_DISABLE_TELEMETRY="true", FOOD_MULTIDS_PROGRESS="never")
-    proc = subprocess.run([KEDRO, "run", "--params", "training.num_train_epochs=2,training.eval_steps=20"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root, env, proc.stdout + proc.stderr
-
-
-def latest(root: Path, relative: str) -> Path:
-    folder = root / relative
-    return sorted(folder.iterdir())[-1] / folder.name
-
-
-@pytest.mark.slow
-def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(finished_project):
-    root, _, log = finished_project
+@pytest.mark.e2e
+def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained_demo):
+    root, _, log = trained_demo
     metrics = json.loads(latest(root, "data/07_model_output/eval_metrics.json").read_text())
     page = latest(root, "data/08_reporting/report.html").read_text()
     summary = latest(root, "data/08_reporting/report.md").read_text()
@@ -135,12 +90,12 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(finishe
     assert "📈 Overall:" in log and "🏆 New best model!" in log and "📊 TRAIN - OVERALL" in log
 
 
-@pytest.mark.slow
-def test_the_inspection_notebook_runs_top_to_bottom(finished_project):
+@pytest.mark.e2e
+def test_the_inspection_notebook_runs_top_to_bottom(trained_demo):
     import nbclient
     import nbformat
 
-    root, env, _ = finished_project
+    root, env, _ = trained_demo
     nb = nbformat.read(root / "notebooks/inspect_outputs.ipynb", as_version=4)
     os.environ.pop("FOOD_MULTIDS_PROJECT_ROOT", None)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
@@ -154,11 +109,11 @@ def test_the_inspection_notebook_runs_top_to_bottom(finished_project):
     assert not (root / "notebooks/mlflow.db").exists()
 
 
-@pytest.mark.slow
-def test_the_training_run_registered_its_served_model(finished_project):
+@pytest.mark.e2e
+def test_the_training_run_registered_its_served_model(trained_demo):
     from mlflow.tracking import MlflowClient
 
-    root, _, _ = finished_project
+    root, _, _ = trained_demo
     registered = json.loads(latest(root, "data/06_models/registered_model.json").read_text())
     assert registered["registry_uri"] == "models:/food_multids/1" and registered["logged"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -167,9 +122,9 @@ def test_the_training_run_registered_its_served_model(finished_project):
     assert registered["best_model"] == str(latest(root, "data/06_models/best_model").resolve())
 
 
-@pytest.mark.slow
-def test_kedro_viz_build_shows_the_eight_nodes_and_their_edges(finished_project):
-    root, env, _ = finished_project
+@pytest.mark.e2e
+def test_kedro_viz_build_shows_the_eight_nodes_and_their_edges(trained_demo):
+    root, env, _ = trained_demo
     proc = subprocess.run([KEDRO, "viz", "build"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     graph = json.loads((root / "build/api/main").read_text())

@@ -16,7 +16,6 @@ from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split
 from food_multids.pipelines.full_eval.nodes import full_evaluate
 from food_multids.pipelines.predict import create_pipeline
 from tests.conftest import write_image, write_jsonl
-from tests.pipelines.full_eval.test_pipeline import classifier_dir  # noqa: F401  (fixture)
 
 PREDICT = {"jsonl_list": [], "image_dir": None, "dataset_name": None, "model": None, "top_k": 5, "batch_size": 64,
            "dataloader_num_workers": 0, "device": "cpu", "num_processes": None, "on_bad_rows": "error",
@@ -33,7 +32,7 @@ def run_predict(model_dir, predict: dict, output_dir: Path | None = None) -> Dat
     return catalog
 
 
-def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, demo_root, classifier_dir,  # noqa: F811
+def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, demo_root, classifier_dir,
                                                                    tmp_path):
     params = copy.deepcopy(base_params)
     params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
@@ -62,7 +61,7 @@ def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, 
     assert digits["top_k_names"].map(lambda names: all(n in [str(i) for i in range(10)] for n in names)).all()
 
 
-def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_are_errors(classifier_dir,  # noqa: F811
+def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_are_errors(classifier_dir,
                                                                                           tmp_path):
     image = write_image(tmp_path / "img" / "a.png")
     jsonl = write_jsonl(tmp_path / "rows.jsonl", [
@@ -84,7 +83,7 @@ def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_a
     assert sorted(rejected["line"]) == [2, 4]
 
 
-def test_a_folder_of_images_is_predicted_and_bad_files_are_named(classifier_dir, tmp_path):  # noqa: F811
+def test_a_folder_of_images_is_predicted_and_bad_files_are_named(classifier_dir, tmp_path):
     folder = tmp_path / "photos"
     for i in range(3):
         write_image(folder / f"sub/{i}.png", colour=(40 * i, 90, 200))
@@ -104,14 +103,14 @@ def test_a_folder_of_images_is_predicted_and_bad_files_are_named(classifier_dir,
     assert [r["dataset_name"] for r in as_json] == ["shapes"] * 3
 
 
-def test_an_unknown_dataset_for_a_folder_is_an_error_naming_the_setting(classifier_dir, tmp_path):  # noqa: F811
+def test_an_unknown_dataset_for_a_folder_is_an_error_naming_the_setting(classifier_dir, tmp_path):
     write_image(tmp_path / "photos/a.png")
     with pytest.raises(RecordError, match=r"params:predict.dataset_name \(or --dataset\): 'food101' is not a label "
                                           r"space of the model, which knows digits, shapes"):
         run_predict(classifier_dir, {**PREDICT, "image_dir": str(tmp_path / "photos"), "dataset_name": "food101"})
 
 
-def test_predict_output_round_trips_through_parquet(classifier_dir, tmp_path):  # noqa: F811
+def test_predict_output_round_trips_through_parquet(classifier_dir, tmp_path):
     write_image(tmp_path / "photos/a.png")
     predicted = run_predict(classifier_dir, {**PREDICT, "image_dir": str(tmp_path / "photos")}).load("image_predictions")
     predicted.to_parquet(tmp_path / "p.parquet")
@@ -121,7 +120,7 @@ def test_predict_output_round_trips_through_parquet(classifier_dir, tmp_path):  
 
 
 @pytest.mark.slow
-def test_predict_shards_across_two_processes_and_gathers_the_same_rows(classifier_dir, demo_root, tmp_path):  # noqa: F811
+def test_predict_shards_across_two_processes_and_gathers_the_same_rows(classifier_dir, demo_root, tmp_path):
     jsonl = [str(demo_root / "shapes/val.jsonl")]
     single = run_predict(classifier_dir, {**PREDICT, "jsonl_list": jsonl, "batch_size": 16}).load("image_predictions")
     sharded = run_predict(classifier_dir, {**PREDICT, "jsonl_list": jsonl, "batch_size": 16, "num_processes": 2},
@@ -157,7 +156,7 @@ def test_a_model_trained_without_masking_still_ranks_within_the_images_dataset(t
     assert sum(predicted["top_k_probs"].iloc[0]) == pytest.approx(1.0, abs=1e-5)  # a softmax over the ten
 
 
-def test_a_saved_model_is_loaded_with_its_training_image_settings_and_todays_speed_settings(classifier_dir,  # noqa: F811
+def test_a_saved_model_is_loaded_with_its_training_image_settings_and_todays_speed_settings(classifier_dir,
                                                                                             tmp_path):
     import shutil
 
