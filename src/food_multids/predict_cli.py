@@ -121,7 +121,7 @@ def format_table(table) -> str:
     for row in table.itertuples():
         image = str(row.image)
         image = image if len(image) <= width else "..." + image[-(width - 3):]
-        if row.error:
+        if isinstance(row.error, str) and row.error:  # a missing error reads back from pandas as NaN
             ranked = f"ERROR: {row.error}"
         else:
             ranked = ", ".join(f"{name if name is not None else cid} ({p:.3f})"

@@ -173,3 +173,10 @@ def test_fresh_eval_subsets_differ_between_evaluations_and_stay_stratified(two_d
     for d in draws:
         assert d.groupby("dataset_name", observed=True).size().to_dict() == {"alpha": 6, "beta": 5}
         assert d.loc[d["dataset_name"] == "alpha", "label"].nunique() == 3
+
+
+def test_a_training_batch_whose_every_image_failed_stops_with_the_way_out():
+    from food_multids.training.loop import train_step
+
+    with pytest.raises(RuntimeError, match=r"all 8 images of a training batch failed to load .*resume_from_checkpoint"):
+        train_step(None, {"all_failed": True, "skipped": 8}, None, None, None)

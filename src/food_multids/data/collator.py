@@ -184,18 +184,27 @@ def prompt_ids(prefix: tuple[int, ...], suffix: tuple[int, ...], image_token_id:
 class ClassificationCollator:
     """List of samples (a `failed` marker for an image that could not be loaded) -> one padded model batch."""
 
-    def __init__(self, prompt: PromptTokens, merge_size: int = 2, padding_side: str = "left"):
+    def __init__(self, prompt: PromptTokens, merge_size: int = 2, padding_side: str = "left",
+                 placeholder: tuple[torch.Tensor, tuple[int, int, int]] | None = None):
         self.prompt = prompt
         self.merge_size = merge_size
         self.merge_area = merge_size * merge_size
         self.padding_side = padding_side
+        # An encoded blank image (patches, grid): stands in, with weight 0, for a batch whose every image
+        # failed, so evaluation and predict go on (and every rank still runs its forward pass).
+        self.placeholder = placeholder
 
     def __call__(self, samples: list[dict | None]) -> dict:
         kept = [s for s in samples if s is not None and not s.get("failed")]
         # Failed images of real rows (not an eval shard's weight-0 padding slots), by dataset.
         failed = [s["dataset_id"] for s in samples if s is not None and s.get("failed") and s.get("weight", 1.0) > 0]
-        if not kept:
-            raise RuntimeError(f"all {len(samples)} images of a batch failed to load (see the warnings above)")
+        all_failed = not kept
+        if all_failed:
+            if self.placeholder is None:
+                raise RuntimeError(f"all {len(samples)} images of a batch failed to load (see the warnings above)")
+            patches, grid = self.placeholder
+            kept = [{"pixel_values": patches, "grid": grid, "label": 0, "dataset_id": 0, "num_classes": 1,
+                     "sample_id": -1, "weight": 0.0}]
         pre, suf = self.prompt.prefix, self.prompt.suffix
         lengths = [len(pre) + int(np.prod(s["grid"])) // self.merge_area + len(suf) for s in kept]
         width = max(lengths)
@@ -219,8 +228,9 @@ class ClassificationCollator:
             "num_classes": torch.tensor([s["num_classes"] for s in kept], dtype=torch.long),
             "sample_ids": torch.tensor([s["sample_id"] for s in kept], dtype=torch.long),
             "weights": torch.tensor([s.get("weight", 1.0) for s in kept], dtype=torch.float32),
-            "skipped": len(samples) - len(kept),
+            "skipped": len(samples) - (0 if all_failed else len(kept)),
             "skipped_dataset_ids": torch.tensor(failed, dtype=torch.long),
+            "all_failed": all_failed,  # a host-side flag: checking it costs no device sync
         }
 
 
@@ -233,4 +243,5 @@ def create_collator(model_dir: Path, model_cfg, tokenizer, prompt: str | None = 
                if processor_config is not None else
                ImageEncoder.from_pretrained(model_dir, model_cfg.min_pixels, model_cfg.max_pixels))
     tokens = PromptTokens.from_tokenizer(tokenizer, prompt or model_cfg.prompt)
-    return encoder, ClassificationCollator(tokens, encoder.merge_size, model_cfg.padding_side)
+    placeholder = encoder(Image.new("RGB", (224, 224)))
+    return encoder, ClassificationCollator(tokens, encoder.merge_size, model_cfg.padding_side, placeholder)

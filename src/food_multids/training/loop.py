@@ -73,6 +73,10 @@ def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype, su
     """One micro-batch: forward, masked cross-entropy, backward and DeepSpeed's step (which applies the
     optimizer at accumulation boundaries); the batch's loss, hits, count and failed images are added
     to `sums` on the device, with no host synchronisation. The trainer and bench/gpu.py both call it."""
+    if batch.get("all_failed"):
+        raise RuntimeError(f"all {batch['skipped']} images of a training batch failed to load (see the warnings "
+                           "above): training stops rather than take a step on no data. Fix or remove those images "
+                           "in the training JSONL and resume (training.resume_from_checkpoint: auto).")
     batch = to_device(batch, device, dtype)
     logits = engine(**{k: batch[k] for k in MODEL_INPUTS})
     losses = F.cross_entropy(logits, batch["labels"], reduction="none")

@@ -174,3 +174,40 @@ def test_a_saved_model_is_loaded_with_its_training_image_settings_and_todays_spe
     assert (loaded.settings.min_pixels, loaded.settings.max_pixels, loaded.settings.padding_side) == (784, 6272, "right")
     assert loaded.settings.batched_vision_windows is False
     assert (loaded.encoder.min_pixels, loaded.encoder.max_pixels) == (784, 6272)
+
+
+def corrupt_png(path: Path, colour: tuple[int, int, int]) -> Path:
+    """A PNG whose header and length are intact but whose pixel data is garbage: it passes the ingest
+    checks and fails only when decoded."""
+    write_image(path, colour=colour, size=(64, 64))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 40] = bytes(range(40))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_batch_whose_every_image_fails_to_decode_leaves_the_good_rows_predicted(classifier_dir, tmp_path):
+    from food_multids.predict_cli import format_table
+
+    folder = tmp_path / "photos"
+    for i in range(8):  # sorted first: exactly one batch of 8 corrupt images
+        corrupt_png(folder / f"a_bad_{i}.png", colour=(10 * i, 50, 90))
+    for i in range(3):
+        write_image(folder / f"b_good_{i}.png", colour=(40 * i, 90, 200))
+    catalog = run_predict(classifier_dir, {**PREDICT, "image_dir": str(folder), "dataset_name": "shapes", "batch_size": 8})
+    table = catalog.load("image_predictions")
+    bad = table["image"].str.contains("a_bad_")
+    assert bad.sum() == 8 and (~bad).sum() == 3
+    assert (table.loc[bad, "prediction"] == -1).all() and table.loc[bad, "error"].notna().all()
+    assert (table.loc[~bad, "prediction"] >= 0).all() and table.loc[~bad, "error"].isna().all()
+    table.to_parquet(tmp_path / "p.parquet")
+    back = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(back["prediction"]) == list(table["prediction"])
+    lines = format_table(back).splitlines()  # as the CLI prints it, from what pandas reads back
+    assert sum("ERROR:" in line for line in lines) == 8
+    assert all("ERROR" not in line and "(" in line for line in lines if "b_good_" in line)
+    as_json = [json.loads(json.dumps({k: (None if isinstance(v, float) and np.isnan(v) else v)
+                                      for k, v in r.items() if k in ("image", "prediction", "error")}))
+               for r in table.to_dict(orient="records")]
+    assert sum(r["error"] is not None for r in as_json) == 8
