@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(model_dir, resolve_device_name(args.device, "--device"))
         records, rejected = records_from_files(jsonl, images, args.dataset, loaded.label_spaces,
                                                on_bad_rows="skip" if args.skip_bad else "error",
-                                               max_image_pixels=args.max_image_pixels, bad_rows_setting="--skip-bad")
+                                               max_image_pixels=args.max_image_pixels, bad_rows_setting="--skip-bad",
+                                               pixels_setting="--max-image-pixels")
     except (FileNotFoundError, RecordError, ValueError) as exc:
         _err(f"food-multids predict: {exc}")
         return 2

@@ -253,3 +253,24 @@ def test_images_over_the_pixel_cap_are_rejected_at_ingest(two_datasets, tmp_path
     assert "300x200 = 0.1 M pixels > data.max_image_pixels 0.1 M" in result.rejected["detail"].iloc[0]
     assert str(big) not in set(result.train["image"])
     assert check_image_file(str(big), 60_000) is None
+
+
+def test_a_label_past_int64_is_printed_as_the_integer_written(two_datasets):
+    corrupt(two_datasets, ['{"image": "img/train/0_0.png", "label": 1180591620717411303424, "dataset_name": "alpha"}'])
+    with pytest.raises(RecordError) as info:
+        run_ingest(two_datasets)
+    assert "label 1180591620717411303424 is beyond any num_classes" in str(info.value)
+    assert "e+21" not in str(info.value)
+
+
+def test_the_pixel_cap_message_names_the_setting_the_caller_has(tmp_path):
+    from food_multids.inference.inputs import records_from_files
+
+    image = write_image(tmp_path / "big.png", size=(400, 300))
+    spaces = {"digits": (0, 10)}
+    for setting in ("--max-image-pixels", "predict.max_image_pixels"):
+        with pytest.raises(RecordError, match=rf"400x300 = 0.1 M pixels > {setting} 0.1 M"):
+            records_from_files([], [image], "digits", spaces, max_image_pixels=100_000, pixels_setting=setting)
+    with pytest.raises(RecordError) as info:  # the predict pipeline's default
+        records_from_files([], [image], "digits", spaces, max_image_pixels=100_000)
+    assert "predict.max_image_pixels" in str(info.value) and "data.max_image_pixels" not in str(info.value)

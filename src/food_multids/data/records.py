@@ -180,7 +180,8 @@ def _label_problem(value: object) -> tuple[str, str] | None:
             isinstance(value, float) and not value.is_integer()):
         return "non-integer label", f"label {value!r} is not an integer"
     if abs(value) >= _LABEL_LIMIT:
-        return "label out of range", f"label {value!r} is beyond any num_classes"
+        # A JSON integer past int64 reaches us as a float (pyarrow widens the column): print it as an integer.
+        return "label out of range", f"label {int(value)} is beyond any num_classes"
     return None
 
 
@@ -333,11 +334,13 @@ def _image_size(path: str, kind: str, head: bytes) -> tuple[int, int]:
         return img.size
 
 
-def check_image_file(path: str, max_pixels: int | None = None) -> str | None:
+def check_image_file(path: str, max_pixels: int | None = None, pixels_setting: str = "data.max_image_pixels"
+                     ) -> str | None:
     """Cheap header and end-of-file check; None when the file looks like a whole image.
 
     Full decoding is the loader's job; this catches missing, empty, non-image and truncated files,
-    and (with max_pixels) images too large to decode in reasonable time.
+    and (with max_pixels) images too large to decode in reasonable time. `pixels_setting` is the name
+    of the cap the user set (a parameter, or a command-line flag), for the message.
     """
     try:
         with open(path, "rb") as fh:
@@ -373,14 +376,14 @@ def check_image_file(path: str, max_pixels: int | None = None) -> str | None:
         try:
             width, height = _image_size(path, kind, head)
         except Image.DecompressionBombError as exc:  # past Pillow's own limit: too large by any cap
-            return f"{TOO_LARGE} ({exc}; data.max_image_pixels {max_pixels / 1e6:.1f} M)"
+            return f"{TOO_LARGE} ({exc}; {pixels_setting} {max_pixels / 1e6:.1f} M)"
         except Exception as exc:  # PIL raises many types for a damaged header
             return f"unreadable image header ({type(exc).__name__}: {exc})"
         shape_problem = image_shape_problem(width, height)
         if shape_problem:
             return shape_problem
         if width * height > max_pixels:
-            return (f"{TOO_LARGE} ({width}x{height} = {width * height / 1e6:.1f} M pixels > data.max_image_pixels "
+            return (f"{TOO_LARGE} ({width}x{height} = {width * height / 1e6:.1f} M pixels > {pixels_setting} "
                     f"{max_pixels / 1e6:.1f} M; resize it or raise the setting)")
     return None
 
@@ -395,8 +398,8 @@ def image_shape_problem(width: int, height: int) -> str | None:
     return None
 
 
-def check_image_files(paths: Sequence[str], workers: int, desc: str, max_pixels: int | None = None
-                      ) -> list[str | None]:
+def check_image_files(paths: Sequence[str], workers: int, desc: str, max_pixels: int | None = None,
+                      pixels_setting: str = "data.max_image_pixels") -> list[str | None]:
     """check_image_file over many paths in threads (the work is file I/O), with a progress bar."""
     if not paths:
         return []
@@ -406,7 +409,7 @@ def check_image_files(paths: Sequence[str], workers: int, desc: str, max_pixels:
         bar = progress(total=len(paths), desc=desc, unit="img")
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
-            results.extend(pool.map(check_image_file, part, [max_pixels] * len(part)))
+            results.extend(pool.map(check_image_file, part, [max_pixels] * len(part), [pixels_setting] * len(part)))
             bar.update(len(part))
         bar.close()
     return results

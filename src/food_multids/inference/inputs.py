@@ -73,7 +73,8 @@ def list_images(folder: Path) -> list[Path]:
 def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path], dataset_name: str | None,
                        spaces: dict[str, tuple[int, int]], *, on_bad_rows: str = "error",
                        max_image_pixels: int | None = None, check_workers: int = 8,
-                       bad_rows_setting: str = "predict.on_bad_rows=skip") -> tuple[pd.DataFrame, pd.DataFrame]:
+                       bad_rows_setting: str = "predict.on_bad_rows=skip",
+                       pixels_setting: str = "predict.max_image_pixels") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Records to predict and the rejected rows (split, file, line, reason, detail).
 
     Rows are checked as training rows are (JSON, image field, file header, truncation, the pixel cap);
@@ -106,7 +107,8 @@ def records_from_files(jsonl_files: Sequence[Path], image_paths: Sequence[Path],
         rows.append((str(image), wanted))
         where.append((str(image), 0))
     if rows:
-        found = check_image_files([image for image, _ in rows], check_workers, "checking images", max_image_pixels)
+        found = check_image_files([image for image, _ in rows], check_workers, "checking images", max_image_pixels,
+                                  pixels_setting)
         bad = {i for i, f in enumerate(found) if f is not None}
         for i in sorted(bad):
             problems.append(("predict", *where[i], "bad image file", f"{found[i]}: {rows[i][0]}"))

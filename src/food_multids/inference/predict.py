@@ -55,7 +55,7 @@ def predict_images(model: LoadedModel | Path | str, images: list[Path | str], da
 
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), resolve_device_name(device))
     records, _ = records_from_files([], [Path(i) for i in images], dataset, loaded.label_spaces,
-                                    max_image_pixels=max_image_pixels)
+                                    max_image_pixels=max_image_pixels, pixels_setting="max_image_pixels")
     return predict_records(loaded, records, top_k=top_k, batch_size=batch_size, progress_mode="never")
 
 

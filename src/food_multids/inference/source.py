@@ -14,8 +14,13 @@ def local_model_dir(source: str) -> Path:
     MLflow model URI (models:/name/version, runs:/id/model, models:/m-...), downloaded from the store."""
     if source.startswith(("models:/", "runs:/")) or "://" in source:
         import mlflow
+        from mlflow.exceptions import MlflowException
 
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        except MlflowException as exc:  # an unknown name, version or run: the store's own words, first line
+            message = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
+            raise FileNotFoundError(f"{source} is not in the MLflow store {mlflow.get_tracking_uri()}: {message}") from exc
         mlmodel = root / "MLmodel"
         if not mlmodel.is_file():
             raise FileNotFoundError(f"{source} is not an MLflow model (no MLmodel file in {root})")
