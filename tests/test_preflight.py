@@ -140,3 +140,14 @@ def test_the_demo_model_outside_base_and_local_is_a_loud_warning(env, path, warn
     if warned:
         assert f"the '{env}' environment runs with model.name_or_path" in warning
         assert f"conf/{env}/parameters.yml" in warning
+
+
+def test_a_lora_target_module_typo_is_found_before_the_first_node(demo_params):
+    params = {**demo_params, "model": {**demo_params["model"], "finetuning": "lora",
+                                        "lora": {"target_modules": ["q_prj", "v_proj"]}}}
+    found = check_run(plan(), params, no_catalog, {}, no_catalog)
+    [problem] = [p for p in found.problems if "target_modules" in p]
+    assert "params:model.lora.target_modules ['q_prj'] match no Linear layer" in problem
+    assert "q_proj" in problem  # the valid names are listed
+    fine = {**params, "model": {**params["model"], "lora": {"target_modules": ["q_proj", "v_proj"]}}}
+    assert not [p for p in check_run(plan(), fine, no_catalog, {}, no_catalog).problems if "target_modules" in p]

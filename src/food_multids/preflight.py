@@ -88,6 +88,8 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
     if cfg is not None and "full_evaluate" in plan.node_names and "train_deepspeed" not in plan.node_names \
             and "best_model" not in missing:
         found.problems.extend(check_evaluated_model(cfg, load))
+    if cfg is not None and "train_deepspeed" in plan.node_names:
+        found.problems.extend(check_lora_targets(cfg.model))
     if cfg is not None and "ingest_images" in plan.node_names:
         found.problems.extend(check_predict_inputs(cfg.predict))
     if cfg is not None and cfg.training.launch_mode() == "per_node":
@@ -152,6 +154,38 @@ def check_model_source(name_or_path: str, min_pixels: object = None) -> list[str
     if isinstance(min_pixels, int) and min_pixels < side * side:
         return [f"params:model.min_pixels must be >= {side * side} for {kind.display_name} (one {side}x{side} group of "
                 f"merged {kind.patch_size}-px patches), got {min_pixels}"]
+    return []
+
+
+def check_lora_targets(model_cfg) -> list[str]:
+    """model.lora.target_modules name Linear layers of the chosen parts: checked on the backbone built
+    on the meta device from its config.json (no weights read), before the data nodes, not 90 s into
+    training. A folder without a readable config is check_model_source's to name."""
+    if model_cfg.finetuning != "lora" or not model_cfg.lora.target_modules:
+        return []
+    path = resolve_path(model_cfg.name_or_path)
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return []
+    import types
+
+    import torch
+    import transformers
+
+    from food_multids.model.backbones import family
+    from food_multids.model.lora import lora_targets
+
+    kind = family(model_type)
+    with torch.device("meta"):
+        backbone = kind.model_class()(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+    try:
+        lora_targets(types.SimpleNamespace(backbone=backbone, kind=kind), tuple(model_cfg.lora.parts),
+                     model_cfg.lora.target_modules)
+    except ValueError as exc:
+        return [str(exc)]
     return []
 
 
