@@ -120,3 +120,19 @@ def test_the_predict_inputs_are_replaced_as_one_pair_by_an_env_or_the_command_li
     both = loader(conf, "base", {"predict": {"image_dir": "/more", "jsonl_list": ["x.jsonl"]}})["parameters"]["predict"]
     assert both == {"image_dir": "/more", "jsonl_list": ["x.jsonl"], "top_k": 5}
     assert loader(conf, "base", {"predict": {"top_k": 3}})["parameters"]["predict"]["jsonl_list"] == ["demo/val.jsonl"]
+
+
+def test_a_yaml_error_in_a_config_file_names_the_users_file_not_the_temporary_link(tmp_path):
+    import pytest
+
+    from food_multids.config_loader import ConfigFileError
+    from food_multids.console import config_as_env
+
+    root = tmp_path / "project"
+    write_conf(root, {"base/parameters.yml": BASE})
+    mine = tmp_path / "my_trainer.yaml"
+    mine.write_text("model:\n  num_labels: 4\n   prompt: [\n")
+    with config_as_env(root, mine) as (conf_source, env), pytest.raises(ConfigFileError) as info:
+        loader(conf_source, env)["parameters"]
+    assert f"{mine.resolve()}:3:10: not valid YAML" in info.value.message
+    assert "food-multids-conf-" not in info.value.message

@@ -140,7 +140,9 @@ def yaml_error(exc: ParserError) -> ConfigFileError:
     mark = getattr(original, "problem_mark", None)
     if not found or mark is None:
         return ConfigFileError(str(exc))
-    path = Path(found["path"])
+    # resolve(): `food-multids train --config FILE` reads FILE through a link in a temporary conf folder
+    # (console.config_as_env) that is gone when the message is read: name the user's own file.
+    path = Path(found["path"]).resolve()
     try:
         path = path.relative_to(Path.cwd())
     except ValueError:
