@@ -202,3 +202,22 @@ def demo_params(base_params, demo_root, tiny_model_dir, tmp_path) -> dict:
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
     params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never")
     return params
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A real 1 MiB tmpfs (root can mount one); yields a function to mount it with options."""
+    mounts = []
+
+    def mount(options: str) -> Path:
+        target = tmp_path / f"mnt{len(mounts)}"
+        target.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
+        mounts.append(target)
+        return target
+
+    yield mount
+    for target in mounts:
+        subprocess.run(["umount", "-l", str(target)], check=False)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             merged = export_merged(args.model, args.out, args.dtype)
-        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # not found, not empty, a full disk, read-only, not a LoRA model
             parser.error(str(exc))
         logging.getLogger(__name__).info("Merged %d adapted layers: %s is an ordinary classifier folder", merged,
                                          args.out)

@@ -175,3 +175,15 @@ def test_continuing_training_from_adapters_is_refused_with_the_way_out(tiny_mode
     folder = save(lora_model(tiny_model_dir), tiny_model_dir, tmp_path / "lora")
     with pytest.raises(ValueError, match="holds LoRA adapters: continue from a merged export"):
         create_classifier(folder, ClassifierMeta(**META), "float32", torch.device("cpu"))
+
+
+def test_an_export_onto_a_full_disk_is_named_and_leaves_nothing_behind(tiny_model_dir, tmp_path, small_mount):
+    folder = save(lora_model(tiny_model_dir), tiny_model_dir, tmp_path / "lora")
+    full = small_mount("size=256k")
+    with pytest.raises(OSError, match=rf"cannot write the merged model to {full / 'merged'} \(.*\): free space"):
+        export_merged(folder, full / "merged")
+    assert list(full.iterdir()) == []  # no half-written folder: a retry elsewhere or after freeing space works
+    read_only = small_mount("size=16m,ro")
+    with pytest.raises(OSError, match=rf"cannot write the merged model to {read_only / 'merged'} .*Read-only"):
+        export_merged(folder, read_only / "merged")
+    assert export_merged(folder, tmp_path / "merged") == 24

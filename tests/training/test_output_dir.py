@@ -97,25 +97,6 @@ def test_a_tampered_checkpoint_file_is_named_before_anything_loads_it(params, da
     assert manifest["final_step"] == 4
 
 
-@pytest.fixture
-def small_mount(tmp_path):
-    """A real 1 MiB tmpfs (root can mount one); yields a function to mount it with options."""
-    mounts = []
-
-    def mount(options: str) -> Path:
-        target = tmp_path / f"mnt{len(mounts)}"
-        target.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
-        mounts.append(target)
-        return target
-
-    yield mount
-    for target in mounts:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
 def test_a_read_only_output_dir_is_refused_before_training(params, data, small_mount):
     target = small_mount("size=1m,ro")
     params["training"]["output_dir"] = str(target / "out")

@@ -11,9 +11,12 @@ width, small and new for every task: it is trained whole unless model.freeze_mer
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -166,9 +169,18 @@ def export_merged(model_dir: Path, out: Path, dtype: str = "float32") -> int:
     model.backbone.config.dtype = dtype
     preprocessor = json.loads((model_dir / "preprocessor_config.json").read_text()) \
         if (model_dir / "preprocessor_config.json").is_file() else None
-    model.save_pretrained(out, load_tokenizer(model_dir), preprocessor)
-    if (model_dir / TRAINING_INFO).is_file():
-        info = json.loads((model_dir / TRAINING_INFO).read_text())
-        info.update(finetuning="lora, merged", merged_from=str(model_dir.resolve()), merged_dtype=dtype)
-        (out / TRAINING_INFO).write_text(json.dumps(info, indent=2))
+    # Written into a hidden sibling and renamed at the end: a full disk or a kill leaves no half-written
+    # `out` that a retry would refuse as "not empty".
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        model.save_pretrained(partial, load_tokenizer(model_dir), preprocessor)
+        if (model_dir / TRAINING_INFO).is_file():
+            info = json.loads((model_dir / TRAINING_INFO).read_text())
+            info.update(finetuning="lora, merged", merged_from=str(model_dir.resolve()), merged_dtype=dtype)
+            (partial / TRAINING_INFO).write_text(json.dumps(info, indent=2))
+        os.replace(partial, out)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(f"cannot write the merged model to {out} ({getattr(exc, 'strerror', None) or exc}): free "
+                      "space or choose a writable folder; nothing was left behind") from exc
     return merged
