@@ -99,6 +99,9 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
         assert status == 400 and "image" in answer["message"]
         status, answer = post(port, good[:1])  # still serving
         assert status == 200 and answer["predictions"][0]["top_k_ids"] == got[0]["top_k_ids"]
+        log = (tmp_path / "server.log").read_text()
+        assert "ERROR kedro" not in log and "Repeat the previous command" not in log  # the client's fault
+        assert log.count("bad request (HTTP 400): ") >= len(BAD)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

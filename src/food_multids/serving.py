@@ -46,14 +46,18 @@ with warnings.catch_warnings(record=True) as _caught:
 
             turns = getattr(self, "_turns", None) or _Turns()
             try:
-                with turns, _quiet("kedro"):  # the runner's per-node INFO lines, on every request
+                # Kedro logs every request's nodes (INFO) and a failed node as an ERROR with "repeat the
+                # previous command" hints: a bad request is the client's problem, said once below.
+                with turns, _quiet("kedro", logging.CRITICAL):
                     return super().predict(context, model_input, params)
             except Exception as exc:
                 cause = exc
                 while cause is not None and not isinstance(cause, BadRequest):
                     cause = cause.__cause__ or cause.__context__
                 if cause is None:
+                    logger.exception("the served model failed on a request")
                     raise
+                logger.warning("bad request (HTTP 400): %s", str(cause).splitlines()[0])
                 raise MlflowException(str(cause), error_code=INVALID_PARAMETER_VALUE) from None
 
         def __getstate__(self) -> dict:
@@ -92,10 +96,10 @@ class _Turns:
 
 
 @contextlib.contextmanager
-def _quiet(name: str):
+def _quiet(name: str, level_while: int = logging.WARNING):
     log = logging.getLogger(name)
     level = log.level
-    log.setLevel(logging.WARNING)
+    log.setLevel(level_while)
     try:
         yield
     finally:
