@@ -57,8 +57,9 @@ def test_kedro_run_names_a_truncated_store_before_any_node(project_copy):
     proc = subprocess.run([KEDRO, "run", "--pipelines", "data"], cwd=project_copy, env=kedro_env(),
                           capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert f"the MLflow store {store} is truncated" in output, output[-3000:]
+    assert "Traceback" not in output and output.count("is truncated") == 1, output[-3000:]
     assert not (project_copy / "data/02_intermediate/train_records.parquet").exists()
 
 

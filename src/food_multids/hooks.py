@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import click
 from kedro.framework.hooks import hook_impl
 
 from food_multids.interrupts import RunInterrupted, raise_on_signals
@@ -19,8 +20,9 @@ logger = logging.getLogger(__name__)
 BEST_MODEL_COMPANIONS = ("training_history", "best_model_info", "checkpoint_manifest", "dataset_stats")
 
 
-class MlflowStoreError(RuntimeError):
-    """The sqlite file behind the MLflow tracking URI cannot be read."""
+class MlflowStoreError(click.ClickException):
+    """The sqlite file behind the MLflow tracking URI cannot be read. The message names the file and the
+    way out; click prints it without a traceback, as it does preflight's."""
 
 
 def check_sqlite_store(path: Path) -> None:
