@@ -48,7 +48,7 @@ with warnings.catch_warnings(record=True) as _caught:
             try:
                 # Kedro logs every request's nodes (INFO) and a failed node as an ERROR with "repeat the
                 # previous command" hints: a bad request is the client's problem, said once below.
-                with turns, _quiet("kedro", logging.CRITICAL):
+                with turns, _quiet("kedro"):
                     return super().predict(context, model_input, params)
             except Exception as exc:
                 cause = exc
@@ -96,10 +96,11 @@ class _Turns:
 
 
 @contextlib.contextmanager
-def _quiet(name: str, level_while: int = logging.WARNING):
+def _quiet(name: str):
+    """Hold the logger NAME at CRITICAL for the block (its one caller: a served request)."""
     log = logging.getLogger(name)
     level = log.level
-    log.setLevel(level_while)
+    log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
