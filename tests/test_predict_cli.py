@@ -53,3 +53,22 @@ def test_the_cli_reads_jsonl_and_names_bad_input(classifier_dir, tmp_path):
     assert zero.returncode == 2 and "--top-k: must be >= 1, got 0" in zero.stderr
     nobest = cli("best", "a.png", cwd=tmp_path)
     assert nobest.returncode == 2 and "train one with `kedro run --pipelines train`" in nobest.stderr
+
+
+def test_a_damaged_mlflow_store_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from food_multids.console import main
+    from tests.test_hooks import make_store
+
+    (tmp_path / "pyproject.toml").write_text("[tool.kedro]\npackage_name = 'x'\n")  # the project root
+    store = tmp_path / "mlflow.db"
+    make_store(store)
+    store.write_bytes(store.read_bytes()[:5000])
+    write_image(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("FOOD_MULTIDS_PROJECT_ROOT", raising=False)
+    capsys.readouterr()  # MLflow's own lines while the store was made
+    assert main(["predict", "models:/food_multids/1", "a.png"]) == 2
+    err = capsys.readouterr().err
+    assert f"food-multids predict: the MLflow store {store} is truncated" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -97,6 +97,8 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
             assert message in answer["message"], (kind, answer["message"])
         status, answer = post(port, [{"dataset_name": "digits"}])  # no image field at all: the schema says so
         assert status == 400 and "image" in answer["message"]
+        status, answer = post(port, [])  # an empty request: our words, not the schema's
+        assert status == 400 and "the request has no rows" in answer["message"], answer
         status, answer = post(port, good[:1])  # still serving
         assert status == 200 and answer["predictions"][0]["top_k_ids"] == got[0]["top_k_ids"]
         log = (tmp_path / "server.log").read_text()

@@ -54,7 +54,7 @@ def check_sqlite_store(path: Path) -> None:
         raise MlflowStoreError(f"the MLflow store {path} cannot be read ({exc}): {fix}") from exc
 
 
-def _sqlite_path(uri: str | None) -> Path | None:
+def sqlite_path(uri: str | None) -> Path | None:
     if not uri or not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):].split("?")[0])
@@ -165,7 +165,7 @@ class ProjectHooks:
             uri = context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri")
         except Exception:  # no mlflow.yml in this environment: kedro-mlflow reports that itself
             return
-        path = _sqlite_path(uri)
+        path = sqlite_path(uri)
         if path is not None:
             check_sqlite_store(path)
 

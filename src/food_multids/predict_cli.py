@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+import click
+
 from food_multids.paths import find_project_root, resolve_path
 
 BEST_MODEL = Path("data/06_models/best_model")
@@ -55,10 +57,18 @@ def resolve_model(spec: str, root: Path) -> Path:
         if wanted and wanted not in found:
             raise FileNotFoundError(f"best_model has no version {wanted!r}; the versions are: {', '.join(found)}")
         return versions / (wanted or found[-1]) / "best_model"
-    if spec.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
-        import mlflow
+    if spec.startswith(("models:/", "runs:/")):
+        from food_multids.hooks import check_sqlite_store, sqlite_path
 
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # the project's store (conf/base/mlflow.yml)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            import mlflow
+
+            uri = f"sqlite:///{root / 'mlflow.db'}"  # the project's store (conf/base/mlflow.yml)
+            mlflow.set_tracking_uri(uri)
+        store = sqlite_path(uri)
+        if store is not None:  # a damaged store: one line naming the file, not sqlalchemy's traceback
+            check_sqlite_store(store)
     from food_multids.inference.source import local_model_dir
 
     return local_model_dir(spec)
@@ -103,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
                                                pixels_setting="--max-image-pixels")
     except (FileNotFoundError, RecordError, ValueError) as exc:
         _err(f"food-multids predict: {exc}")
+        return 2
+    except click.ClickException as exc:  # a damaged MLflow store (hooks.MlflowStoreError)
+        _err(f"food-multids predict: {exc.format_message()}")
         return 2
     for r in rejected.itertuples():
         _err(f"skipped {r.file}:{r.line}: {r.reason}: {r.detail}")

@@ -112,7 +112,9 @@ def signature():
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
 
-    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "dataset_name", required=False)])
+    # image is optional to the schema so that an empty request reaches records_from_request, which says
+    # "the request has no rows" (MLflow would say "missing inputs ['image']").
+    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "dataset_name", required=False)])
     outputs = Schema([ColSpec("long", "row"), ColSpec("string", "image"), ColSpec("string", "dataset_name"),
                       ColSpec("long", "prediction"), ColSpec("string", "prediction_name", required=False),
                       ColSpec("double", "confidence"), ColSpec(Array("long"), "top_k_ids"),

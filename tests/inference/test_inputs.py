@@ -72,6 +72,16 @@ def test_a_request_without_the_image_column_is_refused():
         records_from_request(pd.DataFrame({"dataset_name": ["digits"]}), SPACES, 1_000_000)
 
 
+def test_an_empty_request_says_it_has_no_rows_and_the_schema_lets_it_through():
+    from food_multids.serving import signature
+
+    with pytest.raises(BadRequest, match="the request has no rows"):
+        records_from_request(pd.DataFrame(), SPACES, 1_000_000)  # {"dataframe_records": []}
+    # MLflow enforces the logged schema before the model runs: a required image column would answer
+    # "missing inputs ['image']" to an empty request instead.
+    assert signature().inputs.required_input_names() == []
+
+
 def test_good_rows_are_decoded_and_a_row_without_dataset_goes_to_every_space():
     request = pd.DataFrame({"image": [b64(png_bytes()), b64(png_bytes(colour=(0, 0, 255)))],
                             "dataset_name": ["shapes", None]})

@@ -169,10 +169,10 @@ def records_from_request(request: pd.DataFrame, spaces: dict[str, tuple[int, int
     for error fields in a 200 answer. Headers are read first: a request whose images hold more than
     `max_request_pixels` together is refused before any is decoded (decoded, each pixel takes 3 bytes).
     """
-    if "image" not in request.columns:
-        raise BadRequest(f"the request has no 'image' column (columns: {', '.join(map(str, request.columns))})")
     if len(request) == 0:
         raise BadRequest("the request has no rows")
+    if "image" not in request.columns:
+        raise BadRequest(f"the request has no 'image' column (columns: {', '.join(map(str, request.columns))})")
     names = request["dataset_name"].tolist() if "dataset_name" in request.columns else [None] * len(request)
     headers, problems = [], []
     for i, (value, name) in enumerate(zip(request["image"].tolist(), names, strict=True)):
