@@ -344,6 +344,9 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     early_stopping_patience: int | None = None
     eval_subset_strategy: Literal["fixed", "fresh"] = "fixed"
+    best_model_selection: Literal["point", "paired", "lower_bound"] = "paired"
+    selection_z: float = 1.0
+    keep_top_k_checkpoints: int = 3
     dataloader_num_workers: int = 0
     dataloader_pin_memory: bool = True
     max_consecutive_bad_images: int = 10
@@ -376,6 +379,10 @@ class TrainConfig:
             problems.add("training.save_total_limit", f"must be >= 1 or null, got {self.save_total_limit}")
         if isinstance(self.early_stopping_patience, int) and self.early_stopping_patience < 1:
             problems.add("training.early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
+        if isinstance(self.selection_z, float) and self.selection_z < 0:
+            problems.add("training.selection_z", f"must be >= 0 (standard errors a gain must exceed), got {self.selection_z}")
+        if isinstance(self.keep_top_k_checkpoints, int) and self.keep_top_k_checkpoints < 1:
+            problems.add("training.keep_top_k_checkpoints", f"must be >= 1 (1: only the best), got {self.keep_top_k_checkpoints}")
         if self.resume_from_checkpoint is True:
             problems.add("training.resume_from_checkpoint", "must be auto, a checkpoint path, or false (true is ambiguous: use auto)")
         if self.dataloader_num_workers < 0:
@@ -420,10 +427,13 @@ class EvalConfig:
     dataloader_num_workers: int | None = None
     confusion_top_n: int = 20
     report_thumbnails: int = 8
+    confidence: float = 0.95
 
     def validate(self, problems: _Problems) -> None:
         if self.top_k < 1:
             problems.add("evaluation.top_k", f"must be >= 1, got {self.top_k}")
+        if isinstance(self.confidence, float) and not 0 < self.confidence < 1:
+            problems.add("evaluation.confidence", f"must be in (0, 1), e.g. 0.95, got {self.confidence}")
         for name in ("confusion_top_n", "report_thumbnails"):
             if getattr(self, name) < 0:
                 problems.add(f"evaluation.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -17,7 +17,8 @@ from food_multids.runtime.nodes import finish_sessions
 
 logger = logging.getLogger(__name__)
 # Written by the train pipeline in the same session as best_model, so they share its version string.
-BEST_MODEL_COMPANIONS = ("training_history", "best_model_info", "checkpoint_manifest", "dataset_stats")
+BEST_MODEL_COMPANIONS = ("training_history", "best_model_info", "checkpoint_manifest", "dataset_stats",
+                         "candidate_evals")
 
 
 class MlflowStoreError(click.ClickException):

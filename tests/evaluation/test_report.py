@@ -108,3 +108,36 @@ def test_the_configuration_says_the_finetuning_mode_and_the_trained_share(two_da
         "finetuning": "lora", "lora": {"r": 8, "alpha": 16, "parts": ["language", "vision"]}}))
     assert finetuning_summary(lora, {"trainable_parameters": 1_500, "total_parameters": 60_000}) == \
         "LoRA r=8, alpha=16 on language + vision layers; 1,500 of 60,000 parameters trained (2.5%)"
+
+
+def test_the_trust_section_shows_bands_candidates_and_the_winners_curse(two_datasets, tmp_path):
+    cfg = ProjectConfig.from_params(two_datasets)
+    evals = [(10, 0.70, 0.62, 0.78, True, "first evaluation"),
+             (20, 0.74, 0.66, 0.82, False, "paired: +0.0400 over step 10 on the same images, not more than 1 x SE 0.0500"),
+             (30, 0.80, 0.73, 0.87, True, "paired: +0.1000 over step 10 on the same images, more than 1 x SE 0.0300")]
+    history = {"best_model_selection": "paired", "confidence": 0.95, "metric_for_best_model": "overall_accuracy",
+               "records": [{"step": s, "kind": "eval", "improved": imp, "reason": why,
+                            "metrics": {"overall_accuracy": v, "overall_accuracy_ci_low": lo, "overall_accuracy_ci_high": hi,
+                                        "overall_accuracy_pooled": v + 0.01, "alpha_accuracy": v,
+                                        "alpha_accuracy_ci_low": lo, "alpha_accuracy_ci_high": hi}}
+                           for s, v, lo, hi, imp, why in evals]}
+    candidates = [{"step": s, "value": v, "ci_low": lo, "ci_high": hi, "full_value": full}
+                  for (s, v, lo, hi, _, _), full in zip(evals, (0.66, 0.72, 0.71), strict=True)]
+    # The partial rule picked step 30; the full-set re-rank published step 20.
+    best = {"metric": "overall_accuracy", "value": 0.74, "step": 20, "partial_best_step": 30,
+            "selected_by": "full-set re-rank of 3 candidates", "candidates": candidates, "source_path": "m"}
+    metrics = {"overall_accuracy": 0.72, "overall_samples": 10, "overall_loss": 1.0}
+    where = Provenance(None, None, 0.0, None, "m", "b")
+    stats = pd.DataFrame([{"split": "train", "dataset_name": "alpha", "rows": 6, "share": 1.0}])
+    empty = pd.DataFrame({"dataset_name": ["alpha"], "label": [0], "prediction": [1], "count": [1]})
+    report = build_report(cfg, history, metrics, predictions(), empty, stats, best, where)
+    summary = "\n".join(report.markdown)
+    assert "## How much to trust the partial numbers" in summary
+    assert "chosen by full-set re-rank of 3 candidates" in summary
+    assert ("Winner's curse: the partial evaluation's pick (step 30) scored 0.8000 on the partial subset and "
+            "0.7100 on the full validation set (gap +0.0900).") in summary
+    assert "falls outside the partial 95% interval [0.7300, 0.8700]" in summary
+    assert "| 20 | 0.7400 | 0.6600 | 0.8200 | 0.7200 | yes |" in summary  # the published candidate
+    assert "not more than 1 x SE 0.0500" in summary
+    page = report.html()
+    assert 'id="trust"' in page and 'id="eval-curves"' in page  # the curves carry the bands

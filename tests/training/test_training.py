@@ -40,7 +40,8 @@ def metric_history(client, run_id, key):
 
 def test_training_logs_per_dataset_metrics_tracks_the_best_and_prunes_checkpoints(demo_params, tmp_path):
     params = demo_params
-    params["training"].update(num_train_epochs=4, logging_steps=10, eval_steps=40, save_steps=40, save_total_limit=1)
+    params["training"].update(num_train_epochs=4, logging_steps=10, eval_steps=40, save_steps=40, save_total_limit=1,
+                              best_model_selection="point")  # the strictly-better rule: best == max of the evals
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     with mlflow.start_run() as run:
         history, manifest = train_deepspeed(*data_nodes(params), params)
@@ -57,6 +58,12 @@ def test_training_logs_per_dataset_metrics_tracks_the_best_and_prunes_checkpoint
     assert eval_steps == [40, 80, 120, 160, total]
     samples = dict(metric_history(client, run.info.run_id, "eval_overall_samples"))
     assert samples[40] == 130.0  # the whole eval subset: 50 digits + 80 shapes
+    # Equal eval ratios (0.5, 0.5): the stratified overall estimate is the pooled one, with its interval.
+    for step, record in ((r["step"], r["metrics"]) for r in history["records"] if r["kind"] == "eval"):
+        assert record["overall_accuracy"] == record["overall_accuracy_pooled"]
+        for name in ("digits", "shapes", "overall"):
+            assert record[f"{name}_accuracy_ci_low"] <= record[f"{name}_accuracy"] <= record[f"{name}_accuracy_ci_high"]
+    assert metric_history(client, run.info.run_id, "eval_overall_accuracy_ci_low")[0][0] == 40
     window = dict(metric_history(client, run.info.run_id, "train_overall_samples"))
     assert window[10] == 10 * 16
     best = manifest["best"]
@@ -197,6 +204,13 @@ def test_resume_after_sigkill_or_sigterm_ends_with_the_same_metrics(demo_params,
     assert comparable(resumed["history"]["records"]) == comparable(straight["history"]["records"])
     assert resumed["history"]["best"] == straight["history"]["best"]
     assert resumed["manifest"]["final_step"] == straight["manifest"]["final_step"]
+    # The re-rank candidates: the same k = 3 steps, and on disk exactly their folders.
+    steps = [c["step"] for c in straight["history"]["candidates"]]
+    assert len(steps) == 3 and straight["history"]["best"]["step"] in steps
+    assert [c["step"] for c in resumed["history"]["candidates"]] == steps
+    pointer = json.loads((tmp_path / "killed" / "best.json").read_text())
+    assert [c["step"] for c in pointer["candidates"]] == steps
+    assert sorted(p.name for p in (tmp_path / "killed" / "best").iterdir()) == [f"step-{s:08d}" for s in steps]
 
     # SIGTERM (a cluster's pre-emption): stop after the current step with a checkpoint there, exit non-zero.
     params["training"].update(output_dir=str(tmp_path / "termed"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,9 +74,29 @@ def test_best_pointer_moves_atomically(tmp_path):
         staged = tmp_path / f".staging-{step}"
         staged.mkdir()
         (staged / "config.json").write_text("{}")
-        final = ckpt.publish_best(tmp_path, staged, {"step": step, "metric": "m", "value": step})
+        best = {"step": step, "metric": "m", "value": step}
+        final = ckpt.publish_best(tmp_path, staged, step, best, [best])
     assert json.loads((tmp_path / "best.json").read_text())["path"] == str(final)
     assert [p.name for p in (tmp_path / "best").iterdir()] == ["step-00000009"]
+
+
+def test_the_pointer_lists_the_candidates_and_only_their_folders_remain(tmp_path):
+    def publish(step, best, candidates):
+        staged = tmp_path / f".staging-{step}"
+        staged.mkdir()
+        (staged / "config.json").write_text("{}")
+        return ckpt.publish_best(tmp_path, staged, step, best, candidates)
+
+    first = {"step": 10, "metric": "m", "value": 0.5}
+    publish(10, first, [first])
+    second = {"step": 20, "value": 0.6}  # kept beside the best, not the best (within noise)
+    publish(20, first, [first, second])
+    third = {"step": 30, "value": 0.7}  # pushes step 20 out of a top 2
+    publish(30, first, [first, third])
+    pointer = json.loads((tmp_path / "best.json").read_text())
+    assert pointer["step"] == 10 and pointer["path"].endswith("best/step-00000010")
+    assert [(c["step"], Path(c["path"]).name) for c in pointer["candidates"]] == [(10, "step-00000010"), (30, "step-00000030")]
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-00000010", "step-00000030"]
 
 
 def test_warmup_then_cosine_and_linear_decay():

@@ -153,6 +153,45 @@ def partial_table(cfg: ProjectConfig, history: dict, best_step: int | None, metr
     return pd.DataFrame(rows)
 
 
+def trust_tables(history: dict, metrics: dict, best: dict) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """"How much to trust the partial numbers": every partial evaluation of the selection metric with its
+    interval and the rule's verdict; the candidates with their full-set values; and sentences on the
+    winner's curse (the partial estimate of the model the partial evaluation chose, minus its full value)."""
+    key = best.get("metric") or history.get("metric_for_best_model") or "overall_accuracy"
+    records = [r for r in history.get("records", []) if r["kind"] == "eval"]
+    per_eval = pd.DataFrame([{
+        "step": r["step"], key: r["metrics"].get(key, float("nan")),
+        "CI low": r["metrics"].get(f"{key}_ci_low", float("nan")), "CI high": r["metrics"].get(f"{key}_ci_high", float("nan")),
+        "pooled overall accuracy": r["metrics"].get("overall_accuracy_pooled", float("nan")),
+        "new best": "yes" if r.get("improved") else "", "why": r.get("reason", "")} for r in records])
+    candidates = best.get("candidates") or metrics.get("candidates") or []
+    published = best.get("step")
+    table = pd.DataFrame([{"step": c["step"], f"partial {key}": c["value"],
+                           "CI low": c.get("ci_low") if c.get("ci_low") is not None else float("nan"),
+                           "CI high": c.get("ci_high") if c.get("ci_high") is not None else float("nan"),
+                           f"full-set {key}": c.get("full_value", float("nan")),
+                           "published": "yes" if c["step"] == published else ""} for c in candidates])
+    lines = [f"Selection rule: {history.get('best_model_selection', 'point')}; best model chosen by "
+             f"{best.get('selected_by', 'the partial evaluation')}."]
+    chosen = best.get("partial_best_step", published)
+    at = next((r["metrics"] for r in records if r["step"] == chosen), None)
+    full = next((c.get("full_value") for c in candidates if c["step"] == chosen), None)
+    if full is None and chosen == published and key in metrics:
+        full = metrics[key]
+    if at is not None and full is not None and key in at:
+        lines.append(f"Winner's curse: the partial evaluation's pick (step {chosen}) scored {at[key]:.4f} on the "
+                     f"partial subset and {full:.4f} on the full validation set (gap {at[key] - full:+.4f}).")
+        low, high = at.get(f"{key}_ci_low"), at.get(f"{key}_ci_high")
+        if low is not None and high is not None:
+            level = f"{history.get('confidence', 0.95):.0%}"
+            inside = "inside" if low <= full <= high else "outside"
+            lines.append(f"The full-set value falls {inside} the partial {level} interval [{low:.4f}, {high:.4f}].")
+    if len(candidates) > 1 and any("full_value" in c for c in candidates):
+        lines.append(f"The published model's full-set value was also used to choose among {len(candidates)} "
+                     "candidates, so it is itself slightly optimistic.")
+    return per_eval, table, lines
+
+
 def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: pd.DataFrame,
                  confusions: pd.DataFrame, stats: pd.DataFrame, best: dict, where: Provenance,
                  trained: ProjectConfig | None = None) -> Report:
@@ -180,6 +219,11 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
         report.sections.append(("Batch composition", figure_tag(mix_figure(train, names, history.get("target_mix", {})), "batch-mix", "dataset share per window vs target")))
     if not evals.empty:
         report.sections.append(("Partial evaluation curves", figure_tag(curves_figure(evals, names, "partial eval", best_step), "eval-curves", "partial evaluation per dataset")))
+    per_eval, candidates, trust = trust_tables(history, metrics, best)
+    if not per_eval.empty:
+        report.sections.append(("How much to trust the partial numbers", '<div id="trust">' + "".join(
+            f"<p>{html.escape(line)}</p>" for line in trust) + table_html(per_eval) +
+            (table_html(candidates) if not candidates.empty else "") + "</div>"))
     partial = partial_table(cfg, history, best_step, metrics)
     if not partial.empty:
         report.sections.append(("Partial vs full evaluation", table_html(partial) + figure_tag(partial_vs_full_figure(partial), "partial-vs-full", "partial vs full accuracy")))
@@ -198,6 +242,9 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
         f"Best model: **{best['metric']} = {best['value']:.4f}** at step {best['step']} (source {markdown_text(best.get('source_path'))}).", "",
         "## Final evaluation (full validation sets)", "", table_markdown(final), "",
         *([MISSING_NOTE, ""] if has_missing(final) else []),
+        "## How much to trust the partial numbers", "", *[f"{markdown_text(line)}\n" for line in trust],
+        table_markdown(per_eval) if not per_eval.empty else "(no partial evaluations)", "",
+        *([table_markdown(candidates), ""] if not candidates.empty else []),
         "## Partial vs full evaluation", "", table_markdown(partial) if not partial.empty else "(no partial evaluations)", "",
         "## Dataset mix", "", table_markdown(mix, "{:.3f}"), "",
         "## Per-class results (worst first)", "",

@@ -12,7 +12,7 @@ import pandas as pd
 
 from food_multids.config import ProjectConfig
 from food_multids.inference.model import load_model, run_model
-from food_multids.metrics import format_eval_lines, macro_f1, summarize, topk_accuracy
+from food_multids.metrics import format_eval_lines, full_set_intervals, macro_f1, summarize, topk_accuracy
 from food_multids.model.classifier import (
     CLASSIFIER_FILE,
     TRAINING_INFO,
@@ -87,6 +87,7 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     names = list(cfg.dataset_names)
     preds = predictions_frame(gather_rows(out.predictions, world), frame)
     metrics = summarize(out.loss_sum, out.correct, out.count, names)
+    metrics.update(full_set_intervals(out.correct, out.count, names, cfg.evaluation.confidence))
     metrics.update(ranking_metrics(cfg, model, preds))
     if not model.meta.enable_logits_masking:
         metrics["out_of_range_predictions"] = float(out.out_of_range)
@@ -98,6 +99,22 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     for line in format_eval_lines(metrics, names):
         logger.info(line)
     return FullEvalResult(metrics, preds, confusions)
+
+
+def evaluate_saved_model(cfg: ProjectConfig, parameters: dict, model_dir: Path, frame: pd.DataFrame,
+                         launch_name: str = "launch_eval") -> FullEvalResult:
+    """`run_full_evaluation` in this process, or one process per GPU under the launcher (each on its shard;
+    rank 0 gathers the rows and writes them to <output_dir>/<launch_name>)."""
+    from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
+
+    world = resolve_world_size(cfg)
+    if not uses_launcher(cfg, world):
+        return run_full_evaluation(cfg, model_dir, frame)
+    launch = cfg.training.resolved_output_dir() / launch_name
+    launch_processes(cfg, world, launch, parameters, {"full_eval": frame}, "food_multids.evaluation.worker",
+                     extra={"model_dir": str(model_dir)})
+    return FullEvalResult(json.loads((launch / RESULT_FILE).read_text())["metrics"],
+                          pd.read_parquet(launch / "predictions.parquet"), pd.read_parquet(launch / "confusions.parquet"))
 
 
 def predictions_frame(rows: dict[str, list], frame: pd.DataFrame) -> pd.DataFrame:

@@ -90,8 +90,11 @@ def curves_figure(frame: pd.DataFrame, names: list[str], title: str, best_step: 
         for name in [*names, "overall"]:
             col = f"{name}_{metric}"
             if col in frame:
-                ax.plot(frame["step"], frame[col], marker="." if len(frame) < 40 else None,
-                        label=name, linewidth=2.2 if name == "overall" else 1.3)
+                line = ax.plot(frame["step"], frame[col], marker="." if len(frame) < 40 else None,
+                               label=name, linewidth=2.2 if name == "overall" else 1.3)[0]
+                if f"{col}_ci_low" in frame:  # the partial evaluation's confidence band
+                    ax.fill_between(frame["step"], frame[f"{col}_ci_low"], frame[f"{col}_ci_high"],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
         if best_step is not None:
             ax.axvline(best_step, color="grey", linestyle="--", linewidth=1, label=f"best (step {best_step})")
         ax.set_xlabel("optimizer step")

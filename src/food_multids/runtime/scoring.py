@@ -80,13 +80,17 @@ class EvalOutput:
     skipped: int = 0  # images that could not be loaded, all ranks
     skipped_per_dataset: np.ndarray | None = None
     predictions: dict[str, list] = field(default_factory=dict)  # this rank's rows when collected
+    # per_row: this rank's sample_id, dataset_id, correct (0/1) and loss of every scored image
+    per_row: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @torch.inference_mode()
 def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: int = 0, masking: bool = True,
              dtype: torch.dtype | None = None, desc: str = "eval", progress_mode: str = "auto",
-             own_classes: bool = False) -> EvalOutput:
-    """Masked (as in training) loss and accuracy sums per dataset; with top_k > 0 also per-row predictions.
+             own_classes: bool = False, per_row: bool = False) -> EvalOutput:
+    """Masked (as in training) loss and accuracy sums per dataset; with top_k > 0 also per-row predictions;
+    with per_row, each image's correctness and loss (kept on the device, copied to the host once at the end:
+    the paired comparison of two checkpoints needs them, the sums cannot give them).
 
     With masking, top-k slots beyond a dataset's num_classes are -1 (probability 0), never a class
     of another dataset. `own_classes` ranks (and softmaxes) over the sample's dataset's classes even
@@ -96,6 +100,7 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     model.eval()
     sums = PerDatasetSums(("loss", "correct", "count", "out_of_range", "skipped"), num_datasets, device)
     rows: dict[str, list] = {k: [] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss", "topk", "topk_prob")}
+    kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("sample_id", "dataset_id", "correct", "loss", "weight")}
     bar = progress(total=len(loader), desc=desc, unit="batch", mode=progress_mode, leave=False)
     for batch in loader:
         batch = to_device(batch, device, dtype)
@@ -108,6 +113,10 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
         sums.add("correct", ds, (pred == labels).double() * weights)
         sums.add("count", ds, weights)
         sums.add("out_of_range", ds, (pred >= batch["num_classes"]).double() * weights)
+        if per_row:
+            for key, value in (("sample_id", batch["sample_ids"]), ("dataset_id", ds), ("correct", pred == labels),
+                               ("loss", loss), ("weight", weights)):
+                kept[key].append(value.detach())
         if top_k:
             keep = batch["weights"] > 0
             scores = logits.float()
@@ -130,8 +139,15 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     bar.close()
     totals = sums.totals()
     model.train(was_training)
+    rows_out = {}
+    if per_row and kept["weight"]:
+        host = {key: torch.cat(parts).cpu().numpy() for key, parts in kept.items()}
+        real = host.pop("weight") > 0  # a placeholder for a batch whose images all failed has weight 0
+        rows_out = {"sample_id": host["sample_id"][real].astype(np.int64),
+                    "dataset_id": host["dataset_id"][real].astype(np.int64),
+                    "correct": host["correct"][real].astype(np.float64), "loss": host["loss"][real]}
     return EvalOutput(totals["loss"], totals["correct"], totals["count"], int(totals["out_of_range"].sum()),
-                      int(totals["skipped"].sum()), totals["skipped"], rows if top_k else {})
+                      int(totals["skipped"].sum()), totals["skipped"], rows if top_k else {}, rows_out)
 
 
 def gather_rows(rows: dict[str, list], world: int) -> dict[str, list]:

@@ -64,3 +64,15 @@ class Trackers:
             except Exception as exc:
                 logger.warning("Closing the %s tracker failed: %s", type(sink).__name__, exc)
         self.sinks = []
+
+
+def log_once(cfg: ProjectConfig, metrics: dict[str, float], step: int, continues: str | None) -> None:
+    """Metrics at one step to every tracker of the active MLflow run (after training: WandB/TensorBoard
+    continue the training run `continues`)."""
+    trackers = Trackers(cfg, *active_run_target(), continues=continues)
+    try:
+        trackers.log(metrics, step)
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()

@@ -3,8 +3,9 @@
 Layout under training.output_dir:
   checkpoints/step-00000040/        DeepSpeed checkpoint (all ranks write) + COMPLETE.json (rank 0, last,
                                     with the SHA-256 of every file, checked before a resume loads them)
-  best/step-00000040/               classifier directory (save_pretrained), written to a temp dir, fsynced, renamed
-  best.json                         pointer to the current best, replaced atomically (os.replace)
+  best/step-00000040/               classifier directory (save_pretrained), written to a temp dir, fsynced, renamed:
+                                    the best model and the other candidates kept for the full-set re-rank
+  best.json                         pointer to the current best and the candidates, replaced atomically (os.replace)
 A checkpoint without COMPLETE.json, or a best directory without the pointer, is never used.
 """
 
@@ -122,15 +123,24 @@ def read_best_pointer(output_dir: Path) -> dict | None:
     return json.loads(pointer.read_text()) if pointer.is_file() else None
 
 
-def publish_best(output_dir: Path, staged: Path, info: dict) -> Path:
-    """Move a fully written model directory into best/<tag>, point best.json at it, drop older bests."""
+def publish_best(output_dir: Path, staged: Path, step: int, best: dict, candidates: list[dict]) -> Path:
+    """Move a fully written model directory into best/<tag of step>, point best.json at the best model and
+    the candidates kept for the re-rank (each with its path), then drop every other folder under best/.
+
+    A kill between the steps leaves either the previous pointer (and one unreferenced folder, dropped by
+    the next publish) or the new one: a pointer never names a folder that is not whole.
+    """
     fsync_tree(staged)
-    final = output_dir / "best" / step_tag(info["step"])
+    root = output_dir / "best"
+    final = root / step_tag(step)
     final.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staged, final)
-    write_json_atomic(output_dir / BEST_POINTER, {**info, "path": str(final)})
-    for other in (output_dir / "best").iterdir():
-        if other != final:
+    listed = [{**c, "path": str(root / step_tag(c["step"]))} for c in candidates]
+    write_json_atomic(output_dir / BEST_POINTER, {**best, "path": str(root / step_tag(best["step"])),
+                                                  "candidates": listed})
+    keep = {Path(c["path"]) for c in listed} | {root / step_tag(best["step"])}
+    for other in root.iterdir():
+        if other not in keep:
             shutil.rmtree(other, ignore_errors=True)
     return final

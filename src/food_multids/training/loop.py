@@ -29,7 +29,17 @@ from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import partial_eval_subset
 from food_multids.interrupts import StopFlag, TrainingInterrupted
-from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
+from food_multids.metrics import (
+    choose_best,
+    format_eval_lines,
+    format_train_lines,
+    sampled_fractions,
+    stratified_mean_se,
+    stratified_summary,
+    stratum_weights,
+    summarize,
+    z_for,
+)
 from food_multids.model.classifier import (
     TRAINING_INFO,
     ClassifierMeta,
@@ -44,7 +54,15 @@ from food_multids.paths import resolve_path
 from food_multids.progress import progress
 from food_multids.runtime.device import init_distributed, resolve_device
 from food_multids.runtime.files import fsync_tree, write_json_atomic
-from food_multids.runtime.scoring import MODEL_INPUTS, PerDatasetSums, all_reduce_, evaluate, to_device
+from food_multids.runtime.scoring import (
+    MODEL_INPUTS,
+    EvalOutput,
+    PerDatasetSums,
+    all_reduce_,
+    evaluate,
+    gather_rows,
+    to_device,
+)
 from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.engine import create_engine, resolve_deepspeed_config
@@ -109,7 +127,18 @@ class Trainer:
         # Training metrics since the last logging step (a checkpoint carries them: exact resume).
         self.window = PerDatasetSums(TRAIN_SUMS, len(self.names), self.device)
         self.best: dict | None = None
+        # The best model's per-image values of metric_for_best_model (sample_id, dataset_id, value): the
+        # paired rule compares a new checkpoint with it on the same images.
+        self.best_rows: dict[str, np.ndarray] | None = None
+        # The models kept for the full-set re-rank: the best plus the keep_top_k_checkpoints - 1 others
+        # with the best partial estimates ({"step", "value", "ci_low", "ci_high"}).
+        self.candidates: list[dict] = []
         self.evals_without_improvement, self.eval_count = 0, 0
+        # N_h, each dataset's full validation size: the weights of the overall partial estimate.
+        self.population = (np.bincount(full_eval["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
+                           if full_eval is not None else None)
+        # Equal eval ratios sample every dataset alike: the pooled value is then the estimate itself.
+        self.proportional = len({d.eval_ratio for d in cfg.datasets}) == 1
         self.records: list[dict] = []
         self.stopped_early = False
         self.stop = StopFlag()
@@ -233,6 +262,7 @@ class Trainer:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), "best": self.best,
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
+                "best_rows": self.best_rows, "candidates": self.candidates,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                  "python": random.getstate(),
                                                  # dropout (LoRA) on a GPU draws from the device's generator
@@ -248,6 +278,9 @@ class Trainer:
                     "eval_count", "records"):
             setattr(self, key, state[key])
         self.window.load_state(state["window"])
+        self.best_rows, self.candidates = state.get("best_rows"), state.get("candidates") or []
+        if self.best and not self.candidates:  # a checkpoint written before candidates were kept
+            self.candidates = [{"step": self.best["step"], "value": self.best["value"]}]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -380,43 +413,109 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['overall_loss']:.4f}", acc=f"{metrics['overall_accuracy']:.3f}",
                             img_s=f"{metrics['images_per_second']:.1f}")
 
+    def _score(self, frame: pd.DataFrame, desc: str) -> EvalOutput:
+        return evaluate(self.engine.module, self._eval_loader(frame, self.t.per_device_eval_batch_size), self.device,
+                        len(self.names), masking=self.cfg.model.enable_logits_masking, dtype=self.dtype, desc=desc,
+                        progress_mode=self.t.progress_bar, per_row=True)
+
+    def _metric_rows(self, out: EvalOutput) -> dict[str, np.ndarray] | None:
+        """Every rank's per-image values of metric_for_best_model (identical on every rank: all decide alike),
+        or None for a metric with no per-image value (out_of_range_predictions)."""
+        prefix, _, metric = self.t.metric_for_best_model.rpartition("_")
+        if metric not in ("accuracy", "loss") or prefix not in (*self.names, "overall"):
+            return None
+        rows = {k: np.asarray(v) for k, v in gather_rows({k: v.tolist() for k, v in out.per_row.items()},
+                                                         self.world).items()}
+        if not rows or not len(rows.get("sample_id", [])):
+            return None
+        keep = np.ones(len(rows["sample_id"]), bool) if prefix == "overall" else rows["dataset_id"] == self.names.index(prefix)
+        return {"sample_id": rows["sample_id"][keep].astype(np.int64), "dataset_id": rows["dataset_id"][keep].astype(np.int64),
+                "value": rows["correct" if metric == "accuracy" else "loss"][keep].astype(np.float64)}
+
+    def _stratified(self, rows: dict[str, np.ndarray], values: np.ndarray) -> tuple[float, float]:
+        """The stratified mean of per-image `values` (aligned with `rows`) and its standard error."""
+        counts = np.bincount(rows["dataset_id"], minlength=len(self.names)).astype(np.float64)
+        return stratified_mean_se(values, rows["dataset_id"], stratum_weights(counts, self.population, self.proportional),
+                                  sampled_fractions(counts, self.population))
+
+    def _decide(self, value: float, metrics: dict, rows: dict | None) -> tuple[bool, str, float | None]:
+        """(improved, why, the pessimistic confidence bound of the metric) under training.best_model_selection."""
+        key, rule, greater = self.t.metric_for_best_model, self.t.best_model_selection, self.greater_is_better
+        bound = metrics.get(f"{key}_ci_low" if greater else f"{key}_ci_high")
+        if bound is None and rows is not None:  # a loss: normal interval of the stratified mean
+            mean, se = self._stratified(rows, rows["value"])
+            bound = mean - z_for(self.cfg.evaluation.confidence) * se * (1 if greater else -1)
+        paired = None
+        if rule == "paired" and rows is not None and self.best_rows is not None:
+            _, mine, theirs = np.intersect1d(rows["sample_id"], self.best_rows["sample_id"], assume_unique=True,
+                                             return_indices=True)
+            if len(mine):
+                diff = rows["value"][mine] - self.best_rows["value"][theirs]
+                paired = self._stratified({"dataset_id": rows["dataset_id"][mine]}, diff)
+        improved, reason = choose_best(rule, greater, value, self.best, z=self.t.selection_z, paired=paired, bound=bound)
+        return improved, reason, bound
+
     def _evaluate_and_track(self) -> None:
-        frame = partial_eval_subset(self.eval_count, self.t.eval_subset_strategy, self.eval_df, self.full_eval_df,
-                                    self.cfg.datasets, self.t.seed)
+        strategy = self.t.eval_subset_strategy
+        frame = partial_eval_subset(self.eval_count, strategy, self.eval_df, self.full_eval_df, self.cfg.datasets,
+                                    self.t.seed)
         self.eval_count += 1
-        out = evaluate(self.engine.module, self._eval_loader(frame, self.t.per_device_eval_batch_size), self.device,
-                       len(self.names), masking=self.cfg.model.enable_logits_masking, dtype=self.dtype,
-                       desc="partial eval", progress_mode=self.t.progress_bar)
-        metrics = summarize(out.loss_sum, out.correct, out.count, self.names)
+        out = self._score(frame, "partial eval")
+        metrics = stratified_summary(out.loss_sum, out.correct, out.count, self.names, self.population,
+                                     self.cfg.evaluation.confidence, self.proportional)
         if not self.cfg.model.enable_logits_masking:
             metrics["out_of_range_predictions"] = float(out.out_of_range)
         key = self.t.metric_for_best_model
         if key not in metrics:
             raise ValueError(f"params:training.metric_for_best_model is {key!r}, which evaluation does not produce; "
                              f"choose one of {sorted(k for k in metrics if not k.endswith('_samples'))}")
+        rows = self._metric_rows(out)
+        if strategy == "fresh" and self.t.best_model_selection == "paired" and rows is not None:
+            # A fresh draw gives the unbiased curve, but two checkpoints are compared on the same images:
+            # the fixed subset, scored alongside (the price: a second partial evaluation).
+            rows = self._metric_rows(self._score(self.eval_df, "selection eval"))
         value = metrics[key]
-        improved = is_improvement(value, self.best["value"] if self.best else None, self.greater_is_better)
+        improved, reason, bound = self._decide(value, metrics, rows)
         if self.is_main:
-            logger.info("Partial evaluation at step %d (%s subset, %d samples):", self.global_step,
-                        self.t.eval_subset_strategy, int(out.count.sum()))
+            logger.info("Partial evaluation at step %d (%s subset, %d samples):", self.global_step, strategy,
+                        int(out.count.sum()))
             for line in format_eval_lines(metrics, self.names):
                 logger.info(line)
-            self.records.append({"step": self.global_step, "kind": "eval", "metrics": metrics,
-                                 "subset": self.t.eval_subset_strategy})
+            logger.info("Best model %s: %s", "replaced" if improved else "kept", reason)
+            self.records.append({"step": self.global_step, "kind": "eval", "metrics": metrics, "subset": strategy,
+                                 "improved": improved, "reason": reason})
             self.trackers.log({f"eval_{k}": v for k, v in metrics.items()}, self.global_step)
+        entry = {"step": self.global_step, "value": value, "ci_low": metrics.get(f"{key}_ci_low"),
+                 "ci_high": metrics.get(f"{key}_ci_high")}
         if improved:
             self.best = {"metric": key, "value": value, "step": self.global_step,
-                         "greater_is_better": self.greater_is_better, "subset": self.t.eval_subset_strategy}
+                         "greater_is_better": self.greater_is_better, "subset": strategy, "selection":
+                         self.t.best_model_selection, "best_model_reason": reason, "bound": bound}
+            self.best_rows = rows
             self.evals_without_improvement = 0
-            self._save_best()
         else:
             self.evals_without_improvement += 1
             patience = self.t.early_stopping_patience
             if patience is not None and self.evals_without_improvement >= patience:
                 self.stopped_early = True
                 if self.is_main:
-                    logger.info("Early stopping at step %d: %s has not improved for %d evaluations (best %.4f at step %d)",
-                                self.global_step, key, self.evals_without_improvement, self.best["value"], self.best["step"])
+                    logger.info("Early stopping at step %d: %s has not improved (%s) for %d evaluations (best %.4f at "
+                                "step %d)", self.global_step, key, self.t.best_model_selection,
+                                self.evals_without_improvement, self.best["value"], self.best["step"])
+        self._keep_candidate(entry, improved)
+
+    def _keep_candidate(self, entry: dict, improved: bool) -> None:
+        """Keep this evaluation's model if it is the best or among the keep_top_k_checkpoints - 1 others with
+        the best partial estimates; the one pushed out is deleted."""
+        sign = 1.0 if self.greater_is_better else -1.0
+        others = [c for c in [*self.candidates, entry] if c["step"] != self.best["step"]]
+        others.sort(key=lambda c: (-sign * c["value"], c["step"]))
+        best = entry if improved else next(c for c in self.candidates if c["step"] == self.best["step"])
+        keep = sorted([best, *others[:self.t.keep_top_k_checkpoints - 1]], key=lambda c: c["step"])
+        if entry not in keep:
+            return
+        self.candidates = keep
+        self._save_model(entry, improved)
 
     def _gathered_state_dict(self) -> dict | None:
         if self.zero_stage == 3:
@@ -424,12 +523,17 @@ class Trainer:
             return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.lora)
         return self.engine.module.state_dict() if self.is_main else None
 
-    def _save_best(self) -> None:
+    def _save_model(self, entry: dict, is_best: bool) -> None:
+        """Write this step's model (every rank takes part: ZeRO-3 gathers), publish it under best/ and
+        point best.json at the best and the candidates."""
         state = self._gathered_state_dict()
         if self.is_main:
             staged = self.output_dir / f".best-staging-{self.global_step}"
             shutil.rmtree(staged, ignore_errors=True)
-            info = {**self.best, "mlflow_run_id": self.trackers.run_id}
+            run = {"mlflow_run_id": self.trackers.run_id}
+            info = {**self.best, **run} if is_best else {
+                "metric": self.best["metric"], "value": entry["value"], "step": entry["step"],
+                "greater_is_better": self.greater_is_better, "subset": self.t.eval_subset_strategy, **run}
             try:
                 with reporting_write_failure("best model", staged):
                     self.engine.module.save_pretrained(staged, self.tokenizer, self._preprocessor_config(), state)
@@ -439,13 +543,18 @@ class Trainer:
                     write_json_atomic(staged / TRAINING_INFO, {
                         **info, "backbone": str(self.model_path.resolve()), "parameters": self.cfg.to_params(),
                         "finetuning": self.cfg.model.finetuning, **self.parameter_counts})
-                    path = ckpt.publish_best(self.output_dir, staged, info)
+                    path = ckpt.publish_best(self.output_dir, staged, entry["step"], {**self.best, **run},
+                                             self.candidates)
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
-            metric, value = self.best["metric"], self.best["value"]
-            logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
-            self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
+            metric, value = self.best["metric"], entry["value"]
+            if is_best:
+                logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
+                self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
+            else:
+                logger.info("Kept step %d (%s %.4f) among the %d candidates for the full-set re-rank -> %s",
+                            self.global_step, metric, value, len(self.candidates), path)
         self._barrier()
 
     def _preprocessor_config(self) -> dict:
@@ -486,12 +595,15 @@ class Trainer:
                     "best": best, "mlflow_run_id": self.trackers.run_id, "world_size": self.world}
         history = {"records": self.records, "best": self.best, "datasets": self.names,
                    "metric_for_best_model": self.t.metric_for_best_model,
+                   "best_model_selection": self.t.best_model_selection, "candidates": self.candidates,
+                   "confidence": self.cfg.evaluation.confidence,
                    "eval_subset_strategy": self.t.eval_subset_strategy,
                    "target_mix": {n: float(p) for n, p in zip(self.names, self.target_mix, strict=True)},
                    "mix_strategy": self.cfg.data.mix_strategy}
         if self.is_main:
-            if best:  # the final step: where a later full evaluation logs its metrics (monotonic steps for WandB)
-                info_file = Path(best["path"]) / TRAINING_INFO
+            # The final step: where a later full evaluation logs its metrics (monotonic steps for WandB).
+            for kept in (best.get("candidates") or [best]) if best else []:
+                info_file = Path(kept["path"]) / TRAINING_INFO
                 write_json_atomic(info_file, {**json.loads(info_file.read_text()), "final_step": self.global_step})
             write_json_atomic(self.output_dir / FINISHED, manifest)
         return TrainingResult(history, manifest)

@@ -25,7 +25,9 @@ def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir,
     _, val_set, _ = merge_and_tag(train, val, params)
     _, full = split_eval_subsets(val_set, params)
     catalog = DataCatalog({"parameters": MemoryDataset(params), "best_model": MemoryDataset(classifier_dir),
-                           "full_eval_set": MemoryDataset(full)})
+                           "full_eval_set": MemoryDataset(full),
+                           # as select_best describes this model (the test model records no run or step)
+                           "best_model_info": MemoryDataset({"candidates": [{"step": 8, "full_value": 0.5}]})})
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     with mlflow.start_run() as run:
         SequentialRunner().run(create_pipeline(), catalog)
@@ -46,6 +48,10 @@ def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir,
                 "final_eval_shapes_macro_f1", "final_eval_digits_top5_accuracy", "final_eval_shapes_loss"):
         assert key in logged, key
     assert logged["final_eval_overall_accuracy"] == pytest.approx(metrics["overall_accuracy"])
+    for name in ("digits", "shapes", "overall"):  # Wilson intervals of the population accuracy
+        low, high = logged[f"final_eval_{name}_accuracy_ci_low"], logged[f"final_eval_{name}_accuracy_ci_high"]
+        assert low <= metrics[f"{name}_accuracy"] <= high and 0 < high - low < 0.3
+    assert metrics["candidates"] == [{"step": 8, "full_value": 0.5}]  # the re-rank's scores travel with it
 
 
 @pytest.mark.slow

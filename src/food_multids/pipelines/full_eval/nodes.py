@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,10 +10,9 @@ import pandas as pd
 
 from food_multids.config import ProjectConfig, recorded_config
 from food_multids.evaluation.build_report import Provenance, build_report, git_commit
-from food_multids.evaluation.full import check_model_dir, read_model_info, run_full_evaluation
+from food_multids.evaluation.full import check_model_dir, evaluate_saved_model, read_model_info
 from food_multids.paths import find_project_root, resolve_path
-from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
-from food_multids.tracking import Trackers, active_run_target
+from food_multids.tracking import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -28,38 +26,26 @@ def _log_texts_to_mlflow(texts: dict[str, str]) -> None:
         mlflow.log_text(text, name)
 
 
-def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dict
+def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dict, best_model_info: dict | None = None
                   ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Evaluate the best model on every dataset's full validation set (masked as in training).
 
-    Returns per-dataset and overall metrics (loss, top-1, top-k, macro-F1, samples), a predictions
-    table (sample id, dataset, label, prediction, top-k, confidence) and sparse confusion counts.
+    Returns per-dataset and overall metrics (loss, top-1 with its interval, top-k, macro-F1, samples; with
+    the full-set scores of the re-ranked candidates when `best_model_info` describes this model), a
+    predictions table (sample id, dataset, label, prediction, top-k, confidence) and sparse confusion counts.
     """
     cfg = ProjectConfig.from_params(parameters, check_files=False)
     check_model_dir(cfg, Path(best_model))  # before starting any process
-    world = resolve_world_size(cfg)
-    if not uses_launcher(cfg, world):
-        result = run_full_evaluation(cfg, Path(best_model), full_eval_set)
-        metrics, predictions, confusions = result.metrics, result.predictions, result.confusions
-    else:  # one process per GPU, each on its shard; rank 0 gathers the rows
-        launch = cfg.training.resolved_output_dir() / "launch_eval"
-        launch_processes(cfg, world, launch, parameters, {"full_eval": full_eval_set},
-                         "food_multids.evaluation.worker", extra={"model_dir": str(best_model)})
-        metrics = json.loads((launch / RESULT_FILE).read_text())["metrics"]
-        predictions = pd.read_parquet(launch / "predictions.parquet")
-        confusions = pd.read_parquet(launch / "confusions.parquet")
+    result = evaluate_saved_model(cfg, parameters, Path(best_model), full_eval_set)
+    metrics, predictions, confusions = result.metrics, result.predictions, result.confusions
     info = read_model_info(Path(best_model))
     # One step after the training's last: every tracker then sees strictly growing steps (WandB drops a
     # step at or below the last one of a resumed run); WandB/TensorBoard continue the training's run.
     step = int(info.get("final_step") or info.get("step") or 0) + 1
-    trackers = Trackers(cfg, *active_run_target(), continues=info.get("mlflow_run_id"))
-    try:
-        trackers.log({f"final_eval_{k}": v for k, v in metrics.items()}, step)
-    except BaseException:
-        trackers.close(failed=True)
-        raise
-    trackers.close()
-    return {"model_dir": str(best_model), "model_info": info, **metrics}, predictions, confusions
+    log_once(cfg, {f"final_eval_{k}": v for k, v in metrics.items()}, step, info.get("mlflow_run_id"))
+    same_model = best_model_info and all(best_model_info.get(k) == info.get(k) for k in ("mlflow_run_id", "step"))
+    reranked = {"candidates": best_model_info["candidates"]} if same_model and best_model_info.get("candidates") else {}
+    return {"model_dir": str(best_model), "model_info": info, **metrics, **reranked}, predictions, confusions
 
 
 def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:

@@ -5,7 +5,7 @@ from food_multids.pipelines.full_eval.nodes import full_evaluate, report
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(full_evaluate, inputs=["best_model", "full_eval_set", "parameters"],
+        Node(full_evaluate, inputs=["best_model", "full_eval_set", "parameters", "best_model_info"],
              outputs=["eval_metrics", "predictions", "confusions"], name="full_evaluate"),
     ])
 

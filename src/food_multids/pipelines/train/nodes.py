@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from food_multids.config import ProjectConfig
+from food_multids.tracking import log_once
 from food_multids.training.launcher import run_training
 
 logger = logging.getLogger(__name__)
@@ -25,17 +26,51 @@ def train_deepspeed(train_set: pd.DataFrame, eval_subset: pd.DataFrame, full_eva
     return result.history, result.manifest
 
 
-def select_best(training_history: dict, checkpoint_manifest: dict) -> tuple[Path, dict]:
-    """The best model directory (saved as a versioned catalog dataset) and its description."""
+def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, parameters: dict) -> dict:
+    """Score each model training kept as a candidate (training.keep_top_k_checkpoints) on the full validation
+    set, where the partial evaluation's noise is gone. One candidate: nothing to score."""
+    from food_multids.evaluation.full import evaluate_saved_model
+
+    best = checkpoint_manifest.get("best") or {}
+    candidates, key = best.get("candidates") or [], best.get("metric")
+    if len(candidates) < 2:
+        return {"metric": key, "candidates": candidates, "reranked": False}
+    cfg = ProjectConfig.from_params(parameters, check_files=False)
+    scored = []
+    for candidate in candidates:
+        metrics = evaluate_saved_model(cfg, parameters, Path(candidate["path"]), full_eval_set, "launch_rerank").metrics
+        scored.append({**candidate, "full_value": metrics[key], "full_overall_accuracy": metrics["overall_accuracy"]})
+        logger.info("Re-rank: step %d has %s %.4f on the partial subset, %.4f on the full validation set",
+                    candidate["step"], key, candidate["value"], metrics[key])
+    step = int(checkpoint_manifest.get("final_step") or 0) + 1
+    log_once(cfg, {f"final_eval_candidate_{c['step']}_{key}": c["full_value"] for c in scored}, step,
+                      checkpoint_manifest.get("mlflow_run_id"))
+    return {"metric": key, "candidates": scored, "reranked": True}
+
+
+def select_best(training_history: dict, checkpoint_manifest: dict, candidate_evals: dict | None = None
+                ) -> tuple[Path, dict]:
+    """The best model directory (saved as a versioned catalog dataset) and its description: the candidate
+    with the best full-set metric when candidates were re-ranked, else the partial evaluation's best."""
     best = checkpoint_manifest.get("best")
     if not best:
         raise ValueError("training produced no evaluated model: check training.eval_steps and max_steps")
-    path = Path(best["path"])
+    chosen, how = best, f"partial evaluation ({best.get('selection', 'point')} rule)"
+    candidates = (candidate_evals or {}).get("candidates") or []
+    if (candidate_evals or {}).get("reranked"):
+        sign = 1.0 if best["greater_is_better"] else -1.0
+        # Ties go to the partial evaluation's choice, then to the earlier step.
+        chosen = min(candidates, key=lambda c: (-sign * c["full_value"], c["step"] != best["step"], c["step"]))
+        how = f"full-set re-rank of {len(candidates)} candidates"
+    path = Path(chosen.get("path") or best["path"])
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the best model directory {path} is missing or incomplete")
-    info = {"metric": best["metric"], "value": best["value"], "step": best["step"],
+    info = {"metric": best["metric"], "value": chosen["value"], "step": chosen["step"],
             "greater_is_better": best["greater_is_better"], "eval_subset_strategy": best.get("subset"),
             "source_path": str(path), "mlflow_run_id": checkpoint_manifest.get("mlflow_run_id"),
-            "final_step": checkpoint_manifest.get("final_step"), "datasets": training_history.get("datasets")}
-    logger.info("Best model: %s = %.4f at step %d (%s)", info["metric"], info["value"], info["step"], path)
+            "final_step": checkpoint_manifest.get("final_step"), "datasets": training_history.get("datasets"),
+            "selected_by": how, "partial_best_step": best["step"],
+            "best_model_reason": best.get("best_model_reason"), "candidates": candidates}
+    logger.info("Best model: %s = %.4f at step %d, chosen by %s (%s)", info["metric"], info["value"], info["step"],
+                how, path)
     return path, info
