@@ -29,17 +29,7 @@ from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import partial_eval_subset
 from food_multids.interrupts import StopFlag, TrainingInterrupted
-from food_multids.metrics import (
-    choose_best,
-    format_eval_lines,
-    format_train_lines,
-    sampled_fractions,
-    stratified_mean_se,
-    stratified_summary,
-    stratum_weights,
-    summarize,
-    z_for,
-)
+from food_multids.metrics import format_eval_lines, format_train_lines, stratified_summary, summarize
 from food_multids.model.classifier import (
     TRAINING_INFO,
     ClassifierMeta,
@@ -67,6 +57,7 @@ from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.engine import create_engine, resolve_deepspeed_config
 from food_multids.training.output_dir import OutputDirError, reporting_write_failure
+from food_multids.training.selection import BestModelSelector, metric_rows
 
 logger = logging.getLogger(__name__)
 FINISHED = "FINISHED.json"
@@ -126,22 +117,25 @@ class Trainer:
         self.global_step, self.micro_step, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         # Training metrics since the last logging step (a checkpoint carries them: exact resume).
         self.window = PerDatasetSums(TRAIN_SUMS, len(self.names), self.device)
-        self.best: dict | None = None
-        # The best model's per-image values of metric_for_best_model (sample_id, dataset_id, value): the
-        # paired rule compares a new checkpoint with it on the same images.
-        self.best_rows: dict[str, np.ndarray] | None = None
-        # The models kept for the full-set re-rank: the best plus the keep_top_k_checkpoints - 1 others
-        # with the best partial estimates ({"step", "value", "ci_low", "ci_high"}).
-        self.candidates: list[dict] = []
         self.evals_without_improvement, self.eval_count = 0, 0
         # N_h, each dataset's full validation size: the weights of the overall partial estimate.
         self.population = (np.bincount(full_eval["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
                            if full_eval is not None else None)
         # Equal eval ratios sample every dataset alike: the pooled value is then the estimate itself.
         self.proportional = len({d.eval_ratio for d in cfg.datasets}) == 1
+        # The best model and the candidates kept for the full-set re-rank (a checkpoint carries them).
+        self.selector = BestModelSelector(self.t.metric_for_best_model, self.t.best_model_selection,
+                                          self.greater_is_better, z=self.t.selection_z,
+                                          confidence=cfg.evaluation.confidence, keep_top_k=self.t.keep_top_k_checkpoints,
+                                          num_datasets=len(self.names), population=self.population,
+                                          proportional=self.proportional)
         self.records: list[dict] = []
         self.stopped_early = False
         self.stop = StopFlag()
+
+    @property
+    def best(self) -> dict | None:
+        return self.selector.best
 
     # -- setup -------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -260,9 +254,8 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), "best": self.best,
+                "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), **self.selector.state(),
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
-                "best_rows": self.best_rows, "candidates": self.candidates,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                  "python": random.getstate(),
                                                  # dropout (LoRA) on a GPU draws from the device's generator
@@ -274,13 +267,11 @@ class Trainer:
         _, state = self.engine.load_checkpoint(str(source.parent), tag=source.name, load_module_strict=not self.lora)
         if state is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
-        for key in ("global_step", "micro_step", "epoch", "batch_in_epoch", "best", "evals_without_improvement",
+        for key in ("global_step", "micro_step", "epoch", "batch_in_epoch", "evals_without_improvement",
                     "eval_count", "records"):
             setattr(self, key, state[key])
         self.window.load_state(state["window"])
-        self.best_rows, self.candidates = state.get("best_rows"), state.get("candidates") or []
-        if self.best and not self.candidates:  # a checkpoint written before candidates were kept
-            self.candidates = [{"step": self.best["step"], "value": self.best["value"]}]
+        self.selector.load_state(state)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -419,41 +410,9 @@ class Trainer:
                         progress_mode=self.t.progress_bar, per_row=True)
 
     def _metric_rows(self, out: EvalOutput) -> dict[str, np.ndarray] | None:
-        """Every rank's per-image values of metric_for_best_model (identical on every rank: all decide alike),
-        or None for a metric with no per-image value (out_of_range_predictions)."""
-        prefix, _, metric = self.t.metric_for_best_model.rpartition("_")
-        if metric not in ("accuracy", "loss") or prefix not in (*self.names, "overall"):
-            return None
-        rows = {k: np.asarray(v) for k, v in gather_rows({k: v.tolist() for k, v in out.per_row.items()},
-                                                         self.world).items()}
-        if not rows or not len(rows.get("sample_id", [])):
-            return None
-        keep = np.ones(len(rows["sample_id"]), bool) if prefix == "overall" else rows["dataset_id"] == self.names.index(prefix)
-        return {"sample_id": rows["sample_id"][keep].astype(np.int64), "dataset_id": rows["dataset_id"][keep].astype(np.int64),
-                "value": rows["correct" if metric == "accuracy" else "loss"][keep].astype(np.float64)}
-
-    def _stratified(self, rows: dict[str, np.ndarray], values: np.ndarray) -> tuple[float, float]:
-        """The stratified mean of per-image `values` (aligned with `rows`) and its standard error."""
-        counts = np.bincount(rows["dataset_id"], minlength=len(self.names)).astype(np.float64)
-        return stratified_mean_se(values, rows["dataset_id"], stratum_weights(counts, self.population, self.proportional),
-                                  sampled_fractions(counts, self.population))
-
-    def _decide(self, value: float, metrics: dict, rows: dict | None) -> tuple[bool, str, float | None]:
-        """(improved, why, the pessimistic confidence bound of the metric) under training.best_model_selection."""
-        key, rule, greater = self.t.metric_for_best_model, self.t.best_model_selection, self.greater_is_better
-        bound = metrics.get(f"{key}_ci_low" if greater else f"{key}_ci_high")
-        if bound is None and rows is not None:  # a loss: normal interval of the stratified mean
-            mean, se = self._stratified(rows, rows["value"])
-            bound = mean - z_for(self.cfg.evaluation.confidence) * se * (1 if greater else -1)
-        paired = None
-        if rule == "paired" and rows is not None and self.best_rows is not None:
-            _, mine, theirs = np.intersect1d(rows["sample_id"], self.best_rows["sample_id"], assume_unique=True,
-                                             return_indices=True)
-            if len(mine):
-                diff = rows["value"][mine] - self.best_rows["value"][theirs]
-                paired = self._stratified({"dataset_id": rows["dataset_id"][mine]}, diff)
-        improved, reason = choose_best(rule, greater, value, self.best, z=self.t.selection_z, paired=paired, bound=bound)
-        return improved, reason, bound
+        """Every rank's per-image values of metric_for_best_model: identical on every rank, so all decide alike."""
+        rows = gather_rows({k: v.tolist() for k, v in out.per_row.items()}, self.world)
+        return metric_rows(self.t.metric_for_best_model, self.names, rows)
 
     def _evaluate_and_track(self) -> None:
         strategy = self.t.eval_subset_strategy
@@ -474,8 +433,8 @@ class Trainer:
             # A fresh draw gives the unbiased curve, but two checkpoints are compared on the same images:
             # the fixed subset, scored alongside (the price: a second partial evaluation).
             rows = self._metric_rows(self._score(self.eval_df, "selection eval"))
-        value = metrics[key]
-        improved, reason, bound = self._decide(value, metrics, rows)
+        verdict = self.selector.observe(self.global_step, metrics, rows, strategy)
+        improved, reason = verdict.improved, verdict.reason
         if self.is_main:
             logger.info("Partial evaluation at step %d (%s subset, %d samples):", self.global_step, strategy,
                         int(out.count.sum()))
@@ -485,13 +444,7 @@ class Trainer:
             self.records.append({"step": self.global_step, "kind": "eval", "metrics": metrics, "subset": strategy,
                                  "improved": improved, "reason": reason})
             self.trackers.log({f"eval_{k}": v for k, v in metrics.items()}, self.global_step)
-        entry = {"step": self.global_step, "value": value, "ci_low": metrics.get(f"{key}_ci_low"),
-                 "ci_high": metrics.get(f"{key}_ci_high")}
         if improved:
-            self.best = {"metric": key, "value": value, "step": self.global_step,
-                         "greater_is_better": self.greater_is_better, "subset": strategy, "selection":
-                         self.t.best_model_selection, "best_model_reason": reason, "bound": bound}
-            self.best_rows = rows
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
@@ -502,20 +455,8 @@ class Trainer:
                     logger.info("Early stopping at step %d: %s has not improved (%s) for %d evaluations (best %.4f at "
                                 "step %d)", self.global_step, key, self.t.best_model_selection,
                                 self.evals_without_improvement, self.best["value"], self.best["step"])
-        self._keep_candidate(entry, improved)
-
-    def _keep_candidate(self, entry: dict, improved: bool) -> None:
-        """Keep this evaluation's model if it is the best or among the keep_top_k_checkpoints - 1 others with
-        the best partial estimates; the one pushed out is deleted."""
-        sign = 1.0 if self.greater_is_better else -1.0
-        others = [c for c in [*self.candidates, entry] if c["step"] != self.best["step"]]
-        others.sort(key=lambda c: (-sign * c["value"], c["step"]))
-        best = entry if improved else next(c for c in self.candidates if c["step"] == self.best["step"])
-        keep = sorted([best, *others[:self.t.keep_top_k_checkpoints - 1]], key=lambda c: c["step"])
-        if entry not in keep:
-            return
-        self.candidates = keep
-        self._save_model(entry, improved)
+        if verdict.kept:
+            self._save_model(verdict.entry, improved)
 
     def _gathered_state_dict(self) -> dict | None:
         if self.zero_stage == 3:
@@ -544,7 +485,7 @@ class Trainer:
                         **info, "backbone": str(self.model_path.resolve()), "parameters": self.cfg.to_params(),
                         "finetuning": self.cfg.model.finetuning, **self.parameter_counts})
                     path = ckpt.publish_best(self.output_dir, staged, entry["step"], {**self.best, **run},
-                                             self.candidates)
+                                             self.selector.candidates)
             except BaseException:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise
@@ -554,7 +495,7 @@ class Trainer:
                 self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
             else:
                 logger.info("Kept step %d (%s %.4f) among the %d candidates for the full-set re-rank -> %s",
-                            self.global_step, metric, value, len(self.candidates), path)
+                            self.global_step, metric, value, len(self.selector.candidates), path)
         self._barrier()
 
     def _preprocessor_config(self) -> dict:
@@ -595,7 +536,7 @@ class Trainer:
                     "best": best, "mlflow_run_id": self.trackers.run_id, "world_size": self.world}
         history = {"records": self.records, "best": self.best, "datasets": self.names,
                    "metric_for_best_model": self.t.metric_for_best_model,
-                   "best_model_selection": self.t.best_model_selection, "candidates": self.candidates,
+                   "best_model_selection": self.t.best_model_selection, "candidates": self.selector.candidates,
                    "confidence": self.cfg.evaluation.confidence,
                    "eval_subset_strategy": self.t.eval_subset_strategy,
                    "target_mix": {n: float(p) for n, p in zip(self.names, self.target_mix, strict=True)},
