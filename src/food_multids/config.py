@@ -344,7 +344,7 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     early_stopping_patience: int | None = None
     eval_subset_strategy: Literal["fixed", "fresh"] = "fixed"
-    best_model_selection: Literal["point", "paired", "lower_bound"] = "paired"
+    best_model_selection: Literal["point", "paired", "lower_bound"] = "point"
     selection_z: float = 1.0
     keep_top_k_checkpoints: int = 3
     dataloader_num_workers: int = 0

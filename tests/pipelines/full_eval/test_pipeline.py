@@ -95,6 +95,23 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
     assert f"step {best['step']}" in page and f"{best['value']:.4f}" in summary
     assert "📈 Overall:" in log and "🏆 New best model!" in log and "📊 TRAIN - OVERALL" in log
 
+    # The top-3 candidates were scored on the full set and the full-set winner is the published best_model.
+    reranked = json.loads(latest(root, "data/06_models/candidate_evals.json").read_text())
+    assert reranked["reranked"] and len(reranked["candidates"]) == 3
+    winner = max(reranked["candidates"], key=lambda c: (c["full_value"], c["step"] == best["partial_best_step"], -c["step"]))
+    assert best["step"] == winner["step"] and best["selected_by"] == "full-set re-rank of 3 candidates"
+    assert metrics["model_info"]["step"] == winner["step"]  # full_evaluate evaluated the published model ...
+    assert metrics["overall_accuracy"] == pytest.approx(winner["full_value"], abs=1e-6)  # ... with the same result
+    assert [c["step"] for c in metrics["candidates"]] == [c["step"] for c in reranked["candidates"]]
+    assert "How much to trust the partial numbers" in page and "Winner's curse" in summary
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    logged = client.get_run(best["mlflow_run_id"]).data.metrics
+    for candidate in reranked["candidates"]:
+        assert logged[f"final_eval_candidate_{candidate['step']}_overall_accuracy"] == pytest.approx(candidate["full_value"])
+    for key in ("eval_overall_accuracy_ci_low", "eval_overall_accuracy_ci_high", "eval_overall_accuracy_pooled",
+                "eval_digits_accuracy_ci_low", "final_eval_overall_accuracy_ci_high"):
+        assert key in logged, key
+
 
 @pytest.mark.e2e
 def test_the_inspection_notebook_runs_top_to_bottom(trained_demo):
@@ -129,19 +146,20 @@ def test_the_training_run_registered_its_served_model(trained_demo):
 
 
 @pytest.mark.e2e
-def test_kedro_viz_build_shows_the_eight_nodes_and_their_edges(trained_demo):
+def test_kedro_viz_build_shows_the_nine_nodes_and_their_edges(trained_demo):
     root, env, _ = trained_demo
     proc = subprocess.run([KEDRO, "viz", "build"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     graph = json.loads((root / "build/api/main").read_text())
     name = {n["id"]: n["name"] for n in graph["nodes"]}
     tasks = {n["name"] for n in graph["nodes"] if n["type"] == "task"}
-    assert tasks == {"ingest_jsonl", "merge_and_tag", "split_eval_subsets", "train_deepspeed", "select_best",
-                     "log_served_model", "full_evaluate", "report"}
+    assert tasks == {"ingest_jsonl", "merge_and_tag", "split_eval_subsets", "train_deepspeed", "rerank_candidates",
+                     "select_best", "log_served_model", "full_evaluate", "report"}
     edges = {(name[e["source"]], name[e["target"]]) for e in graph["edges"]}
     chain = [("ingest_jsonl", "train_records"), ("train_records", "merge_and_tag"), ("merge_and_tag", "val_set"),
              ("val_set", "split_eval_subsets"), ("split_eval_subsets", "eval_subset"), ("eval_subset", "train_deepspeed"),
-             ("train_deepspeed", "checkpoint_manifest"), ("checkpoint_manifest", "select_best"),
+             ("train_deepspeed", "checkpoint_manifest"), ("checkpoint_manifest", "rerank_candidates"),
+             ("rerank_candidates", "candidate_evals"), ("candidate_evals", "select_best"), ("checkpoint_manifest", "select_best"),
              ("select_best", "best_model"), ("best_model", "full_evaluate"), ("full_evaluate", "predictions"),
              ("predictions", "report"), ("best_model", "log_served_model"), ("log_served_model", "registered_model")]
     for edge in chain:
