@@ -123,6 +123,9 @@ def test_the_lower_bound_rule_compares_the_pessimistic_ends():
     assert choose_best("lower_bound", True, 0.81, best, bound=0.77)[0]
     assert choose_best("lower_bound", False, 0.4, {"value": 0.5, "step": 1, "bound": 0.6}, bound=0.55)[0]
     assert choose_best("point", True, 0.5, None) == (True, "first evaluation")
+    for rule, extra in (("point", {}), ("paired", {"paired": (np.float64(0.1), np.float64(0.01))}),
+                        ("lower_bound", {"bound": np.float64(0.9)})):  # the history is JSON: plain bools
+        assert type(choose_best(rule, True, np.float64(0.9), best, **extra)[0]) is bool, rule
 
 
 def test_the_stratified_mean_and_its_standard_error_by_hand():

@@ -174,16 +174,16 @@ def choose_best(rule: Rule, greater_is_better: bool, value: float, best: dict | 
     if rule == "paired" and paired is not None and all(math.isfinite(v) for v in paired):
         diff, se = paired
         gain = sign * diff
-        improved = gain > z * se if se > 0 else gain > 0
+        improved = bool(gain > z * se if se > 0 else gain > 0)
         verdict = "more" if improved else "not more"
         return improved, (f"paired: {gain:+.4f} over step {best['step']} on the same images, {verdict} than "
                           f"{z:g} x SE {se:.4f}")
     if rule == "lower_bound" and bound is not None and best.get("bound") is not None:
-        improved = sign * bound > sign * best["bound"]
+        improved = bool(sign * bound > sign * best["bound"])
         end = "lower" if greater_is_better else "upper"
         return improved, (f"lower_bound: {end} confidence bound {bound:.4f} {'beats' if improved else 'does not beat'} "
                           f"{best['bound']:.4f} of step {best['step']}")
-    improved = is_improvement(value, best["value"], greater_is_better)
+    improved = bool(is_improvement(value, best["value"], greater_is_better))  # a plain bool: it goes to JSON
     fallback = "" if rule == "point" else f" ({rule} has no per-image values for this metric)"
     return improved, (f"point{fallback}: {value:.4f} {'beats' if improved else 'does not beat'} {best['value']:.4f} "
                       f"of step {best['step']}")
