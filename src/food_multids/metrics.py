@@ -159,7 +159,8 @@ Rule = Literal["point", "paired", "lower_bound"]
 
 
 def choose_best(rule: Rule, greater_is_better: bool, value: float, best: dict | None, *, z: float = 1.0,
-                paired: tuple[float, float] | None = None, bound: float | None = None) -> tuple[bool, str]:
+                paired: tuple[float, float] | None = None, bound: float | None = None,
+                paired_images: int | None = None) -> tuple[bool, str]:
     """Does this evaluation replace `best` ({"value", "step", "bound"})? Returns (improved, reason).
 
     point: strictly better point estimate (the seed trainer's rule). paired: the gain, measured on the
@@ -176,7 +177,8 @@ def choose_best(rule: Rule, greater_is_better: bool, value: float, best: dict | 
         gain = sign * diff
         improved = bool(gain > z * se if se > 0 else gain > 0)
         verdict = "more" if improved else "not more"
-        return improved, (f"paired: {gain:+.4f} over step {best['step']} on the same images, {verdict} than "
+        images = f"{paired_images} images" if paired_images is not None else "images"
+        return improved, (f"paired: {gain:+.4f} over step {best['step']} on the same {images}, {verdict} than "
                           f"{z:g} x SE {se:.4f}")
     if rule == "lower_bound" and bound is not None and best.get("bound") is not None:
         improved = bool(sign * bound > sign * best["bound"])

@@ -114,6 +114,20 @@ def test_minimised_metric_and_early_stopping(demo_params):
     assert manifest["stopped_early"] is True and manifest["final_step"] == 15
 
 
+def test_fresh_subsets_draw_the_curve_and_the_paired_rule_compares_on_the_fixed_subset(demo_params):
+    params = demo_params
+    params["training"].update(max_steps=20, logging_steps=5, eval_steps=5, save_steps=100, learning_rate=5e-3,
+                              eval_subset_strategy="fresh", best_model_selection="paired")
+    history, manifest = train_deepspeed(*data_nodes(params), params)
+    evals = [r for r in history["records"] if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20] and all(r["subset"] == "fresh" for r in evals)
+    assert evals[0]["reason"] == "first evaluation"
+    # Both checkpoints on the same 130 images (the fixed subset: 50 digits + 80 shapes), not on two fresh draws.
+    for record in evals[1:]:
+        assert record["reason"].startswith("paired: ") and "on the same 130 images" in record["reason"], record["reason"]
+    assert manifest["best"]["selection"] == "paired" and manifest["best"]["best_model_reason"] in [r["reason"] for r in evals]
+
+
 def test_one_process_trains_the_same_under_zero_stage_0_as_under_stage_2(demo_params, tmp_path, caplog):
     # training.single_process_zero_stage: 0 skips ZeRO-2's gradient buckets on one GPU; the update is the same.
     caplog.set_level("INFO", logger="food_multids.training.loop")

@@ -72,22 +72,23 @@ class BestModelSelector:
             found = mean - self.z_confidence * se if self.greater else mean + self.z_confidence * se
         return found
 
-    def paired(self, rows: dict | None) -> tuple[float, float] | None:
-        """(this checkpoint - the best, standard error) over the images both were scored on."""
+    def paired(self, rows: dict | None) -> tuple[tuple[float, float] | None, int]:
+        """((this checkpoint - the best, standard error), how many images) over the images both were scored on."""
         if rows is None or self.best_rows is None:
-            return None
+            return None, 0
         _, mine, theirs = np.intersect1d(rows["sample_id"], self.best_rows["sample_id"], assume_unique=True,
                                          return_indices=True)
         if not len(mine):
-            return None
-        return self.stratified(rows["dataset_id"][mine], rows["value"][mine] - self.best_rows["value"][theirs])
+            return None, 0
+        return self.stratified(rows["dataset_id"][mine], rows["value"][mine] - self.best_rows["value"][theirs]), len(mine)
 
     def observe(self, step: int, metrics: dict, rows: dict | None, subset: str = "fixed") -> Verdict:
         """Judge one partial evaluation (`rows`: `metric_rows`, on the images the comparison uses)."""
         value = metrics[self.key]
         bound = self.bound(metrics, rows)
-        paired = self.paired(rows) if self.rule == "paired" else None
-        improved, reason = choose_best(self.rule, self.greater, value, self.best, z=self.z, paired=paired, bound=bound)
+        paired, images = self.paired(rows) if self.rule == "paired" else (None, 0)
+        improved, reason = choose_best(self.rule, self.greater, value, self.best, z=self.z, paired=paired, bound=bound,
+                                       paired_images=images)
         entry = {"step": step, "value": value, "ci_low": metrics.get(f"{self.key}_ci_low"),
                  "ci_high": metrics.get(f"{self.key}_ci_high")}
         if improved:
