@@ -1,16 +1,20 @@
-"""The served MLflow model under load vs the in-process predict function, same images, same batch size.
+"""The served MLflow model under load, batching across requests on and off, vs the in-process predict path.
 
 Starts `mlflow models serve` on 127.0.0.1 (the newest registered version of the project's store, or
-MODEL=models:/food_multids/<v>), drives it with CLIENTS concurrent clients, each sending REQUESTS
-requests of BATCH base64 images (three times over, to see whether memory keeps growing) (demo validation images), then stops it. Prints served images/s, p50 /
-p95 / p99 request latency, errors, the server's RSS (process tree) before and after the load, and the
-same requests through the in-process path (records_from_request + predict_records: decode, encode,
-model) at the same batch size, one request at a time.
+MODEL=models:/food_multids/<v>) twice: with the served model's micro-batching on, then off
+(FOOD_MULTIDS_SERVE_BATCHING). Each time two loads, three phases each (RSS after each phase shows whether
+memory keeps growing): SINGLE_CLIENTS clients sending 1-image requests, then MULTI_CLIENTS clients
+sending 8-image requests (demo validation images). Prints served images/s, p50 / p95 / p99 latency,
+errors and server RSS per load, and the same images through the in-process path (records_from_request
+per request, predict_records over 16 images at a time: decode, encode, model; no HTTP or JSON), then
+
+  serve: batched X img/s, unbatched Y img/s, in-process batch-16 Z img/s, ratio X/Z
+
+for the 1-image clients. Targets (issue 31): batched >= 0.8x in-process batch 16 and >= 2x unbatched,
+p99 <= 3x p50.
 
   .venv/bin/python bench/serve.py                      # after `make run` (which registers a model)
-  CLIENTS=8 BATCH=8 REQUESTS=40 WORKERS=2 SERVER_THREADS=1 .venv/bin/python bench/serve.py   (the defaults)
-
-Targets (tiny model, CPU): served throughput with 8 clients >= 0.7x in-process; p99 <= 3x p50.
+  WORKERS=1 SERVER_THREADS= SINGLE_CLIENTS=16 MULTI_CLIENTS=8 REQUESTS=40 .venv/bin/python bench/serve.py   (the defaults)
 """
 
 from __future__ import annotations
@@ -32,14 +36,13 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CLIENTS = int(os.environ.get("CLIENTS", "8"))
-BATCH = int(os.environ.get("BATCH", "8"))
-REQUESTS = int(os.environ.get("REQUESTS", "40"))  # per client: the run is bounded and stops by itself
-# On CPU, one server process per core with one torch thread each (the request's Python work runs in
-# parallel); on a GPU, WORKERS=1 and SERVER_THREADS unset.
-WORKERS = int(os.environ.get("WORKERS", "2"))  # server processes (mlflow models serve --workers)
-SERVER_THREADS = os.environ.get("SERVER_THREADS", "1")  # torch threads per server process ("" = torch's default)
-PHASES = 3  # the load runs three times over; RSS after each shows whether it keeps growing
+SINGLE_CLIENTS = int(os.environ.get("SINGLE_CLIENTS", "16"))
+MULTI_CLIENTS = int(os.environ.get("MULTI_CLIENTS", "8"))
+REQUESTS = int(os.environ.get("REQUESTS", "40"))  # per client and phase: the run is bounded and stops by itself
+WORKERS = int(os.environ.get("WORKERS", "1"))  # server processes (mlflow models serve --workers)
+SERVER_THREADS = os.environ.get("SERVER_THREADS", "")  # torch threads per server process ("" = torch's default)
+IN_PROCESS_BATCH = 16
+PHASES = 3  # each load runs three times over; RSS after each shows whether it keeps growing
 STORE = f"sqlite:///{ROOT / 'mlflow.db'}"
 
 
@@ -63,8 +66,9 @@ def tree_rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": STORE, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def start_server(model: str, port: int, batching: bool) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": STORE, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "FOOD_MULTIDS_SERVE_BATCHING": "true" if batching else "false"}
     if SERVER_THREADS:
         env["OMP_NUM_THREADS"] = SERVER_THREADS
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
@@ -101,6 +105,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def load(port: int, bodies: list[bytes], clients: int, images_per_request: int, server_pid: int) -> dict:
+    """`clients` threads share `bodies` (REQUESTS each), PHASES times over: images/s, latencies, errors, RSS."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        nonlocal errors
+        for body in bodies[k * REQUESTS:(k + 1) * REQUESTS]:
+            status, took = post(port, body)
+            with lock:
+                latencies.append(took)
+                errors += status != 200
+
+    rss, wall = [], 0.0
+    for _ in range(PHASES):
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall += time.perf_counter() - start
+        rss.append(tree_rss_mb(server_pid))
+    p50, p95, p99 = (percentile(latencies, q) * 1000 for q in (0.5, 0.95, 0.99))
+    return {"img_s": PHASES * clients * REQUESTS * images_per_request / wall, "p50": p50, "p95": p95, "p99": p99,
+            "errors": errors, "rss": rss}
+
+
 def main() -> None:
     import pandas as pd
     import torch
@@ -115,67 +148,60 @@ def main() -> None:
     images = sorted((ROOT / "data/01_raw/demo/shapes/images/val").glob("*.jpg"))
     images += sorted((ROOT / "data/01_raw/demo/digits/images/val").glob("*.png"))
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
-    batches = [[{"image": encoded[(i * BATCH + j) % len(encoded)], "dataset_name": "shapes" if j % 2 else "digits"}
-                for j in range(BATCH)] for i in range(CLIENTS * REQUESTS)]
-    bodies = [json.dumps({"dataframe_records": b}).encode() for b in batches]
 
-    # In process, the same requests one after another: decode + encode + model, no HTTP or JSON.
+    def rows(i: int, n: int) -> list[dict]:
+        return [{"image": encoded[(i * n + j) % len(encoded)], "dataset_name": "shapes" if (i + j) % 2 else "digits"}
+                for j in range(n)]
+
+    singles = [rows(i, 1) for i in range(SINGLE_CLIENTS * REQUESTS)]
+    eights = [rows(i, 8) for i in range(MULTI_CLIENTS * REQUESTS)]
+    loads = {"1-image": ([json.dumps({"dataframe_records": r}).encode() for r in singles], SINGLE_CLIENTS, 1),
+             "8-image": ([json.dumps({"dataframe_records": r}).encode() for r in eights], MULTI_CLIENTS, 8)}
+
+    # In process, the same single images: decoded request by request, through the model 16 at a time.
     loaded = load_model(local_model_dir(model), torch.device("cpu"))
     spaces = loaded.label_spaces
-    for b in batches[:3]:  # warm-up
-        predict_records(loaded, records_from_request(pd.DataFrame(b), spaces, 64_000_000), top_k=5, batch_size=BATCH,
-                        progress_mode="never")
+
+    def in_process(requests: list[list[dict]]) -> None:
+        for at in range(0, len(requests), IN_PROCESS_BATCH):
+            records = pd.concat([records_from_request(pd.DataFrame(r), spaces, 64_000_000)
+                                 for r in requests[at:at + IN_PROCESS_BATCH]], ignore_index=True)
+            records["sample_id"] = range(len(records))
+            predict_records(loaded, records, top_k=5, batch_size=IN_PROCESS_BATCH, progress_mode="never")
+
+    in_process(singles[:3 * IN_PROCESS_BATCH])  # warm-up
     start = time.perf_counter()
-    for b in batches:
-        predict_records(loaded, records_from_request(pd.DataFrame(b), spaces, 64_000_000), top_k=5, batch_size=BATCH,
-                        progress_mode="never")
-    in_process = len(batches) * BATCH / (time.perf_counter() - start)
-    del loaded
+    in_process(singles)
+    reference = len(singles) / (time.perf_counter() - start)
 
-    port = free_port()
-    server = start_server(model, port)
-    try:
-        for body in bodies[:3]:
-            post(port, body)  # warm-up
-        rss_start = tree_rss_mb(server.pid)
-        latencies: list[float] = []
-        errors = 0
-        lock = threading.Lock()
+    results = {}
+    for batching in (True, False):
+        port = free_port()
+        server = start_server(model, port, batching)
+        try:
+            for body in loads["1-image"][0][:3] + loads["8-image"][0][:3]:
+                post(port, body)  # warm-up
+            warm = tree_rss_mb(server.pid)
+            for name, (bodies, clients, per_request) in loads.items():
+                results[batching, name] = {**load(port, bodies, clients, per_request, server.pid), "warm": warm}
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
 
-        def client(k: int) -> None:
-            nonlocal errors
-            for body in bodies[k * REQUESTS:(k + 1) * REQUESTS]:
-                status, took = post(port, body)
-                with lock:
-                    latencies.append(took)
-                    errors += status != 200
-
-        rss_after = []
-        wall = 0.0
-        for _ in range(PHASES):
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall += time.perf_counter() - start
-            rss_after.append(tree_rss_mb(server.pid))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-    served = PHASES * len(bodies) * BATCH / wall
-    p50, p95, p99 = (percentile(latencies, q) * 1000 for q in (0.5, 0.95, 0.99))
-    print(f"model {model}; {CLIENTS} clients x {REQUESTS} requests x {BATCH} images; server: {WORKERS} worker(s), "
-          f"torch threads {SERVER_THREADS or 'default'}; in-process torch threads {torch.get_num_threads()}")
-    print(f"served:     {served:8.1f} images/s  ({PHASES * len(bodies) / wall:.1f} requests/s, {wall:.1f} s)")
-    print(f"in-process: {in_process:8.1f} images/s  (same requests, one at a time)")
-    print(f"ratio served / in-process: {served / in_process:.2f}  (target >= 0.7)")
-    print(f"latency p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms; p99/p50 {p99 / p50:.2f}  (target <= 3)")
-    print(f"errors: {errors}  (target 0)")
-    print(f"server RSS (all workers): {rss_start:.0f} MB after warm-up, then "
-          + ", ".join(f"{r:.0f}" for r in rss_after) + f" MB after each of the {PHASES} load phases")
+    print(f"model {model}; server: {WORKERS} worker(s), torch threads {SERVER_THREADS or 'default'}; in-process "
+          f"torch threads {torch.get_num_threads()}; {PHASES} phases x {REQUESTS} requests per client")
+    print(f"in-process, batch {IN_PROCESS_BATCH}: {reference:8.1f} images/s (the 1-image requests' images)")
+    for (batching, name), r in results.items():
+        clients = SINGLE_CLIENTS if name == "1-image" else MULTI_CLIENTS
+        print(f"batching {'on ' if batching else 'off'} {clients:2d} clients x {name} requests: {r['img_s']:8.1f} images/s, "
+              f"p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, p99 {r['p99']:.0f} ms (p99/p50 {r['p99'] / r['p50']:.2f}), "
+              f"errors {r['errors']}, RSS {r['warm']:.0f} MB after warm-up, then "
+              + ", ".join(f"{m:.0f}" for m in r["rss"]))
+    on, off = results[True, "1-image"]["img_s"], results[False, "1-image"]["img_s"]
+    print(f"serve: batched {on:.1f} img/s, unbatched {off:.1f} img/s, in-process batch-16 {reference:.1f} img/s, "
+          f"ratio {on / reference:.2f}")
+    print(f"targets: batched/in-process {on / reference:.2f} (>= 0.8), batched/unbatched {on / off:.2f} (>= 2), "
+          f"p99/p50 {results[True, '1-image']['p99'] / results[True, '1-image']['p50']:.2f} (<= 3)")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,17 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
             assert message in answer["message"], (kind, answer["message"])
         status, answer = post(port, [{"dataset_name": "digits"}])  # no image field at all: the schema says so
         assert status == 400 and "image" in answer["message"]
+        # A client that sends its request and hangs up before the answer does not hold up the others.
+        import socket
+
+        body = json.dumps({"dataframe_records": good}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as gone:
+            gone.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        answers = concurrently([lambda i=i: post(port, [good[i % len(good)]]) for i in range(8)])
+        for i, (status, answer) in enumerate(answers):  # concurrent single-image requests, batched together
+            assert status == 200, answer
+            assert answer["predictions"][0]["top_k_ids"] == got[(i % len(good)) * 2]["top_k_ids"]
         status, answer = post(port, [])  # an empty request: our words, not the schema's
         assert status == 400 and "the request has no rows" in answer["message"], answer
         status, answer = post(port, good[:1])  # still serving
@@ -121,3 +132,161 @@ def test_a_failure_to_log_the_served_model_does_not_fail_the_finished_training(c
                                                              "dataset_name": ["digits"]}), PREDICT)
     assert got["logged"] is False and "gone.png" in got["error"]
     assert "The served model was not logged or registered" in caplog.text
+
+
+# -- micro-batching, in process: the real served model loaded through MLflow, called from threads ----------------
+
+def load_served(classifier_dir, folder: Path, **settings):
+    """The served model saved and loaded as `mlflow models serve` loads it: (pyfunc model, ServedClassifier)."""
+    from kedro.io import DataCatalog, MemoryDataset
+
+    from food_multids.datasets import LoadedModelDataset
+    from food_multids.pipelines.predict.pipeline import create_serving_pipeline
+    from food_multids.serving import INPUT_NAME, ServedClassifier, signature
+
+    predict = {**PREDICT, "serve_max_batch": 16, "serve_max_wait_ms": 5.0, "serve_max_queue": 256, **settings}
+    catalog = DataCatalog({"best_model": LoadedModelDataset(str(classifier_dir), "cpu"),
+                           "params:predict": MemoryDataset(predict)})
+    served = ServedClassifier(create_serving_pipeline(), catalog, input_name=INPUT_NAME)
+    folder.mkdir(parents=True)
+    mlflow.pyfunc.save_model(folder / "model", python_model=served, signature=signature(), pip_requirements=[],
+                             artifacts=served.extract_pipeline_artifacts(folder))
+    model = mlflow.pyfunc.load_model(str(folder / "model"))
+    return model, model.unwrap_python_model()
+
+
+def request(*images: Path, dataset: str | None = "digits"):
+    import pandas as pd
+
+    return pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images],
+                         "dataset_name": [dataset] * len(images)})
+
+
+def concurrently(calls):
+    """Run the callables at once, one thread each; their results (or exceptions) in order."""
+    import threading
+
+    results: list = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def images_for(tmp_path: Path, n: int) -> list[Path]:
+    return [write_image(tmp_path / f"img/{i}.png", colour=(7 * i % 256, 255 - 5 * i % 256, 40 + 3 * i)) for i in range(n)]
+
+
+def test_concurrent_requests_share_one_forward_pass_with_the_answers_they_get_alone(classifier_dir, tmp_path):
+    images = images_for(tmp_path, 2)
+    # A long wait and a batch of 2: both requests are certainly in the first batch.
+    model, served = load_served(classifier_dir, tmp_path / "served", serve_max_batch=2, serve_max_wait_ms=10_000.0)
+    together = concurrently([lambda p=p: model.predict(request(p)) for p in images])
+    assert served._batcher.batches == 1
+    alone_model, alone = load_served(classifier_dir, tmp_path / "alone", serve_batching=False)
+    for image, got in zip(images, together, strict=True):
+        expected = alone_model.predict(request(image))
+        assert got["top_k_ids"].tolist() == expected["top_k_ids"].tolist() and got["row"].tolist() == [0]
+        np.testing.assert_allclose(np.stack(got["top_k_probs"]), np.stack(expected["top_k_probs"]), atol=1e-6)
+    assert alone._batcher is None
+
+
+def test_a_bad_request_fails_alone_and_order_is_kept_for_32_concurrent_requests(classifier_dir, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    images = images_for(tmp_path, 32)
+    model, served = load_served(classifier_dir, tmp_path / "served", serve_max_batch=8, serve_max_wait_ms=20.0)
+    alone = {p: model.predict(request(p)) for p in images[:4]}
+    batches = served._batcher.batches
+    # 32 requests: one of 3 images, one with a broken row, the rest single images.
+    bad = request(images[0]).assign(image=["bm90IGFuIGltYWdl"])
+    calls = [lambda: model.predict(request(*images[:3])), lambda: model.predict(bad)]
+    calls += [lambda p=p: model.predict(request(p)) for p in images[2:]]
+    results = concurrently(calls)
+    assert isinstance(results[1], MlflowException) and results[1].get_http_status_code() == 400
+    assert "row 0" in results[1].message
+    three = results[0]
+    assert three["row"].tolist() == [0, 1, 2]
+    assert three["top_k_ids"].tolist() == [alone[p]["top_k_ids"].iloc[0] for p in images[:3]]
+    for image, got in zip(images[2:], results[2:], strict=True):
+        assert not isinstance(got, Exception), got
+        assert got["row"].tolist() == [0] and got["image"].iloc[0].startswith("sha256:")
+        if image in alone:
+            assert got["top_k_ids"].tolist() == alone[image]["top_k_ids"].tolist()
+    assert served._batcher.batches - batches < 31  # shared forward passes (33 images, batches of 8)
+
+
+def test_a_full_queue_answers_503_and_the_waiting_requests_still_finish(classifier_dir, tmp_path):
+    import threading
+
+    from mlflow.exceptions import MlflowException
+
+    from food_multids.inference.batching import MicroBatcher
+
+    images = images_for(tmp_path, 3)
+    model, served = load_served(classifier_dir, tmp_path / "served")
+    release, running = threading.Event(), threading.Event()
+
+    def slow_batch(records):  # the real forward pass, held until the queue has filled
+        running.set()
+        release.wait(60)
+        return served._predict_batch(records)
+
+    served._batcher = MicroBatcher(slow_batch, max_batch=1, max_wait_s=0.0, max_queue=1)
+    first = threading.Thread(target=lambda: results.append(model.predict(request(images[0]))))
+    results: list = []
+    first.start()
+    assert running.wait(60)  # the first request is in its forward pass
+    second = threading.Thread(target=lambda: results.append(model.predict(request(images[1]))))
+    second.start()
+    deadline = time.time() + 30
+    while served._batcher.pending() < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(MlflowException, match=r"the server is busy: 1 images are queued .*serve_max_queue 1") as refused:
+        model.predict(request(images[2]))
+    assert refused.value.get_http_status_code() == 503
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert len(results) == 2 and all(r["row"].tolist() == [0] for r in results)
+
+
+def test_a_request_larger_than_a_batch_is_split_and_comes_back_in_order():
+    import pandas as pd
+
+    from food_multids.inference.batching import MicroBatcher
+
+    seen = []
+
+    def echo(records):
+        seen.append(len(records))
+        assert records["sample_id"].tolist() == list(range(len(records)))  # unique within the batch
+        return records[["row", "image_ref"]]
+
+    batcher = MicroBatcher(echo, max_batch=2, max_wait_s=0.0, max_queue=100)
+    records = pd.DataFrame({"row": range(5), "image_ref": list("abcde"), "sample_id": range(5)})
+    got = batcher.submit(records)
+    assert got["image_ref"].tolist() == list("abcde") and seen == [2, 2, 1] and batcher.batches == 3
+
+
+def test_a_server_may_change_the_batching_settings_through_the_environment(monkeypatch):
+    from food_multids.serving import serving_settings
+
+    assert serving_settings(PREDICT).serve_batching is True  # the registered settings (defaults here)
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_MAX_BATCH", "64")
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_BATCHING", "false")
+    got = serving_settings({**PREDICT, "serve_max_batch": 8})
+    assert got.serve_max_batch == 64 and got.serve_batching is False and got.top_k == PREDICT["top_k"]
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_MAX_QUEUE", "4")
+    with pytest.raises(ValueError, match=r"FOOD_MULTIDS_SERVE_MAX_QUEUE=4.*serve_max_queue must be >= "
+                                         r"predict.serve_max_batch \(64\), got 4"):
+        serving_settings(PREDICT)

@@ -484,9 +484,13 @@ class PredictConfig:
     max_request_pixels: int = 200_000_000
     log_model: bool = True
     registered_model_name: str = "food_multids"
+    serve_batching: bool = True
+    serve_max_batch: int = 16
+    serve_max_wait_ms: float = 5.0
+    serve_max_queue: int = 256
 
     def validate(self, problems: _Problems) -> None:
-        for name in ("top_k", "batch_size"):
+        for name in ("top_k", "batch_size", "serve_max_batch"):
             if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
                 problems.add(f"predict.{name}", f"must be >= 1, got {getattr(self, name)}")
         if isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers < 0:
@@ -500,12 +504,28 @@ class PredictConfig:
                 and self.max_request_pixels < self.max_image_pixels:
             problems.add("predict.max_request_pixels", f"must be >= predict.max_image_pixels ({self.max_image_pixels}), "
                                                        f"got {self.max_request_pixels}")
+        if isinstance(self.serve_max_wait_ms, float) and self.serve_max_wait_ms < 0:
+            problems.add("predict.serve_max_wait_ms", f"must be >= 0, got {self.serve_max_wait_ms}")
+        if isinstance(self.serve_max_queue, int) and isinstance(self.serve_max_batch, int) \
+                and self.serve_max_queue < self.serve_max_batch:
+            problems.add("predict.serve_max_queue", f"must be >= predict.serve_max_batch ({self.serve_max_batch}), "
+                                                    f"got {self.serve_max_queue}")
         if self.log_model and not str(self.registered_model_name).strip():
             problems.add("predict.registered_model_name", "must name the registered model (or set predict.log_model: false)")
 
     @classmethod
     def from_section(cls, section: Any, env: str | None = None) -> PredictConfig:
-        """Parse `params:predict` alone (the predict nodes and the served model get only this section)."""
+        """Parse `params:predict` alone (the predict nodes and the served model get only this section).
+        A served model parses the same section on every request: a valid one is parsed once."""
+        key = json.dumps(section, sort_keys=True, default=str)
+        if key not in _PARSED_PREDICT:
+            _PARSED_PREDICT[key] = cls._parse_section(section, env)
+            while len(_PARSED_PREDICT) > 64:
+                _PARSED_PREDICT.pop(next(iter(_PARSED_PREDICT)))
+        return _PARSED_PREDICT[key]
+
+    @classmethod
+    def _parse_section(cls, section: Any, env: str | None) -> PredictConfig:
         problems = _Problems()
         out = _build(cls, section if section is not None else {}, "predict", problems)
         if out is not None:
@@ -513,6 +533,9 @@ class PredictConfig:
         if problems.items:
             raise ConfigError(problems.items, env)
         return out
+
+
+_PARSED_PREDICT: dict[str, PredictConfig] = {}  # JSON of a predict section -> its (frozen) parse
 
 
 @dataclass(frozen=True)

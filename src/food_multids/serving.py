@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import tempfile
 import threading
 import warnings
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from kedro.io import DataCatalog, MemoryDataset
 
+from food_multids.config import ConfigError, PredictConfig
 from food_multids.datasets import LoadedModelDataset
+from food_multids.inference.batching import MicroBatcher, QueueFull
 from food_multids.inference.inputs import BadRequest
 
 # mlflow asks every PythonModel subclass, on definition, for type hints to infer a signature from; this
@@ -32,24 +35,53 @@ with warnings.catch_warnings(record=True) as _caught:
 
     class ServedClassifier(KedroPipelineModel):
         """KedroPipelineModel whose bad input is the client's fault (an HTTP 400 naming each bad row), and
-        whose requests take turns in arrival order. MLflow's server runs each request in a thread of one
-        process: side by side they only split the same cores (GIL, torch's threads) and the latest
-        arrivals could wait longest. More throughput on CPU comes from more processes (--workers)."""
+        whose concurrent requests share forward passes.
+
+        MLflow's server runs each request in a thread. The serving pipeline's nodes run per request
+        (decode_request in the request's own thread, so images decode side by side), and predict_request
+        runs once per micro-batch of the records of every request waiting (`inference.batching`:
+        predict.serve_max_batch images, predict.serve_max_wait_ms to gather, predict.serve_max_queue before
+        HTTP 503). With predict.serve_batching false the requests take turns, one forward each. Both call
+        the nodes directly on the model loaded at start: KedroPipelineModel.predict deep-copies its catalog,
+        the loaded model included, on every request."""
 
         def load_context(self, context) -> None:
             super().load_context(context)
             self._turns = _Turns()
+            settings = serving_settings(self.loaded_catalog.load("params:predict"))
+            self._batcher = MicroBatcher(self._predict_batch, settings.serve_max_batch,
+                                         settings.serve_max_wait_ms / 1000, settings.serve_max_queue) \
+                if settings.serve_batching else None
+
+        def _node(self, name: str, **inputs) -> object:
+            node = next(n for n in self.pipeline.nodes if n.name == name)
+            shared = {key: self.loaded_catalog.load(key) for key in node.inputs if key not in inputs}
+            [output] = node.run({**shared, **inputs}).values()
+            return output
+
+        def _predict_batch(self, records):
+            return self._node("predict_request", served_records=records)
 
         def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-            turns = getattr(self, "_turns", None) or _Turns()
+            from food_multids.pipelines.predict.nodes import refuse_failed_rows
+
+            if not hasattr(self, "_turns"):  # not loaded through MLflow (load_context)
+                self.load_context(context)
             try:
                 # Kedro logs every request's nodes (INFO) and a failed node as an ERROR with "repeat the
                 # previous command" hints: a bad request is the client's problem, said once below.
-                with turns, _quiet("kedro"):
-                    return super().predict(context, model_input, params)
+                with _quiet("kedro"):
+                    records = self._node("decode_request", **{INPUT_NAME: model_input})
+                    if self._batcher is not None:
+                        return refuse_failed_rows(self._batcher.submit(records))
+                    with self._turns:
+                        return refuse_failed_rows(self._predict_batch(records))
+            except QueueFull as exc:
+                logger.warning("busy (HTTP 503): %s", exc)
+                raise MlflowException(str(exc), error_code=TEMPORARILY_UNAVAILABLE) from None
             except Exception as exc:
                 cause = exc
                 while cause is not None and not isinstance(cause, BadRequest):
@@ -61,7 +93,8 @@ with warnings.catch_warnings(record=True) as _caught:
                 raise MlflowException(str(cause), error_code=INVALID_PARAMETER_VALUE) from None
 
         def __getstate__(self) -> dict:
-            return {k: v for k, v in self.__dict__.items() if k != "_turns"}  # a lock is not pickled
+            # Locks are not pickled; load_context makes them anew.
+            return {k: v for k, v in self.__dict__.items() if k not in ("_turns", "_batcher")}
 
 for _w in _caught:
     if "Add type hints to the `predict` method" not in str(_w.message):
@@ -73,6 +106,27 @@ INPUT_NAME = "serving_request"
 MODEL_NAME = "model"  # the logged model's name inside its run
 REQUIREMENTS = ("torch", "transformers", "pillow", "pandas", "pyarrow", "safetensors", "kedro", "kedro-datasets",
                 "kedro-mlflow", "mlflow")
+
+
+# Serving settings a server may change without registering a new model (`make serve SERVE_MAX_BATCH=64`).
+SERVE_OVERRIDES = {f"FOOD_MULTIDS_{key.upper()}": key
+                   for key in ("serve_batching", "serve_max_batch", "serve_max_wait_ms", "serve_max_queue")}
+
+
+def serving_settings(predict: dict) -> PredictConfig:
+    """The registered model's predict settings, with the FOOD_MULTIDS_SERVE_* environment variables on top."""
+    import yaml
+
+    overrides = {key: yaml.safe_load(os.environ[var]) for var, key in SERVE_OVERRIDES.items() if var in os.environ}
+    if not overrides:
+        return PredictConfig.from_section(predict)
+    logger.info("Serving settings from the environment: %s", overrides)
+    try:
+        return PredictConfig.from_section({**predict, **overrides})
+    except ConfigError as exc:
+        named = ", ".join(f"{var}={os.environ[var]}" for var, key in SERVE_OVERRIDES.items() if key in overrides)
+        raise ValueError(f"the serving settings from the environment ({named}) are not valid: "
+                         + "; ".join(exc.problems)) from None
 
 
 class _Turns:

@@ -54,14 +54,18 @@ def _spaces_for(name: str | None, spaces: dict[str, tuple[int, int]]) -> list[st
 
 def _expand(rows: list[tuple[int, object, str, list[str]]], spaces: dict[str, tuple[int, int]]) -> pd.DataFrame:
     """(row, image, image_ref, spaces) -> one record per (row, space), labelled NO_LABEL."""
-    out = [(row, image, ref, name, spaces[name][0], spaces[name][1]) for row, image, ref, names in rows
-           for name in names]
-    frame = pd.DataFrame(out, columns=RECORD_COLUMNS[:6])
-    frame["label"] = NO_LABEL
-    frame["sample_id"] = np.arange(len(frame), dtype=np.int64)
-    for column in ("row", "dataset_id", "num_classes"):
-        frame[column] = frame[column].astype(np.int64)
-    return frame
+    out = [(row, image, ref, name) for row, image, ref, names in rows for name in names]
+    images = np.empty(len(out), dtype=object)  # filled one by one: numpy would unpack PIL images into pixels
+    images[:] = [image for _, image, _, _ in out]
+    names = [name for _, _, _, name in out]
+    # One frame from typed columns (a served request builds one per request: this is on its path).
+    return pd.DataFrame({
+        "row": np.array([row for row, _, _, _ in out], dtype=np.int64), "image": images,
+        "image_ref": [ref for _, _, ref, _ in out], "dataset_name": names,
+        "dataset_id": np.array([spaces[n][0] for n in names], dtype=np.int64),
+        "num_classes": np.array([spaces[n][1] for n in names], dtype=np.int64),
+        "label": np.full(len(out), NO_LABEL, dtype=np.int64), "sample_id": np.arange(len(out), dtype=np.int64)},
+        columns=RECORD_COLUMNS)
 
 
 def list_images(folder: Path) -> list[Path]:

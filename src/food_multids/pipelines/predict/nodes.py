@@ -41,12 +41,19 @@ def predict(best_model: Path, predict_records: pd.DataFrame, parameters: dict) -
 
 
 def predict_request(best_model: LoadedModel, served_records: pd.DataFrame, predict: dict) -> pd.DataFrame:
-    """The served model's predict step: the same loop, on the model it loaded when the server started."""
+    """The served model's predict step: the same loop, on the model it loaded when the server started, for
+    one request's records or for several requests' batched together (rows in record order; the served
+    model refuses each request with a failed row: `refuse_failed_rows`)."""
     cfg = PredictConfig.from_section(predict)
-    table = predict_records(best_model, served_records, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                            progress_mode="never")
+    return predict_records(best_model, served_records, top_k=cfg.top_k,
+                           batch_size=max(cfg.batch_size, cfg.serve_max_batch), progress_mode="never")
+
+
+def refuse_failed_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """A request's prediction rows, or BadRequest if any could not be predicted (decoded when the request
+    came in, so unexpected: still the request's image, never a 200)."""
     failed = table[table["error"].notna()]
-    if len(failed):  # decoded when the request came in, so unexpected: still the request's image, never a 200
+    if len(failed):
         raise BadRequest("\n".join([f"{len(failed)} row(s) could not be predicted; nothing was predicted:",
                                     *(f"row {r.row}: {r.error}" for r in failed.itertuples())]))
     return table
