@@ -190,6 +190,29 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class MixAdaptiveSettings:
+    """`data.mix_adaptive:` the mix steered by each dataset's loss (data.mix_strategy: adaptive; see
+    data/adaptive_mix.py)."""
+
+    signal: Literal["eval_loss", "train_loss"] = "eval_loss"
+    step_size: float = 1.0        # eta of the exponentiated-gradient step on the log-weights
+    smoothing: float = 0.5        # EMA of the signal (0: the newest value only)
+    reference: Literal["none", "first_eval"] = "none"   # excess loss over the first update's, or the loss itself
+    prior_mix: float = 0.2        # share of the temperature mix kept in every update
+    min_weight: float = 0.02      # no dataset's share below this
+
+    def validate(self, problems: _Problems, num_datasets: int, path: str = "data.mix_adaptive") -> None:
+        if isinstance(self.step_size, float) and self.step_size < 0:
+            problems.add(f"{path}.step_size", f"must be >= 0, got {self.step_size}")
+        for name in ("smoothing", "prior_mix"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not 0 <= value < 1 and not (name == "prior_mix" and value == 1):
+                problems.add(f"{path}.{name}", f"must be in [0, 1{']' if name == 'prior_mix' else ')'}, got {value}")
+        if isinstance(self.min_weight, float) and not 0 <= self.min_weight * max(num_datasets, 1) <= 1:
+            problems.add(f"{path}.min_weight", f"must be in [0, 1/number of datasets], got {self.min_weight}")
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
 
@@ -290,9 +313,10 @@ class DataConfig:
     on_bad_rows: Literal["error", "skip"] = "error"
     check_images: bool = True
     image_check_workers: int = 8
-    mix_strategy: Literal["concat", "weighted", "temperature"] = "concat"
+    mix_strategy: Literal["concat", "weighted", "temperature", "adaptive"] = "concat"
     mix_temperature: float = 2.0
     resample_each_epoch: bool = False
+    mix_adaptive: MixAdaptiveSettings = MixAdaptiveSettings()
     # Images with more pixels are rejected at ingest (decoding them costs seconds per load; past
     # Pillow's bomb limit they fail at every load).
     max_image_pixels: int = 64_000_000
@@ -614,6 +638,16 @@ class ProjectConfig:
                 problems.add("training.metric_for_best_model",
                              f"is {training.metric_for_best_model!r}, which the partial evaluation does not "
                              f"produce: {hint}choose one of {', '.join(allowed)}")
+        if data is not None and isinstance(data.mix_adaptive, MixAdaptiveSettings):
+            data.mix_adaptive.validate(problems, len(datasets))
+            if data.mix_strategy == "adaptive" and data.mix_adaptive.signal == "eval_loss" and training is not None \
+                    and isinstance(training.max_steps, int) and isinstance(training.eval_steps, int) \
+                    and 0 < training.max_steps <= training.eval_steps:
+                problems.add("data.mix_adaptive.signal",
+                             f"is eval_loss, which steers the mix at each partial evaluation, but training.eval_steps "
+                             f"({training.eval_steps}) >= training.max_steps ({training.max_steps}): nothing is evaluated "
+                             "before the last step, so the mix would never change; lower training.eval_steps or use "
+                             "signal: train_loss (the logging window's loss)")
         if problems.items:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,

@@ -141,3 +141,22 @@ def test_the_trust_section_shows_bands_candidates_and_the_winners_curse(two_data
     assert "not more than 1 x SE 0.0500" in summary
     page = report.html()
     assert 'id="trust"' in page and 'id="eval-curves"' in page  # the curves carry the bands
+
+
+def test_an_adaptive_run_shows_its_mix_weights_beside_the_losses(two_datasets, tmp_path):
+    params = with_overrides(two_datasets, data={"mix_strategy": "adaptive", "mix_adaptive": {"signal": "train_loss"}})
+    cfg = ProjectConfig.from_params(params)
+    history = {"target_mix": {"alpha": 0.6, "beta": 0.4}, "records": [
+        {"step": 5, "kind": "eval", "metrics": {"alpha_loss": 1.0, "beta_loss": 2.0, "overall_accuracy": 0.5}},
+        {"step": 5, "kind": "mix", "signal": "train_loss", "metrics": {"alpha": 0.4, "beta": 0.6}},
+        {"step": 10, "kind": "mix", "signal": "train_loss", "metrics": {"alpha": 0.3, "beta": 0.7}}]}
+    stats = pd.DataFrame([{"split": "train", "dataset_name": "alpha", "rows": 6, "share": 1.0}])
+    conf = pd.DataFrame({"dataset_name": ["alpha"], "label": [0], "prediction": [1], "count": [1]})
+    best = {"metric": "overall_accuracy", "value": 0.5, "step": 5, "source_path": "m"}
+    final = {"overall_samples": 1, "overall_loss": 1.0, "overall_accuracy": 0.5}
+    page = build_report(cfg, history, final, predictions(), conf, stats, best,
+                        Provenance(None, None, 0.0, None, "m", "b"), trained=cfg).html()
+    assert 'id="adaptive-mix"' in page and "adaptive (train_loss, step_size 1" in page
+    without = build_report(cfg, {**history, "records": history["records"][:1]}, final, predictions(),
+                           conf, stats, best, Provenance(None, None, 0.0, None, "m", "b")).html()
+    assert 'id="adaptive-mix"' not in without

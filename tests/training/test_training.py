@@ -240,6 +240,30 @@ def test_resume_after_sigkill_or_sigterm_ends_with_the_same_metrics(demo_params,
     assert resumed["history"]["best"] == straight["history"]["best"]
 
 
+@pytest.mark.threads_pinned  # every run is a driver process at one thread
+def test_adaptive_mixing_steers_the_mix_and_a_killed_run_resumes_to_the_same_weights_and_batches(demo_params, tmp_path):
+    params = demo_params
+    params["data"].update(mix_strategy="adaptive", mix_adaptive={"signal": "train_loss", "step_size": 2.0})
+    params["training"].update(num_train_epochs=2, logging_steps=4, eval_steps=20, save_steps=10,
+                              output_dir=str(tmp_path / "straight"))
+    straight = run_driver(params, tmp_path, "straight")
+    mixes = [r for r in straight["history"]["records"] if r["kind"] == "mix"]
+    windows = [r for r in straight["history"]["records"] if r["kind"] == "train"]
+    assert len(mixes) == len(windows) and mixes[0]["signal"] == "train_loss"
+    # shapes (40 classes) has the higher loss: its share grows past the temperature mix's, and the batches
+    # after an update follow the new weights.
+    target = straight["history"]["target_mix"]["shapes"]
+    assert mixes[-1]["metrics"]["shapes"] > target + 0.05
+    assert windows[-1]["metrics"]["shapes_share"] > target + 0.05
+    for record in mixes:
+        assert sum(record["metrics"][n] for n in ("digits", "shapes")) == pytest.approx(1.0)
+
+    params["training"].update(output_dir=str(tmp_path / "killed"), resume_from_checkpoint="auto")
+    start_and_signal(params, tmp_path, "killed", signal.SIGKILL)
+    resumed = run_driver(params, tmp_path, "resumed")
+    assert comparable(resumed["history"]["records"]) == comparable(straight["history"]["records"])
+
+
 def test_two_processes_share_the_work_and_rank0_logs_once(demo_params, tmp_path):
     params = demo_params
     params["training"].update(num_processes=2, max_steps=10, logging_steps=5, eval_steps=10, save_steps=10,

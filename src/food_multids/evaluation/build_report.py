@@ -14,6 +14,7 @@ from food_multids.config import ProjectConfig
 from food_multids.evaluation.report import (
     NOT_DEFINED,
     Report,
+    adaptive_mix_figure,
     confusion_figure,
     curves_figure,
     figure_tag,
@@ -97,10 +98,14 @@ def configuration_table(cfg: ProjectConfig, recorded: bool, backbone: str, best:
     source = ("the training run (training_info.json in the model folder)" if recorded
               else "the current parameters (the model folder records no training settings)")
     zero = (cfg.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+    mix = cfg.data.mix_adaptive
+    strategy = cfg.data.mix_strategy if cfg.data.mix_strategy != "adaptive" else (
+        f"adaptive ({mix.signal}, step_size {mix.step_size:g}, smoothing {mix.smoothing:g}, reference {mix.reference}, "
+        f"prior_mix {mix.prior_mix:g}, min_weight {mix.min_weight:g})")
     rows = [("settings from", source), ("model", backbone),
             ("num_labels / logits masking", f"{cfg.model.num_labels} / {cfg.model.enable_logits_masking}"),
             ("datasets", ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)),
-            ("mix strategy", cfg.data.mix_strategy),
+            ("mix strategy", strategy),
             ("learning rate / schedule", f"{cfg.training.learning_rate} / {cfg.training.lr_scheduler_type}"),
             ("batch per device x accumulation",
              f"{cfg.training.per_device_train_batch_size} x {cfg.training.gradient_accumulation_steps}"),
@@ -217,6 +222,11 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
     if not train.empty:
         report.sections.append(("Training curves per dataset", figure_tag(curves_figure(train, names, "train", best_step), "train-curves", "training loss and accuracy per dataset")))
         report.sections.append(("Batch composition", figure_tag(mix_figure(train, names, history.get("target_mix", {})), "batch-mix", "dataset share per window vs target")))
+    mixes = history_frame(history, "mix")
+    if not mixes.empty:
+        report.sections.append(("Adaptive mix", figure_tag(
+            adaptive_mix_figure(mixes, evals, names, history.get("target_mix", {})), "adaptive-mix",
+            "mix weights over steps and partial-evaluation loss per dataset")))
     if not evals.empty:
         report.sections.append(("Partial evaluation curves", figure_tag(curves_figure(evals, names, "partial eval", best_step), "eval-curves", "partial evaluation per dataset")))
     per_eval, candidates, trust = trust_tables(history, metrics, best)

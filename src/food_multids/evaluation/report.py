@@ -121,6 +121,27 @@ def mix_figure(train: pd.DataFrame, names: list[str], target: dict[str, float]):
     return fig
 
 
+def adaptive_mix_figure(mixes: pd.DataFrame, evals: pd.DataFrame, names: list[str], target: dict[str, float]):
+    """Adaptive mixing: each dataset's weight after every update, the static temperature mix dotted, and
+    beside it each dataset's partial-evaluation loss (the signal it usually follows)."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+    for name in names:
+        line = left.step(mixes["step"], mixes[name], where="post", label=name)[0]
+        left.axhline(target.get(name, np.nan), color=line.get_color(), linestyle=":", linewidth=1)
+        if f"{name}_loss" in evals:
+            right.plot(evals["step"], evals[f"{name}_loss"], marker=".", color=line.get_color(), label=name)
+    left.set_ylim(0, 1)
+    left.set_title("mix weights (dotted: the temperature mix)")
+    right.set_title("partial-evaluation loss")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def partial_vs_full_figure(table: pd.DataFrame):
     import matplotlib.pyplot as plt
 

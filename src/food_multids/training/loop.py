@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
+from food_multids.data.adaptive_mix import AdaptiveMix
 from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
@@ -130,6 +131,10 @@ class Trainer:
                                           num_datasets=len(self.names), population=self.population,
                                           proportional=self.proportional)
         self.records: list[dict] = []
+        # Adaptive mixing: every update's (epoch, micro-batch, proportions), from which the sampler's order
+        # follows; a checkpoint carries it. _mix_changed restarts the loader on the new proportions.
+        self.mix_schedule: list[tuple[int, int, list[float]]] = []
+        self._mix_changed = False
         self.stopped_early = False
         self.stop = StopFlag()
 
@@ -175,6 +180,7 @@ class Trainer:
         self.sampler = MixingSampler(self.train_df["dataset_id"].to_numpy(), self.t.per_device_train_batch_size,
                                      self.world, self.rank, self.t.seed, self.t.shuffle, cfg.data.mix_strategy,
                                      self.target_mix, cfg.data.resample_each_epoch)
+        self.adaptive = AdaptiveMix(cfg.data.mix_adaptive, self.target_mix) if cfg.data.mix_strategy == "adaptive" else None
         self.train_loader = self._loader(RecordDataset(self.train_df, self.encoder, self.t.max_consecutive_bad_images),
                                          self.sampler)
         self.total_steps = self.t.optimizer_steps(len(self.sampler))
@@ -256,6 +262,7 @@ class Trainer:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), **self.selector.state(),
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
+                "mix_schedule": self.mix_schedule, "adaptive_mix": self.adaptive.state() if self.adaptive else None,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                  "python": random.getstate(),
                                                  # dropout (LoRA) on a GPU draws from the device's generator
@@ -272,6 +279,10 @@ class Trainer:
             setattr(self, key, state[key])
         self.window.load_state(state["window"])
         self.selector.load_state(state)
+        self.mix_schedule = [tuple(entry) for entry in state.get("mix_schedule") or []]
+        if self.adaptive is not None and state.get("adaptive_mix"):
+            self.adaptive.load_state(state["adaptive_mix"])
+        self.sampler.set_schedule(self.mix_schedule)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -320,9 +331,10 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                     done = self._after_step(bar)
-                    if done:
+                    if done or self._mix_changed:  # new proportions: restart the loader where we are
                         break
-            if not done:
+            self._mix_changed = False
+            if not done and self.batch_in_epoch >= len(self.sampler):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if bar is not None:
             bar.close()
@@ -391,6 +403,8 @@ class Trainer:
                 metrics[f"{name}_skipped_images"] = float(sums["skipped"][i])
         self.window.zero_()
         self._window_start = time.perf_counter()
+        if self.adaptive is not None and self.cfg.data.mix_adaptive.signal == "train_loss":
+            self._steer([metrics.get(f"{n}_loss", float("nan")) for n in self.names], "train_loss")
         if not self.is_main:
             return
         self.records.append({"step": self.global_step, "kind": "train", "metrics": metrics})
@@ -433,6 +447,8 @@ class Trainer:
             # A fresh draw gives the unbiased curve, but two checkpoints are compared on the same images:
             # the fixed subset, scored alongside (the price: a second partial evaluation).
             rows = self._metric_rows(self._score(self.eval_df, "selection eval"))
+        if self.adaptive is not None and self.cfg.data.mix_adaptive.signal == "eval_loss":
+            self._steer([metrics.get(f"{n}_loss", float("nan")) for n in self.names], "eval_loss")
         verdict = self.selector.observe(self.global_step, metrics, rows, strategy)
         improved, reason = verdict.improved, verdict.reason
         if self.is_main:
@@ -457,6 +473,24 @@ class Trainer:
                                 self.evals_without_improvement, self.best["value"], self.best["step"])
         if verdict.kept:
             self._save_model(verdict.entry, improved)
+
+    def _steer(self, signal: list[float], kind: str) -> None:
+        """Adaptive mixing: new proportions from each dataset's loss, from the next micro-batch on (every rank
+        computes the same: the losses are all-reduced)."""
+        mix = self.adaptive.update(np.asarray(signal, dtype=np.float64))
+        self.mix_schedule.append((self.epoch, self.batch_in_epoch, [float(p) for p in mix]))
+        self.sampler.set_schedule(self.mix_schedule)
+        self._mix_changed = True
+        if not self.is_main:
+            return
+        weights = {n: float(p) for n, p in zip(self.names, mix, strict=True)}
+        logger.info("Adaptive mix from step %d (%s %s): %s", self.global_step, kind,
+                    {n: round(float(v), 4) for n, v in zip(self.names, signal, strict=True)},
+                    {n: round(v, 3) for n, v in weights.items()})
+        self.records.append({"step": self.global_step, "kind": "mix", "signal": kind,
+                             "metrics": {**weights, **{f"{n}_signal": float(v) for n, v in zip(self.names, signal, strict=True)}}})
+        self.trackers.log({**{f"mix_weight_{n}": v for n, v in weights.items()},
+                           **{f"mix_signal_{n}": float(v) for n, v in zip(self.names, signal, strict=True)}}, self.global_step)
 
     def _gathered_state_dict(self) -> dict | None:
         if self.zero_stage == 3:
