@@ -246,3 +246,18 @@ def test_the_predict_section_parses_alone_and_names_its_bad_values():
     assert "params:predict.top_k must be >= 1, got 0" in text
     assert "batch_sise" in text and "batch_size" in text  # unknown key with its did-you-mean
     assert "predict.on_bad_rows" in text
+
+
+def test_a_key_in_the_wrong_section_is_pointed_to_the_right_one(base_params):
+    params = copy.deepcopy(base_params)
+    params["training"]["report_to"] = ["wandb"]  # where Hugging Face's TrainingArguments has it
+    params["data"]["step_size"] = 2.0
+    params["model"]["learning_rat"] = 1e-4
+    params["training"]["seeed"] = 1
+    with pytest.raises(ConfigError) as raised:
+        ProjectConfig.from_params(params, check_files=False)
+    problems = raised.value.problems
+    assert "params:training.report_to is not a known setting here; it is a setting of tracking.report_to: move it there" in problems
+    assert "params:data.step_size is not a known setting here; it is a setting of data.mix_adaptive.step_size: move it there" in problems
+    assert "params:model.learning_rat is not a known setting here (did you mean 'training.learning_rate'?)" in problems
+    assert "params:training.seeed is not a known setting (did you mean 'seed'?)" in problems

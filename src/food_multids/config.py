@@ -68,9 +68,36 @@ class _Problems:
         allowed = list(allowed)
         for key in section:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
-                self.add(f"{path}.{key}" if path else str(key), f"is not a known setting{hint}")
+                self.add(f"{path}.{key}" if path else str(key), f"is not a known setting{_key_hint(str(key), allowed, path)}")
+
+
+def _key_hint(key: str, allowed: list[str], path: str) -> str:
+    """Where an unknown key probably belongs: the same name in another section (training.report_to ->
+    tracking.report_to, as Hugging Face users write it), a close name here, or a close name anywhere."""
+    sections = _known_sections()
+    elsewhere = [f"{other}.{key}" for other, names in sections.items() if other != path and key in names]
+    if elsewhere:
+        return f" here; it is a setting of {' / '.join(elsewhere)}: move it there"
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    everywhere = {f"{other}.{name}": name for other, names in sections.items() if other != path for name in names}
+    near = difflib.get_close_matches(key, list(everywhere.values()), n=1, cutoff=0.8)
+    if near:
+        where = next(full for full, name in everywhere.items() if name == near[0])
+        return f" here (did you mean '{where}'?)"
+    return f" (allowed: {', '.join(allowed)})"
+
+
+def _known_sections() -> dict[str, list[str]]:
+    """Every settings section's keys by its YAML path."""
+    found = {}
+    for path, cls in (("model", ModelConfig), ("model.lora", LoraSettings), ("data", DataConfig),
+                      ("data.mix_adaptive", MixAdaptiveSettings), ("training", TrainConfig),
+                      ("training.nodes", NodeSettings), ("evaluation", EvalConfig), ("tracking", TrackingConfig),
+                      ("predict", PredictConfig)):
+        found[path] = [f.name for f in dataclasses.fields(cls) if f.init]
+    return found
 
 
 def _type_name(hint: Any) -> str:

@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
+
 from food_multids import predict_cli
 from food_multids.model.backbones import SUPPORTED
 from food_multids.paths import find_project_root
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
     export = sub.add_parser("export", help="write a LoRA classifier as an ordinary one (adapters merged)")
-    export.add_argument("model", type=Path, help="a classifier folder with LoRA adapters (a best_model version)")
+    export.add_argument("model", help="a classifier folder with LoRA adapters, or as `predict` takes it: best, "
+                                      "best:<version>, models:/<name>/<version>, runs:/<run id>/model")
     export.add_argument("out", type=Path, help="the new folder")
     export.add_argument("--merge", action="store_true", required=True, help="merge the adapters into the weights")
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -60,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
-            merged = export_merged(args.model, args.out, args.dtype)
+            # The same names as `food-multids predict`: the catalog's best_model versions and MLflow URIs.
+            model = predict_cli.resolve_model(args.model, find_project_root())
+            merged = export_merged(model, args.out, args.dtype)
         except (OSError, ValueError) as exc:  # not found, not empty, a full disk, read-only, not a LoRA model
             parser.error(str(exc))
+        except click.ClickException as exc:  # a damaged MLflow store behind a models:/ URI
+            parser.error(exc.format_message())
         logging.getLogger(__name__).info("Merged %d adapted layers: %s is an ordinary classifier folder", merged,
                                          args.out)
         return 0

@@ -18,10 +18,40 @@ logger = logging.getLogger(__name__)
 PIPELINE_LABELS = {"__default__": "train+full_eval"}
 
 
-def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, started: float) -> str:
+def run_name(pipeline_names: list[str] | None, env: str, name_or_path: str, started: float,
+             details: list[str] | None = None) -> str:
+    """`<pipelines> · <env> · <model folder> [· <what differs>] · <start time>`."""
     pipelines = "+".join(PIPELINE_LABELS.get(n, n) for n in (pipeline_names or ["__default__"]))
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
-    return f"{pipelines} · {env} · {Path(name_or_path).name or name_or_path} · {stamp}"
+    extra = f" · {', '.join(details)}" if details else ""
+    return f"{pipelines} · {env} · {Path(name_or_path).name or name_or_path}{extra} · {stamp}"
+
+
+def run_details(parameters: dict, runtime_params: dict | None, limit: int = 80) -> list[str]:
+    """What tells two runs of one env apart: LoRA fine-tuning, and each `--params` override as
+    `key=value` (the last part of its path), cut to `limit` characters in all."""
+    details = ["lora"] if ((parameters or {}).get("model") or {}).get("finetuning") == "lora" else []
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from flat(inner, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            yield prefix, value
+
+    for key, value in flat(runtime_params or {}):
+        short = key.rsplit(".", 1)[-1]
+        if short == "finetuning":
+            continue  # said above
+        details.append(f"{short}={value}")
+    text, kept = 0, []
+    for item in details:
+        if text + len(item) > limit:
+            kept.append("...")
+            break
+        kept.append(item)
+        text += len(item) + 2
+    return kept
 
 
 def recorded_training_info(catalog, node_names: set[str]) -> dict:
@@ -55,7 +85,8 @@ def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -
     name_or_path = info.get("backbone") or str((catalog.load("parameters").get("model") or {}).get("name_or_path", ""))
     env = run_params.get("env") or "local"
     run = client.get_run(run_id)
-    name = run_name(run_params.get("pipeline_names"), env, name_or_path, run.info.start_time / 1000)
+    details = [] if info else run_details(catalog.load("parameters"), run_params.get("runtime_params"))
+    name = run_name(run_params.get("pipeline_names"), env, name_or_path, run.info.start_time / 1000, details)
     client.update_run(run_id, name=name)
     client.set_tag(run_id, "food_multids.env", env)
     client.set_tag(run_id, "food_multids.model", str(resolve_path(name_or_path)) if name_or_path else "")

@@ -187,3 +187,21 @@ def test_an_export_onto_a_full_disk_is_named_and_leaves_nothing_behind(tiny_mode
     with pytest.raises(OSError, match=rf"cannot write the merged model to {read_only / 'merged'} .*Read-only"):
         export_merged(folder, read_only / "merged")
     assert export_merged(folder, tmp_path / "merged") == 24
+
+
+def test_export_takes_best_and_best_version_as_predict_does(tiny_model_dir, tmp_path, monkeypatch):
+    from food_multids.console import main
+
+    folder = save(lora_model(tiny_model_dir), tiny_model_dir, tmp_path / "lora")
+    (tmp_path / "project/pyproject.toml").parent.mkdir()
+    (tmp_path / "project/pyproject.toml").write_text("[tool.kedro]\npackage_name = 'x'\n")
+    for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
+        shutil.copytree(folder, tmp_path / f"project/data/06_models/best_model/{version}/best_model")
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.delenv("FOOD_MULTIDS_PROJECT_ROOT", raising=False)
+    assert main(["export", "best", str(tmp_path / "newest"), "--merge"]) == 0
+    assert main(["export", "best:2026-01-01T00.00.00.000Z", str(tmp_path / "first"), "--merge"]) == 0
+    for out in ("newest", "first"):
+        assert json.loads((tmp_path / out / "classifier.json").read_text())["finetuning"] == "full"
+    with pytest.raises(SystemExit):  # argparse's error: an unknown version is named with the ones there are
+        main(["export", "best:nope", str(tmp_path / "none"), "--merge"])
