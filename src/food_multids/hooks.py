@@ -156,12 +156,14 @@ class ProjectHooks:
     def __init__(self) -> None:
         self._run_scope: contextlib.ExitStack | None = None
         self._run_id: str | None = None
+        self._context = None
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
     def after_context_created(self, context) -> None:
         # Nodes, training subprocesses and notebooks resolve relative parameters against this folder,
         # whatever the current directory is.
         os.environ["FOOD_MULTIDS_PROJECT_ROOT"] = str(context.project_path)
+        self._context = context
         try:
             uri = context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri")
         except Exception:  # no mlflow.yml in this environment: kedro-mlflow reports that itself
@@ -190,9 +192,14 @@ class ProjectHooks:
         self._run_scope.enter_context(raise_on_signals())
 
     @hook_impl(tryfirst=True)  # before other hooks can raise past it
-    def after_pipeline_run(self) -> None:
+    def after_pipeline_run(self, pipeline) -> None:
         self._close_run_scope()
         finish_sessions(ok=True)  # a per_node run's workers exit
+        if self._context is not None:
+            from food_multids.framework.run_summary import report_run_results
+
+            report_run_results(Path(self._context.project_path), self._context.config_loader["catalog"],
+                               pipeline.all_outputs(), self._run_id)
 
     @hook_impl(trylast=True)  # after kedro-mlflow has ended the run as FAILED
     def on_pipeline_error(self, error: Exception) -> None:

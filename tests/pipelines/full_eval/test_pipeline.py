@@ -94,6 +94,12 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
     best = json.loads(latest(root, "data/06_models/best_model_info.json").read_text())
     assert f"step {best['step']}" in page and f"{best['value']:.4f}" in summary
     assert "📈 Overall:" in log and "🏆 New best model!" in log and "📊 TRAIN - OVERALL" in log
+    # The run ends on where its results are, and latest/ links the newest report.
+    summary_block = log[log.index("Results of this run:"):]
+    newest = latest(root, "data/08_reporting/report.html")
+    assert str(newest.relative_to(root)) in summary_block and "models:/food_multids/1" in summary_block
+    assert "http://127.0.0.1:5000/#/experiments/" in summary_block
+    assert (root / "data/08_reporting/latest/report.html").resolve() == newest.resolve()
 
     # The top-3 candidates were scored on the full set and the full-set winner is the published best_model.
     reranked = json.loads(latest(root, "data/06_models/candidate_evals.json").read_text())
