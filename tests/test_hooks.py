@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from food_multids.hooks import MlflowStoreError, check_sqlite_store
 from food_multids.training.checkpoint import complete_checkpoints
-from tests.conftest import KEDRO, kedro_env
+from tests.conftest import KEDRO, kedro, kedro_env
 
 
 def make_store(path: Path) -> None:
@@ -109,3 +109,18 @@ def test_a_pinned_best_model_brings_the_history_and_info_of_its_own_run(tmp_path
     pin_companions(explicit, conf, {"best_model": "2026-01-01T00.00.00.000Z",
                                     "training_history": "2026-02-01T00.00.00.000Z"}, now, tmp_path)
     assert explicit.load("training_history") == {"version": "2026-02-01T00.00.00.000Z"}  # the user's pin wins
+
+
+@pytest.mark.e2e
+def test_bad_rows_found_by_a_node_end_the_run_in_one_message_without_a_traceback(project_copy):
+    train = project_copy / "data/01_raw/demo/digits/train.jsonl"
+    with train.open("a") as fh:
+        fh.write('{"image": "images/train/0_000.png", "label": "x", "dataset_name": "digits"}\n')
+        fh.write('{"image": "images/train/missing.png", "label": 3, "dataset_name": "digits"}\n')
+    proc = kedro(project_copy, "--pipelines", "data")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "Error: 2 bad input row(s) (data.on_bad_rows=error" in output
+    assert "non-integer label: label 'x' is a string" in output and "missing.png" in output
+    assert output.count("2 bad input row(s)") == 1  # once: not also in Kedro's node-failure log line
+    assert "Traceback" not in output and "Repeat the previous command" not in output

@@ -21,6 +21,38 @@ BEST_MODEL_COMPANIONS = ("training_history", "best_model_info", "checkpoint_mani
                          "candidate_evals")
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story (a setting, a row, a model that does not fit, a folder): a
+    node that raises one ends the run like preflight does, with the message once, no traceback, exit 1."""
+    from food_multids.config import ConfigError
+    from food_multids.data.labels import LabelNameError
+    from food_multids.data.records import RecordError
+    from food_multids.evaluation.full import ModelMismatchError
+    from food_multids.training.checkpoint import CheckpointIntegrityError
+    from food_multids.training.output_dir import OutputDirError
+
+    return ConfigError, RecordError, LabelNameError, ModelMismatchError, OutputDirError, CheckpointIntegrityError
+
+
+class NodeError(click.ClickException):
+    """One of `user_error_types`, raised by a node: click prints `Error: <message>` and exits 1."""
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drops Kedro's 'Node ... failed with error' and 'Repeat the previous command' records while one of our
+    own errors is being handled (both are logged inside the except block that caught it): the run's last
+    line says it once, and repeating the command cannot help before the data or settings change."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        error = sys.exc_info()[1]
+        return error is None or not isinstance(error, user_error_types())
+
+
+USER_ERROR_FILTER = _UserErrorFilter()
+
+
 class MlflowStoreError(click.ClickException):
     """The sqlite file behind the MLflow tracking URI cannot be read. The message names the file and the
     way out; click prints it without a traceback, as it does preflight's."""
@@ -164,6 +196,11 @@ class ProjectHooks:
         # whatever the current directory is.
         os.environ["FOOD_MULTIDS_PROJECT_ROOT"] = str(context.project_path)
         self._context = context
+        for name in ("kedro.pipeline.node", "kedro.runner"):
+            logging.getLogger(name).addFilter(USER_ERROR_FILTER)
+        for handler in logging.getLogger().handlers:  # records of child loggers reach the root's handlers
+            if USER_ERROR_FILTER not in handler.filters:
+                handler.addFilter(USER_ERROR_FILTER)
         try:
             uri = context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri")
         except Exception:  # no mlflow.yml in this environment: kedro-mlflow reports that itself
@@ -205,6 +242,8 @@ class ProjectHooks:
     def on_pipeline_error(self, error: Exception) -> None:
         self._close_run_scope()
         finish_sessions(ok=False, message=f"{type(error).__name__}: {error}")
+        if isinstance(error, user_error_types()):
+            raise NodeError(str(error)) from None  # after kedro-mlflow has marked the run FAILED
         if isinstance(error, RunInterrupted) and self._run_id:
             import mlflow
             from mlflow.tracking import MlflowClient
