@@ -21,6 +21,14 @@ BEST_MODEL_COMPANIONS = ("training_history", "best_model_info", "checkpoint_mani
                          "candidate_evals")
 
 
+def quiet_instant_progress_bars() -> None:
+    """Transformers' 'Loading weights' / 'Writing model shards' bars finish in milliseconds for a model
+    folder and print one line per save in a log: off for `kedro run` (global to the process, set here)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story (a setting, a row, a model that does not fit, a folder): a
     node that raises one ends the run like preflight does, with the message once, no traceback, exit 1."""
@@ -196,6 +204,7 @@ class ProjectHooks:
         # whatever the current directory is.
         os.environ["FOOD_MULTIDS_PROJECT_ROOT"] = str(context.project_path)
         self._context = context
+        quiet_instant_progress_bars()
         for name in ("kedro.pipeline.node", "kedro.runner"):
             logging.getLogger(name).addFilter(USER_ERROR_FILTER)
         for handler in logging.getLogger().handlers:  # records of child loggers reach the root's handlers
