@@ -160,3 +160,18 @@ def test_an_adaptive_run_shows_its_mix_weights_beside_the_losses(two_datasets, t
     without = build_report(cfg, {**history, "records": history["records"][:1]}, final, predictions(),
                            conf, stats, best, Provenance(None, None, 0.0, None, "m", "b")).html()
     assert 'id="adaptive-mix"' not in without
+
+
+def test_the_highest_loss_thumbnails_take_every_dataset_in_turn(tmp_path):
+    from food_multids.evaluation.report import thumbnails_html
+    from tests.conftest import write_image
+
+    rows = [{"dataset_name": "alpha", "label": 0, "prediction": 1, "loss": 9.0 - i, "confidence": 0.9,
+             "label_name": None, "prediction_name": None, "image": str(write_image(tmp_path / f"a{i}.png"))}
+            for i in range(4)]
+    rows += [{"dataset_name": "beta", "label": 0, "prediction": 1, "loss": 1.0 - i / 10, "confidence": 0.5,
+              "label_name": None, "prediction_name": None, "image": str(write_image(tmp_path / f"b{i}.png"))}
+             for i in range(2)]
+    page = thumbnails_html(pd.DataFrame(rows), 4)  # alpha's four have the highest losses
+    assert page.count("<figure>") == 4 and page.count("beta<br>") == 2
+    assert page.index(f'alt="{tmp_path / "a0.png"}"') < page.index(f'alt="{tmp_path / "b0.png"}"')

@@ -171,7 +171,8 @@ def confusion_figure(conf: pd.DataFrame, dataset: str, top_n: int, label_names: 
         grid[index[r.label], index[r.prediction]] = r.count
     size = min(9, 2 + 0.35 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(grid, cmap="Blues")
+    shown = ax.imshow(grid, cmap="Blues")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="images")
     ticks = [label_names.get(c, str(c)) for c in classes]
     ax.set_xticks(range(len(classes)), ticks, rotation=90, fontsize=7)
     ax.set_yticks(range(len(classes)), ticks, fontsize=7)
@@ -184,7 +185,10 @@ def confusion_figure(conf: pd.DataFrame, dataset: str, top_n: int, label_names: 
 def thumbnails_html(preds: pd.DataFrame, count: int) -> str:
     from PIL import Image
 
-    wrong = preds[preds["label"] != preds["prediction"]].nlargest(count, "loss")
+    # The highest-loss mistakes of every dataset in turns (one dataset's would otherwise fill the row).
+    wrong = preds[preds["label"] != preds["prediction"]].sort_values("loss", ascending=False, kind="stable")
+    wrong = wrong.assign(_turn=wrong.groupby("dataset_name").cumcount())
+    wrong = wrong.sort_values(["_turn", "loss"], ascending=[True, False], kind="stable").head(count)
     cells = []
     for r in wrong.itertuples():
         try:

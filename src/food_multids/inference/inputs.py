@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import hashlib
 import io
 import os
@@ -48,7 +49,9 @@ def _spaces_for(name: str | None, spaces: dict[str, tuple[int, int]]) -> list[st
     if name is None or name == "" or (not isinstance(name, str | list | tuple | dict) and pd.isna(name)):
         return list(spaces)  # one space: that one; several: each of them
     if not isinstance(name, str) or name not in spaces:
-        return f"{name!r} is not a label space of the model, which knows {', '.join(spaces)}"
+        close = difflib.get_close_matches(str(name), list(spaces), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{name!r} is not a label space of the model{hint}, which knows {', '.join(spaces)}"
     return [name]
 
 

@@ -75,7 +75,7 @@ def prediction_table(loaded: LoadedModel, records: pd.DataFrame, rows: dict[str,
             ids = [int(rows["topk"][i][j]) for j in keep]
             probs = [float(rows["topk_prob"][i][j]) for j in keep]
             error = None
-        labels = [names[c] if names and c < len(names) else None for c in ids]
+        labels = [names[c] if names and c < len(names) else str(c) for c in ids]  # no class names: the id as text
         table["row"].append(int(rec.row))
         table["image"].append(str(rec.image_ref))
         table["dataset_name"].append(str(rec.dataset_name))

@@ -59,6 +59,9 @@ def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, 
     digits = predicted[predicted["dataset_name"] == "digits"]
     assert (digits["top_k_ids"].map(max) < 10).all()
     assert digits["top_k_names"].map(lambda names: all(n in [str(i) for i in range(10)] for n in names)).all()
+    shapes = predicted[predicted["dataset_name"] == "shapes"]  # no class names: the ids as text, never null
+    assert [list(n) for n in shapes["top_k_names"]] == [[str(i) for i in ids] for ids in shapes["top_k_ids"]]
+    assert (shapes["prediction_name"] == shapes["prediction"].astype(str)).all()
 
 
 def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_are_errors(classifier_dir,
@@ -72,8 +75,8 @@ def test_rows_without_a_dataset_are_predicted_in_every_space_and_unknown_names_a
     ])
     with pytest.raises(RecordError) as err:
         run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)]})
-    assert (f"{jsonl}:4: unknown dataset_name: 'digitz' is not a label space of the model, which knows digits, "
-            "shapes") in str(err.value)
+    assert (f"{jsonl}:4: unknown dataset_name: 'digitz' is not a label space of the model (did you mean 'digits'?), "
+            "which knows digits, shapes") in str(err.value)
     assert f"{jsonl}:2: bad image file: image file not found" in str(err.value)
     catalog = run_predict(classifier_dir, {**PREDICT, "jsonl_list": [str(jsonl)], "on_bad_rows": "skip"})
     predicted, rejected = catalog.load("image_predictions"), catalog.load("predict_rejected_rows")
