@@ -290,3 +290,42 @@ def test_a_server_may_change_the_batching_settings_through_the_environment(monke
     with pytest.raises(ValueError, match=r"FOOD_MULTIDS_SERVE_MAX_QUEUE=4.*serve_max_queue must be >= "
                                          r"predict.serve_max_batch \(64\), got 4"):
         serving_settings(PREDICT)
+
+
+def test_a_failed_batch_fails_its_requests_whole_and_leaves_nothing_behind():
+    import pandas as pd
+
+    from food_multids.inference.batching import MicroBatcher
+
+    def run(records):
+        if (records["row"] < 0).any():
+            raise MemoryError("out of memory in the forward pass")
+        return records[["row"]]
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.0, max_queue=10)
+    poisoned = pd.DataFrame({"row": [-1] * 10, "sample_id": range(10)})  # three batches' worth
+    with pytest.raises(MemoryError):
+        batcher.submit(poisoned)
+    assert batcher.pending() == 0  # the split request's unsent part left with it
+    # Several requests in one failing batch all get its error; none is left waiting.
+    results = concurrently([lambda: batcher.submit(pd.DataFrame({"row": [-1], "sample_id": [0]})) for _ in range(3)])
+    assert all(isinstance(r, MemoryError) for r in results) and batcher.pending() == 0
+    good = batcher.submit(pd.DataFrame({"row": [0, 1, 2, 3, 4], "sample_id": range(5)}))
+    assert good["row"].tolist() == [0, 1, 2, 3, 4]  # an idle server takes the next request, which succeeds
+
+
+def test_the_environment_batch_size_reaches_the_forward_pass(classifier_dir, tmp_path, monkeypatch):
+    from food_multids.pipelines.predict import nodes
+
+    seen = []
+    real = nodes.predict_records
+
+    def spy(loaded, records, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return real(loaded, records, **kwargs)
+
+    monkeypatch.setattr(nodes, "predict_records", spy)
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_MAX_BATCH", "64")
+    model, served = load_served(classifier_dir, tmp_path / "served", serve_max_batch=8, batch_size=8)
+    model.predict(request(*images_for(tmp_path, 2)))
+    assert served._batcher.max_batch == 64 and seen == [64]

@@ -48,19 +48,23 @@ with warnings.catch_warnings(record=True) as _caught:
         def load_context(self, context) -> None:
             super().load_context(context)
             self._turns = _Turns()
-            settings = serving_settings(self.loaded_catalog.load("params:predict"))
+            registered = self.loaded_catalog.load("params:predict")
+            settings = serving_settings(registered)
+            # The nodes read the settings too (predict_request's forward batch): the same, overrides included.
+            self._predict_params = {**registered, **{k: getattr(settings, k) for k in SERVE_OVERRIDES.values()}}
             self._batcher = MicroBatcher(self._predict_batch, settings.serve_max_batch,
                                          settings.serve_max_wait_ms / 1000, settings.serve_max_queue) \
                 if settings.serve_batching else None
 
-        def _node(self, name: str, **inputs) -> object:
+        def _node(self, name: str, inputs: dict) -> object:
             node = next(n for n in self.pipeline.nodes if n.name == name)
-            shared = {key: self.loaded_catalog.load(key) for key in node.inputs if key not in inputs}
-            [output] = node.run({**shared, **inputs}).values()
+            given = {"params:predict": self._predict_params, **inputs}
+            shared = {key: self.loaded_catalog.load(key) for key in node.inputs if key not in given}
+            [output] = node.run({**shared, **{k: v for k, v in given.items() if k in node.inputs}}).values()
             return output
 
         def _predict_batch(self, records):
-            return self._node("predict_request", served_records=records)
+            return self._node("predict_request", {"served_records": records})
 
         def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
@@ -74,7 +78,7 @@ with warnings.catch_warnings(record=True) as _caught:
                 # Kedro logs every request's nodes (INFO) and a failed node as an ERROR with "repeat the
                 # previous command" hints: a bad request is the client's problem, said once below.
                 with _quiet("kedro"):
-                    records = self._node("decode_request", **{INPUT_NAME: model_input})
+                    records = self._node("decode_request", {INPUT_NAME: model_input})
                     if self._batcher is not None:
                         return refuse_failed_rows(self._batcher.submit(records))
                     with self._turns:
@@ -94,7 +98,7 @@ with warnings.catch_warnings(record=True) as _caught:
 
         def __getstate__(self) -> dict:
             # Locks are not pickled; load_context makes them anew.
-            return {k: v for k, v in self.__dict__.items() if k not in ("_turns", "_batcher")}
+            return {k: v for k, v in self.__dict__.items() if k not in ("_turns", "_batcher", "_predict_params")}
 
 for _w in _caught:
     if "Add type hints to the `predict` method" not in str(_w.message):
@@ -108,7 +112,8 @@ REQUIREMENTS = ("torch", "transformers", "pillow", "pandas", "pyarrow", "safeten
                 "kedro-mlflow", "mlflow")
 
 
-# Serving settings a server may change without registering a new model (`make serve SERVE_MAX_BATCH=64`).
+# Serving settings a server may change without registering a new model
+# (`make serve FOOD_MULTIDS_SERVE_MAX_BATCH=64`).
 SERVE_OVERRIDES = {f"FOOD_MULTIDS_{key.upper()}": key
                    for key in ("serve_batching", "serve_max_batch", "serve_max_wait_ms", "serve_max_queue")}
 
@@ -117,7 +122,13 @@ def serving_settings(predict: dict) -> PredictConfig:
     """The registered model's predict settings, with the FOOD_MULTIDS_SERVE_* environment variables on top."""
     import yaml
 
-    overrides = {key: yaml.safe_load(os.environ[var]) for var, key in SERVE_OVERRIDES.items() if var in os.environ}
+    overrides = {}
+    for var, key in SERVE_OVERRIDES.items():
+        if var in os.environ:
+            try:
+                overrides[key] = yaml.safe_load(os.environ[var])
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{var}={os.environ[var]!r} is not a value ({exc.problem})") from None
     if not overrides:
         return PredictConfig.from_section(predict)
     logger.info("Serving settings from the environment: %s", overrides)

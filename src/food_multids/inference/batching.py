@@ -77,6 +77,7 @@ class MicroBatcher:
                 finally:
                     if not batch:
                         self._leading = False
+                        self._cond.notify_all()
                 if batch:
                     self._cond.release()
                     try:
@@ -110,16 +111,22 @@ class MicroBatcher:
 
     def _run(self, batch: list[tuple[_Job, int, int]]) -> None:
         """One forward pass for every slice; each job gets its rows (or the batch's exception)."""
-        records = pd.concat([job.records.iloc[start:stop] for job, start, stop in batch], ignore_index=True)
-        records["sample_id"] = np.arange(len(records), dtype=np.int64)  # unique across the requests
         try:
+            records = pd.concat([job.records.iloc[start:stop] for job, start, stop in batch], ignore_index=True)
+            records["sample_id"] = np.arange(len(records), dtype=np.int64)  # unique across the requests
             out = self.run_batch(records)
             if len(out) != len(records):
                 raise RuntimeError(f"the batch gave {len(out)} rows for {len(records)} records")
-        except BaseException as exc:  # every request of the batch fails with it
+        except BaseException as exc:  # every request of the batch fails with it ...
             with self._cond:
-                for job, start, stop in batch:
+                failed = {id(job) for job, _, _ in batch}
+                for job, _, _ in batch:
                     job.error = exc
+                # ... and the part of a split request not yet run leaves the queue with it: it has no one
+                # waiting for it, and must not run (and fail) in an innocent request's batch.
+                self._queue = deque(job for job in self._queue if id(job) not in failed)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: the leader's thread stops
+                raise
             return
         self.batches += 1
         at = 0
