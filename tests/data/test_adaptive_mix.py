@@ -80,3 +80,12 @@ def test_adaptive_settings_are_checked(two_datasets):
     for key in ("step_size must be >= 0", "smoothing must be in [0, 1)", "prior_mix must be in [0, 1]",
                 "min_weight must be in [0, 1/number of datasets]"):
         assert key in text, key
+
+
+def test_a_dataset_without_samples_at_the_first_update_does_not_move_until_it_has_one():
+    prior = np.array([0.5, 0.5])
+    mix = AdaptiveMix(MixAdaptiveSettings(step_size=1.0, smoothing=0.5, prior_mix=0.0, min_weight=0.0), prior)
+    mix.update(np.array([np.nan, 2.0]))
+    assert mix.log_weights == pytest.approx(np.log(prior) + [0.0, 2.0])  # not treated as a loss of 0
+    mix.update(np.array([1.0, 2.0]))
+    assert mix.smoothed == pytest.approx([1.0, 2.0])  # its first value as is, not smoothed towards 0

@@ -135,7 +135,7 @@ def test_the_trust_section_shows_bands_candidates_and_the_winners_curse(two_data
     assert "## How much to trust the partial numbers" in summary
     assert "chosen by full-set re-rank of 3 candidates" in summary
     assert ("Winner's curse: the partial evaluation's pick (step 30) scored 0.8000 on the partial subset and "
-            "0.7100 on the full validation set (gap +0.0900).") in summary
+            "0.7100 on the full validation set (gap +0.0900: the partial number was optimistic).") in summary
     assert "falls outside the partial 95% interval [0.7300, 0.8700]" in summary
     assert "| 20 | 0.7400 | 0.6600 | 0.8200 | 0.7200 | yes |" in summary  # the published candidate
     assert "not more than 1 x SE 0.0500" in summary
@@ -175,3 +175,15 @@ def test_the_highest_loss_thumbnails_take_every_dataset_in_turn(tmp_path):
     page = thumbnails_html(pd.DataFrame(rows), 4)  # alpha's four have the highest losses
     assert page.count("<figure>") == 4 and page.count("beta<br>") == 2
     assert page.index(f'alt="{tmp_path / "a0.png"}"') < page.index(f'alt="{tmp_path / "b0.png"}"')
+
+
+def test_the_trust_section_of_a_loss_metric_has_no_accuracy_columns_and_says_which_way_the_gap_goes(two_datasets):
+    from food_multids.evaluation.build_report import trust_tables
+
+    history = {"best_model_selection": "point", "records": [
+        {"step": 10, "kind": "eval", "improved": True, "reason": "first evaluation",
+         "metrics": {"overall_loss": 1.2, "overall_accuracy_pooled": 0.5}}]}
+    best = {"metric": "overall_loss", "value": 1.2, "step": 10, "greater_is_better": False}
+    per_eval, _, lines = trust_tables(history, {"overall_loss": 1.0}, best)
+    assert list(per_eval.columns) == ["step", "overall_loss", "new best", "why"]
+    assert "(gap +0.2000: the partial number was pessimistic)" in lines[1]  # a higher loss than on the full set

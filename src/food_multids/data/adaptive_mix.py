@@ -50,15 +50,18 @@ class AdaptiveMix:
         """One step from per-dataset losses (NaN: a dataset with no sample this time keeps its value)."""
         s = self.settings
         signal = np.asarray(signal, dtype=np.float64)
+        fresh = np.isfinite(signal)
         if self.smoothed is None:
-            self.smoothed = np.where(np.isfinite(signal), signal, 0.0)
-        else:
-            fresh = np.isfinite(signal)
-            self.smoothed = np.where(fresh, s.smoothing * self.smoothed + (1 - s.smoothing) * np.where(fresh, signal, 0),
-                                     self.smoothed)
+            self.smoothed = np.full(len(signal), np.nan)
+        seen = np.isfinite(self.smoothed)
+        # A dataset's first value is taken as is; NaN until a dataset has had a sample.
+        self.smoothed = np.where(fresh & seen, s.smoothing * self.smoothed + (1 - s.smoothing) * np.where(fresh, signal, 0),
+                                 np.where(fresh, signal, self.smoothed))
         if self.reference is None:
-            self.reference = self.smoothed.copy() if s.reference == "first_eval" else np.zeros_like(self.smoothed)
-        self.log_weights = self.log_weights + s.step_size * (self.smoothed - self.reference)
+            self.reference = np.full(len(signal), np.nan if s.reference == "first_eval" else 0.0)
+        self.reference = np.where(np.isnan(self.reference), self.smoothed, self.reference)  # first_eval: first value
+        # A dataset not seen yet does not move (its excess is 0 until it has a value).
+        self.log_weights = self.log_weights + s.step_size * np.nan_to_num(self.smoothed - self.reference, nan=0.0)
         self.updates += 1
         return self.mix()
 

@@ -120,6 +120,8 @@ class MixingSampler:
         current = next((p for e, _, p in reversed(self.schedule) if e < epoch), self.proportions)
         key = (epoch, tuple(current), tuple((b, tuple(p)) for b, p in starts))
         if key not in self._counts_cache:
+            # One entry per epoch: the current schedule's (an earlier epoch's stays for the stream offsets).
+            self._counts_cache = {k: v for k, v in self._counts_cache.items() if k[0] != epoch}
             targets = np.tile(np.asarray(current, dtype=np.float64), (self.batches_per_epoch, 1))
             for b, p in starts:
                 targets[b:] = np.asarray(p, dtype=np.float64)

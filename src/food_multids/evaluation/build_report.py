@@ -112,7 +112,9 @@ def configuration_table(cfg: ProjectConfig, recorded: bool, backbone: str, best:
             ("fine-tuning", finetuning_summary(cfg, best)),
             ("DeepSpeed ZeRO stage", str(zero)),
             ("best model", f"{best['metric']} = {best['value']:.4f} at step {best['step']} "
-                           f"({best.get('eval_subset_strategy')} subset)")]
+                           f"({best.get('eval_subset_strategy')} subset)"
+                           + (f"; {best['full_value']:.4f} on the full validation set, chosen by {best.get('selected_by')}"
+                              if best.get("full_value") is not None else ""))]
     return pd.DataFrame(rows, columns=["setting", "value"])
 
 
@@ -169,6 +171,10 @@ def trust_tables(history: dict, metrics: dict, best: dict) -> tuple[pd.DataFrame
         "CI low": r["metrics"].get(f"{key}_ci_low", float("nan")), "CI high": r["metrics"].get(f"{key}_ci_high", float("nan")),
         "pooled overall accuracy": r["metrics"].get("overall_accuracy_pooled", float("nan")),
         "new best": "yes" if r.get("improved") else "", "why": r.get("reason", "")} for r in records])
+    if not per_eval.empty and key != "overall_accuracy":  # the pooled value compares with the overall accuracy only
+        per_eval = per_eval.drop(columns="pooled overall accuracy")
+    if not per_eval.empty and per_eval[["CI low", "CI high"]].isna().all().all():  # no interval logged (a loss)
+        per_eval = per_eval.drop(columns=["CI low", "CI high"])
     candidates = best.get("candidates") or metrics.get("candidates") or []
     published = best.get("step")
     table = pd.DataFrame([{"step": c["step"], f"partial {key}": c["value"],
@@ -184,8 +190,12 @@ def trust_tables(history: dict, metrics: dict, best: dict) -> tuple[pd.DataFrame
     if full is None and chosen == published and key in metrics:
         full = metrics[key]
     if at is not None and full is not None and key in at:
+        greater = best.get("greater_is_better", not key.endswith("loss"))
+        gap = at[key] - full
+        side = "optimistic" if (gap > 0) == greater and gap != 0 else "pessimistic" if gap else "exact"
         lines.append(f"Winner's curse: the partial evaluation's pick (step {chosen}) scored {at[key]:.4f} on the "
-                     f"partial subset and {full:.4f} on the full validation set (gap {at[key] - full:+.4f}).")
+                     f"partial subset and {full:.4f} on the full validation set (gap {gap:+.4f}: the partial "
+                     f"number was {side}).")
         low, high = at.get(f"{key}_ci_low"), at.get(f"{key}_ci_high")
         if low is not None and high is not None:
             level = f"{history.get('confidence', 0.95):.0%}"

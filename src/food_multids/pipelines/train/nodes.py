@@ -56,12 +56,17 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
     if not best:
         raise ValueError("training produced no evaluated model: check training.eval_steps and max_steps")
     chosen, how = best, f"partial evaluation ({best.get('selection', 'point')} rule)"
+    reason = best.get("best_model_reason")
     candidates = (candidate_evals or {}).get("candidates") or []
     if (candidate_evals or {}).get("reranked"):
         sign = 1.0 if best["greater_is_better"] else -1.0
         # Ties go to the partial evaluation's choice, then to the earlier step.
         chosen = min(candidates, key=lambda c: (-sign * c["full_value"], c["step"] != best["step"], c["step"]))
         how = f"full-set re-rank of {len(candidates)} candidates"
+        partial = next(c for c in candidates if c["step"] == best["step"])
+        reason = (f"full-set re-rank: step {chosen['step']} has {best['metric']} {chosen['full_value']:.4f} on the full "
+                  f"validation set, the best of {len(candidates)} candidates (the partial evaluation's pick, step "
+                  f"{best['step']}: {partial['full_value']:.4f})")
     path = Path(chosen.get("path") or best["path"])
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"the best model directory {path} is missing or incomplete")
@@ -69,8 +74,8 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
             "greater_is_better": best["greater_is_better"], "eval_subset_strategy": best.get("subset"),
             "source_path": str(path), "mlflow_run_id": checkpoint_manifest.get("mlflow_run_id"),
             "final_step": checkpoint_manifest.get("final_step"), "datasets": training_history.get("datasets"),
-            "selected_by": how, "partial_best_step": best["step"],
-            "best_model_reason": best.get("best_model_reason"), "candidates": candidates}
+            "selected_by": how, "partial_best_step": best["step"], "full_value": chosen.get("full_value"),
+            "best_model_reason": reason, "partial_best_reason": best.get("best_model_reason"), "candidates": candidates}
     logger.info("Best model: %s = %.4f at step %d, chosen by %s (%s)", info["metric"], info["value"], info["step"],
                 how, path)
     return path, info
