@@ -290,6 +290,9 @@ def test_a_server_may_change_the_batching_settings_through_the_environment(monke
     with pytest.raises(ValueError, match=r"FOOD_MULTIDS_SERVE_MAX_QUEUE=4.*serve_max_queue must be >= "
                                          r"predict.serve_max_batch \(64\), got 4"):
         serving_settings(PREDICT)
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_MAX_QUEUE", "[1")
+    with pytest.raises(ValueError, match=r"FOOD_MULTIDS_SERVE_MAX_QUEUE='\[1' is not a value"):
+        serving_settings(PREDICT)
 
 
 def test_a_failed_batch_fails_its_requests_whole_and_leaves_nothing_behind():
