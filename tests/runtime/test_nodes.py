@@ -72,8 +72,12 @@ def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_o
     worker_log, _ = worker.communicate(timeout=120)
     assert two.returncode == 0, (two.stdout + two.stderr)[-5000:] + worker_log[-3000:]
     assert worker.returncode == 0, worker_log[-5000:]
-    # Node 1 joined both of node 0's launches (training, then the full evaluation), then exited with the run.
-    assert len(re.findall(r"Node 1: launch \S+ done", worker_log)) == 2 and "node 0's run finished" in worker_log
+    # Node 1 joined every launch of node 0 (training, the re-rank's full evaluation of each candidate, then
+    # the full evaluation of the published model), then exited with the run.
+    [reranked] = versions(project_copy / "data/06_models/candidate_evals.json", "candidate_evals.json")
+    assert reranked["reranked"] and len(reranked["candidates"]) == 2  # evaluations at steps 6 and 12
+    launches = len(re.findall(r"Node 1: launch \S+ done", worker_log))
+    assert launches == 1 + 2 + 1 and "node 0's run finished" in worker_log, worker_log[-3000:]
     logger.warning("two-node kedro run (train, full evaluation, report): %.1f s", wall)  # shown with -rA or on failure
 
     one = kedro(project_copy, "--pipelines", "train", "--params",

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from food_multids.config import ConfigError, ProjectConfig
-from tests.conftest import KEDRO, kedro_env, with_overrides
+from tests.conftest import KEDRO, kedro_env, latest, with_overrides
 
 FOOD_MULTIDS = str(Path(KEDRO).with_name("food-multids"))
 
@@ -122,7 +122,10 @@ def test_the_trainers_yaml_runs_as_an_env_and_every_tracker_gets_the_same_metric
                           capture_output=True, text=True, timeout=600)
     assert lone.returncode == 0, (lone.stdout + lone.stderr)[-3000:]
     folders = sorted((output / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(folders) == 3  # training, the run's full evaluation, and this one: the same WandB run
+    reranked = json.loads(latest(project_copy, "data/06_models/candidate_evals.json").read_text())["reranked"]
+    # Training, the re-rank of its candidates (when there were several), the run's full evaluation, and
+    # this one: all the same WandB run.
+    assert len(folders) == (4 if reranked else 3)
     assert ("final_eval_overall_accuracy", 5) in wandb_metrics(output / "wandb", run_id)
     (project_copy / "conf/seed").mkdir()
     shutil.copy(config, project_copy / "conf/seed/parameters.yml")
