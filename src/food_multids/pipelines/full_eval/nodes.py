@@ -39,12 +39,15 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     result = evaluate_saved_model(cfg, parameters, Path(best_model), full_eval_set)
     metrics, predictions, confusions = result.metrics, result.predictions, result.confusions
     info = read_model_info(Path(best_model))
-    # One step after the training's last: every tracker then sees strictly growing steps (WandB drops a
-    # step at or below the last one of a resumed run); WandB/TensorBoard continue the training's run.
-    step = int(info.get("final_step") or info.get("step") or 0) + 1
-    log_once(cfg, {f"final_eval_{k}": v for k, v in metrics.items()}, step, info.get("mlflow_run_id"))
     same_model = best_model_info and all(best_model_info.get(k) == info.get(k) for k in ("mlflow_run_id", "step"))
-    reranked = {"candidates": best_model_info["candidates"]} if same_model and best_model_info.get("candidates") else {}
+    candidates = best_model_info["candidates"] if same_model and best_model_info.get("candidates") else []
+    # One step after the training's last, two after a re-rank (whose candidate scores took the first): every
+    # tracker then sees strictly growing steps (WandB drops a step at or below the last one of a resumed
+    # run); WandB/TensorBoard continue the training's run.
+    rescored = any("full_value" in c for c in candidates)
+    step = int(info.get("final_step") or info.get("step") or 0) + (2 if rescored else 1)
+    log_once(cfg, {f"final_eval_{k}": v for k, v in metrics.items()}, step, info.get("mlflow_run_id"))
+    reranked = {"candidates": candidates} if candidates else {}
     return {"model_dir": str(best_model), "model_info": info, **metrics, **reranked}, predictions, confusions
 
 
