@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,11 +67,19 @@ def wandb_records(path: Path):
             yield pending + chunk
 
 
+def wandb_run_folders(folder: Path, run_id: str) -> list[Path]:
+    """The offline folders of one WandB run, oldest first. Two inits of the run within the same second (the
+    re-rank, then the full evaluation, on a fast machine) get `...-<id>` and `...-<id>-1`."""
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = [(match, path) for path in folder.iterdir() if (match := pattern.fullmatch(path.name))]
+    return [path for match, path in sorted(found, key=lambda item: (item[0][1], int(item[0][2] or 0)))]
+
+
 def wandb_metrics(folder: Path, run_id: str) -> dict[tuple[str, int], float]:
     from wandb.proto import wandb_internal_pb2
 
     out = {}
-    for path in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):  # training, then full_eval
+    for path in (run / f"run-{run_id}.wandb" for run in wandb_run_folders(folder, run_id)):
         for raw in wandb_records(path):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(raw)
@@ -125,7 +134,7 @@ def test_the_trainers_yaml_runs_as_an_env_and_every_tracker_gets_the_same_metric
     lone = subprocess.run([FOOD_MULTIDS, "full-eval", "--config", str(config)], cwd=project_copy, env=env,
                           capture_output=True, text=True, timeout=600)
     assert lone.returncode == 0, (lone.stdout + lone.stderr)[-3000:]
-    folders = sorted((output / "wandb").glob(f"offline-run-*-{run_id}"))
+    folders = wandb_run_folders(output / "wandb", run_id)
     # Training, the re-rank of its candidates (when there were several), the run's full evaluation, and
     # this one: all the same WandB run.
     assert len(folders) == (4 if reranked else 3)
