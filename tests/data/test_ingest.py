@@ -77,13 +77,17 @@ def test_detail_names_the_offending_value(two_datasets):
     assert "'alpah' is not in datasets.dataset_configs, did you mean 'alpha'?" in str(info.value)
 
 
-def test_error_lists_first_twenty_and_the_total(two_datasets):
-    corrupt(two_datasets, [{"image": f"img/train/x{i}.png", "label": 0, "dataset_name": "alpha"} for i in range(25)])
+def test_error_groups_rows_by_reason_so_a_rare_one_is_never_hidden(two_datasets):
+    rows = [{"image": f"img/train/x{i}.png", "label": 0, "dataset_name": "alpha"} for i in range(25)]
+    corrupt(two_datasets, [*rows, BAD_ROWS["label out of range"]])
     with pytest.raises(RecordError) as info:
         run_ingest(two_datasets)
     text = str(info.value)
-    assert text.startswith("25 bad input row(s)") and "... and 5 more" in text
-    assert text.count("missing image file") == 20
+    assert text.startswith("26 bad input row(s)")
+    assert "by reason: 25 missing image file, 1 label out of range" in text
+    assert text.count(": missing image file: ") == 5 and "... and 20 more missing image file" in text
+    assert ": label out of range: " in text  # the rare reason is shown
+    assert "label 3 >= num_classes 3 of dataset 'alpha'" in text
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not an image", "empty"])

@@ -33,6 +33,7 @@ from food_multids.progress import progress
 
 PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
 MAX_LISTED_PROBLEMS = 20
+MAX_PER_REASON = 5  # rows listed per reason of a bad-rows error
 TOO_LARGE = "image too large"
 MAX_ASPECT_RATIO = 200  # qwen-vl-utils' resize rules refuse more extreme images
 
@@ -59,12 +60,20 @@ class FileRows:
 
 
 def format_problems(problems: pd.DataFrame, header: str) -> str:
-    """`header`, then the first MAX_LISTED_PROBLEMS problems as `file:LINE: reason: detail` (no line where
-    the file is itself the row: an image of a folder), then how many more."""
-    shown = problems.sort_values(["split", "file", "line"]).head(MAX_LISTED_PROBLEMS)
-    lines = [f"{r.file}{f':{r.line}' if r.line else ''}: {r.reason}: {r.detail}" for r in shown.itertuples()]
-    more = len(problems) - len(shown)
-    return "\n  ".join([header, *lines, *([f"... and {more} more"] if more else [])])
+    """`header`, then the problems grouped by reason (most frequent first), each group's first
+    MAX_PER_REASON as `file:LINE: reason: detail` (no line where the file is itself the row: an image of a
+    folder) and how many more: 19 duplicate rows never hide the one truncated image."""
+    ordered = problems.sort_values(["split", "file", "line"])
+    counts = ordered["reason"].value_counts()
+    reasons = sorted(counts.index, key=lambda reason: (-counts[reason], reason))
+    lines = [header, "by reason: " + ", ".join(f"{counts[reason]} {reason}" for reason in reasons)]
+    for reason in reasons:
+        group = ordered[ordered["reason"] == reason]
+        lines += [f"{r.file}{f':{r.line}' if r.line else ''}: {reason}: {r.detail}"
+                  for r in group.head(MAX_PER_REASON).itertuples()]
+        if len(group) > MAX_PER_REASON:
+            lines.append(f"... and {len(group) - MAX_PER_REASON} more {reason}")
+    return "\n  ".join(lines)
 
 
 # -- parsing ----------------------------------------------------------------------------------------
