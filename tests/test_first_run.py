@@ -98,13 +98,13 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     versions = sorted(p.name for p in (project_copy / "data/06_models/best_model").iterdir())
     assert len(versions) == 2
-    # Each training run registered its served model: a new registry version each time.
-    registered = sorted(int(v.version) for v in client.search_model_versions("name='food_multids'"))
-    assert registered == [1, 2]
+    # Each training run registered its served model: a new version each time, under the env's own name.
+    registered = sorted(int(v.version) for v in client.search_model_versions("name='food_multids-seed'"))
+    assert registered == [1, 2] and not client.search_model_versions("name='food_multids'")
     runs_before = run_count(project_copy)
     # The predict pipeline on the first registered version (an MLflow URI in predict.model).
     predicted = kedro(project_copy, "--env", "seed", "--pipelines", "predict", "--params",
-                      "predict.model=models:/food_multids/1", env=env)
+                      "predict.model=models:/food_multids-seed/1", env=env)
     assert predicted.returncode == 0, (predicted.stdout + predicted.stderr)[-3000:]
     table = sorted((project_copy / "data/07_model_output/image_predictions.parquet").iterdir())[-1]
     import pandas as pd
@@ -113,9 +113,14 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert len(frame) == 100 and (frame["dataset_name"] == "digits").all() and frame["error"].isna().all()
     assert run_count(project_copy) == runs_before  # predictions live in the catalog, not in an MLflow run
     missing = kedro(project_copy, "--env", "seed", "--pipelines", "predict", "--params",
-                    "predict.model=models:/food_multids/9", env=env)
+                    "predict.model=models:/food_multids-seed/9", env=env)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert "params:predict.model 'models:/food_multids/9'" in missing.stdout + missing.stderr
+    assert "params:predict.model 'models:/food_multids-seed/9'" in missing.stdout + missing.stderr
+    # The README's `kedro run --pipelines predict` (env local) reads the seed env's newest model: said, not hidden.
+    readme_predict = kedro(project_copy, "--pipelines", "predict", env=env)
+    out = readme_predict.stdout + readme_predict.stderr
+    assert readme_predict.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert "trained in the 'seed' environment (this run: 'local')" in out
     # Today's parameters differ from the training's: only the model's own record describes it.
     pinned = kedro(project_copy, "--env", "seed", "--pipelines", "full_eval", "--load-versions",
                    f"best_model:{versions[0]}", "--params", "model.name_or_path=/nope,training.learning_rate=0.5",

@@ -151,3 +151,90 @@ def test_a_lora_target_module_typo_is_found_before_the_first_node(demo_params):
     assert "q_proj" in problem  # the valid names are listed
     fine = {**params, "model": {**params["model"], "lora": {"target_modules": ["q_proj", "v_proj"]}}}
     assert not [p for p in check_run(plan(), fine, no_catalog, {}, no_catalog).problems if "target_modules" in p]
+
+
+def saved_model(folder: Path, spaces: dict[str, int], env: str | None) -> Path:
+    from food_multids.model.classifier import CLASSIFIER_FILE, TRAINING_INFO, ClassifierMeta, LabelSpace
+
+    folder.mkdir()
+    meta = ClassifierMeta(num_labels=max(spaces.values()), pooling="image_mean",
+                          label_spaces={name: LabelSpace(i, n) for i, (name, n) in enumerate(spaces.items())})
+    (folder / CLASSIFIER_FILE).write_text(meta.to_json())
+    (folder / TRAINING_INFO).write_text(json.dumps({"step": 4} if env is None else {"step": 4, "kedro_env": env}))
+    return folder
+
+
+PREDICT_NODES = {"ingest_images", "predict"}
+
+
+def predict_params(demo_params, demo_root) -> dict:
+    params = json.loads(json.dumps(demo_params))
+    params["predict"].update(jsonl_list=[str(demo_root / "digits/val.jsonl"), str(demo_root / "shapes/val.jsonl")],
+                             image_dir=None)
+    return params
+
+
+def test_predict_with_a_model_of_another_envs_datasets_is_one_line_naming_that_env(demo_params, demo_root, tmp_path):
+    # `kedro run --env mine` trained on food + drinks; then the README's `kedro run --pipelines predict` (env local)
+    model = saved_model(tmp_path / "best", {"food": 12, "drinks": 2}, "mine")
+    found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), predict_params(demo_params, demo_root),
+                      lambda name: True, {}, lambda name: model)
+    [problem] = found.problems
+    assert "knows the label spaces food, drinks" in problem and "'digits' in params:predict.jsonl_list[0]" in problem
+    assert "'shapes' in params:predict.jsonl_list[1]" in problem
+    assert "trained in the 'mine' environment" in problem and "`kedro run --env mine --pipelines predict`" in problem
+
+
+def test_predict_with_a_fitting_model_of_another_env_is_a_warning(demo_params, demo_root, tmp_path):
+    model = saved_model(tmp_path / "best", {"digits": 10, "shapes": 40}, "mine")
+    params = predict_params(demo_params, demo_root)
+    found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), params, lambda name: True, {},
+                      lambda name: model)
+    assert found.problems == [] and len(found.warnings) == 1 and "trained in the 'mine' environment" in found.warnings[0]
+    same_env = check_run(plan(nodes=PREDICT_NODES, env="mine", inputs=["best_model"]), params, lambda name: True, {},
+                         lambda name: model)
+    assert same_env.problems == [] and same_env.warnings == []
+
+
+def test_predict_dataset_name_unknown_to_a_model_without_a_recorded_env(demo_params, demo_root, tmp_path):
+    model = saved_model(tmp_path / "best", {"digits": 10, "shapes": 40}, None)
+    params = predict_params(demo_params, demo_root)
+    params["predict"].update(jsonl_list=[], image_dir=str(demo_root / "digits"), dataset_name="digitz")
+    found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), params, lambda name: True, {},
+                      lambda name: model)
+    [problem] = found.problems
+    assert "'digitz' in params:predict.dataset_name" in problem and "set predict.jsonl_list / predict.dataset_name" in problem
+
+
+def test_full_eval_of_another_envs_model_names_that_env(demo_params, tmp_path):
+    model = saved_model(tmp_path / "best", {"food": 12, "drinks": 2}, "mine")
+    eval_only = plan(nodes={"full_evaluate", "report"}, env="local", inputs=["best_model", "full_eval_set"])
+    [problem] = check_run(eval_only, demo_params, lambda name: True, {}, lambda name: model).problems
+    assert "trained in the 'mine' environment" in problem and "`kedro run --env mine --pipelines full_eval`" in problem
+
+
+def test_select_best_records_the_training_env_in_the_model(tmp_path):
+    from food_multids.framework.run_context import set_run_env
+    from food_multids.pipelines.train.nodes import select_best
+
+    model = saved_model(tmp_path / "best", {"digits": 10}, None)
+    (model / "config.json").write_text("{}")
+    manifest = {"best": {"metric": "overall_accuracy", "value": 0.5, "step": 4, "greater_is_better": True,
+                         "path": str(model)}, "final_step": 4}
+    set_run_env("mine")
+    try:
+        _, info = select_best({"datasets": ["digits"]}, manifest)
+    finally:
+        set_run_env(None)
+    assert info["kedro_env"] == "mine"
+    assert json.loads((model / "training_info.json").read_text()) == {"step": 4, "kedro_env": "mine"}
+
+
+def test_an_env_that_names_the_demo_model_itself_is_not_warned(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "ci").mkdir(parents=True)
+    (conf / "ci/parameters.yml").write_text("model:\n  name_or_path: data/06_models/tiny_qwen2_5_vl\n")
+    (conf / "gpu").mkdir()
+    (conf / "gpu/parameters.yml").write_text("training:\n  max_steps: 4\n")
+    assert demo_model_warning("ci", "data/06_models/tiny_qwen2_5_vl", str(conf)) is None  # chosen on purpose
+    assert "conf/gpu/parameters.yml" in demo_model_warning("gpu", "data/06_models/tiny_qwen2_5_vl", str(conf))

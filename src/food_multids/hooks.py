@@ -123,9 +123,11 @@ class PreflightHooks:
     def before_pipeline_run(self, run_params: dict, pipeline, catalog) -> None:
         from kedro.framework.project import pipelines
 
+        from food_multids.framework.run_context import set_run_env
         from food_multids.preflight import PreflightError, RunPlan, check_run, makers_of
 
         env = run_params.get("env") or "local"
+        set_run_env(env)
         free = sorted(n for n in pipeline.inputs() if n != "parameters" and not n.startswith("params:"))
         outputs = {}
         for name in pipeline.all_outputs():

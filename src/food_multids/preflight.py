@@ -87,7 +87,18 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_writable_dir(resolve_path(output_dir), "params:training.output_dir"))
     if cfg is not None and "full_evaluate" in plan.node_names and "train_deepspeed" not in plan.node_names \
             and "best_model" not in missing:
-        found.problems.extend(check_evaluated_model(cfg, load))
+        problems = check_evaluated_model(cfg, load, plan.env)
+        found.problems.extend(problems)
+        trained_in = None if problems else training_env(Path(str(load("best_model"))))
+        if trained_in is not None and trained_in != plan.env:
+            found.warnings.append(f"full_eval reads the newest best_model, trained in the '{trained_in}' environment "
+                                  f"(this run: '{plan.env}'): its label spaces fit, but if you meant this env's model, "
+                                  "pick it with --load-versions best_model:<version>")
+    if cfg is not None and "ingest_images" in plan.node_names and "best_model" in plan.free_inputs \
+            and "best_model" not in missing:
+        problems, warnings = check_predicted_model(cfg.predict, load, plan.env)
+        found.problems.extend(problems)
+        found.warnings.extend(warnings)
     if cfg is not None and "train_deepspeed" in plan.node_names:
         found.problems.extend(check_lora_targets(cfg.model))
     if cfg is not None and "ingest_images" in plan.node_names:
@@ -201,27 +212,110 @@ def check_writable_dir(folder: Path, what: str) -> list[str]:
     return []
 
 
-def check_evaluated_model(cfg: ProjectConfig, load: Callable[[str], object]) -> list[str]:
+def check_evaluated_model(cfg: ProjectConfig, load: Callable[[str], object], env: str = "local") -> list[str]:
     """`full_eval` alone: the saved best model must have the configured label spaces."""
     from food_multids.evaluation.full import ModelMismatchError, check_model_dir
 
     try:
-        check_model_dir(cfg, Path(str(load("best_model"))))
+        model_dir = Path(str(load("best_model")))
+        check_model_dir(cfg, model_dir)
     except ModelMismatchError as exc:
-        return [str(exc)]
+        return [str(exc) + other_env_hint(model_dir, env, "full_eval")]
     except Exception as exc:  # an unreadable model directory: say which
         return [f"the catalog dataset 'best_model' cannot be read: {exc}"]
     return []
 
 
+def training_env(model_dir: Path) -> str | None:
+    """The Kedro env whose training run made a saved model (training_info.json's `kedro_env`), if recorded."""
+    from food_multids.model.classifier import TRAINING_INFO
+
+    try:
+        env = json.loads((Path(model_dir) / TRAINING_INFO).read_text(encoding="utf-8")).get("kedro_env")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return env if isinstance(env, str) else None
+
+
+def other_env_hint(model_dir: Path, env: str, pipeline: str) -> str:
+    """': it was trained in `kedro run --env mine`: run ...' when the model comes from another env."""
+    trained_in = training_env(model_dir)
+    if trained_in is None or trained_in == env:
+        return ""
+    flag = "" if trained_in == "local" else f" --env {trained_in}"
+    return (f". The newest best_model was trained in the '{trained_in}' environment (this run: '{env}'; the catalog's "
+            f"newest version is shared by every env): run `kedro run{flag} --pipelines {pipeline}`, or pick a model "
+            "of this env with --load-versions best_model:<version>")
+
+
+def check_predicted_model(predict, load: Callable[[str], object], env: str) -> tuple[list[str], list[str]]:
+    """predict: the model must know every dataset_name the inputs ask for (predict.jsonl_list rows,
+    predict.dataset_name), said once before any image is read; a model from another env is named."""
+    from food_multids.data.records import read_jsonl
+    from food_multids.model.classifier import label_spaces_of
+
+    try:
+        model_dir = Path(str(load("best_model")))
+        spaces = label_spaces_of(model_dir)
+    except Exception as exc:  # an unreadable model directory: say which
+        return [f"the catalog dataset 'best_model' cannot be read: {exc}"], []
+    asked: dict[str, str] = {}  # dataset name -> where it is asked for
+    if isinstance(predict.dataset_name, str) and predict.dataset_name:
+        asked[predict.dataset_name] = "params:predict.dataset_name"
+    for i, name in enumerate(predict.jsonl_list):
+        path = resolve_path(name)
+        if not path.is_file():
+            continue  # check_predict_inputs names it
+        try:
+            names = read_jsonl(path).dataset_name.to_pylist()
+        except Exception:  # noqa: BLE001 - the ingest node reports unreadable rows, line by line
+            continue
+        for value in names:
+            if isinstance(value, str) and value:
+                asked.setdefault(value, f"params:predict.jsonl_list[{i}] ({path})")
+    unknown = {name: where for name, where in asked.items() if name not in spaces}
+    hint = other_env_hint(model_dir, env, "predict")
+    if unknown:
+        listed = "; ".join(f"'{name}' in {where}" for name, where in list(unknown.items())[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        return [f"the best_model {model_dir} knows the label spaces {', '.join(spaces)}, but the predict inputs ask for "
+                f"{listed}{more}" + (hint or ": set predict.jsonl_list / predict.dataset_name to this model's "
+                                     "datasets, or pick another model with predict.model")], []
+    trained_in = training_env(model_dir)
+    if trained_in is not None and trained_in != env:
+        return [], [f"predict reads the newest best_model {model_dir}, trained in the '{trained_in}' environment "
+                    f"(this run: '{env}'): its label spaces fit the inputs, but if you meant this env's model, pick it "
+                    "with --load-versions best_model:<version>"]
+    return [], []
+
+
 def demo_model_warning(env: str, name_or_path: str, conf_source: str | None = None) -> str | None:
-    """Outside base/local, training or evaluating the demo's random tiny model is almost surely a mistake."""
+    """Outside base/local, training the demo's random tiny model inherited from conf/base is almost surely a
+    mistake; an env whose own parameters file names it (a test or CI env) chose it on purpose."""
     path = resolve_path(name_or_path).resolve()  # '..', '.' and symlinks too
-    if env in DEMO_ENVS or path != resolve_path(DEMO_MODEL).resolve():
+    if env in DEMO_ENVS or path != resolve_path(DEMO_MODEL).resolve() or env_model_setting(env, conf_source) == path:
         return None
     where = " or ".join(env_parameters_files(env, conf_source)) or f"conf/{env}/parameters.yml"
     return (f"the '{env}' environment runs with model.name_or_path = {path}, the demo's "
             f"random tiny model: set model.name_or_path in {where} to your checkpoint")
+
+
+def env_model_setting(env: str, conf_source: str | None = None) -> Path | None:
+    """The model.name_or_path the env's own parameters files set (resolved), or None."""
+    import yaml
+
+    from food_multids.paths import find_project_root
+
+    folder = (Path(conf_source) if conf_source else find_project_root() / "conf") / env
+    for path in sorted(folder.glob("parameters*")) if folder.is_dir() else []:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+            return resolve_path(model["name_or_path"]).resolve()
+    return None
 
 
 def makers_of(pipelines: dict, wanted: Iterable[str], env: str = "local") -> dict[str, str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 
 from food_multids.config import ProjectConfig
+from food_multids.framework.run_context import run_env
 from food_multids.tracking import log_once
 from food_multids.training.launcher import run_training
 
@@ -76,6 +78,21 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
             "final_step": checkpoint_manifest.get("final_step"), "datasets": training_history.get("datasets"),
             "selected_by": how, "partial_best_step": best["step"], "full_value": chosen.get("full_value"),
             "best_model_reason": reason, "partial_best_reason": best.get("best_model_reason"), "candidates": candidates}
+    env = run_env()
+    if env is not None:  # predict and full_eval name the env that made the model they are asked to read
+        info["kedro_env"] = env
+        record_training_env(path, env)
     logger.info("Best model: %s = %.4f at step %d, chosen by %s (%s)", info["metric"], info["value"], info["step"],
                 how, path)
     return path, info
+
+
+def record_training_env(model_dir: Path, env: str) -> None:
+    """Add the Kedro env of the training run to the model's training_info.json (it travels with the model into
+    the catalog's best_model versions, exports and registered MLflow models)."""
+    from food_multids.model.classifier import TRAINING_INFO
+    from food_multids.runtime.files import write_json_atomic
+
+    info_file = Path(model_dir) / TRAINING_INFO
+    if info_file.is_file():
+        write_json_atomic(info_file, {**json.loads(info_file.read_text()), "kedro_env": env})
