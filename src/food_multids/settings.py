@@ -1,19 +1,17 @@
 """Kedro project settings: a layered config loader with a project_root resolver; kedro-mlflow hooks via plugins."""
 
-import warnings
+from food_multids.framework.quiet import quiet_third_party_imports
 
-from food_multids.config_loader import LayeredConfigLoader
-from food_multids.hooks import PreflightHooks, ProjectHooks
-from food_multids.paths import find_project_root
+quiet_third_party_imports()  # before the other imports: Kedro imports this module before the plugins load
+
+from food_multids.config_loader import LayeredConfigLoader  # noqa: E402
+from food_multids.hooks import PreflightHooks, ProjectHooks  # noqa: E402
+from food_multids.paths import find_project_root  # noqa: E402
 
 
 def _project_root(*_: object) -> str:
     return find_project_root().as_posix()
 
-
-# Third-party noise printed four times on every `kedro run`: omegaconf's resolver API as Kedro and
-# kedro-mlflow call it.
-warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
 HOOKS = (PreflightHooks(), ProjectHooks())
 # Telemetry asks for consent interactively; the project never sends it.
