@@ -77,13 +77,16 @@ predict: $(VENV)/.installed
 	$(BIN)/kedro run --pipelines predict
 
 # The registered MLflow model over HTTP (every training run registers one):
-#   make serve [MODEL=models:/food_multids/3] [PORT=5001] [WORKERS=2 SERVE_THREADS=1]
+#   make serve [ENV=mine | MODEL=models:/food_multids/3] [PORT=5001] [WORKERS=2 SERVE_THREADS=1]
+# (each env registers its own name: food_multids for base/local, food_multids-<env> otherwise; the
+# model's label spaces, env and version are printed before it serves)
 # then POST to http://127.0.0.1:PORT/invocations. On CPU, one worker per core with one torch thread each
 # serves the most images/s (bench/serve.py); on a GPU keep one worker.
-MODEL ?= models:/food_multids/latest
+MODEL ?= models:/food_multids$(if $(filter-out local base,$(ENV)),-$(ENV))/latest
 WORKERS ?= 1
 SERVE_THREADS ?=
 serve: $(VENV)/.installed
+	MLFLOW_TRACKING_URI=sqlite:///$(abspath mlflow.db) $(BIN)/food-multids describe $(MODEL)
 	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(abspath mlflow.db) \
 	  $(if $(SERVE_THREADS),OMP_NUM_THREADS=$(SERVE_THREADS)) $(BIN)/mlflow models serve -m $(MODEL) \
 	  --env-manager local --host 127.0.0.1 --port $(or $(PORT),5001) --workers $(WORKERS)

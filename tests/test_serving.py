@@ -332,3 +332,48 @@ def test_the_environment_batch_size_reaches_the_forward_pass(classifier_dir, tmp
     model, served = load_served(classifier_dir, tmp_path / "served", serve_max_batch=8, batch_size=8)
     model.predict(request(*images_for(tmp_path, 2)))
     assert served._batcher.max_batch == 64 and seen == [64]
+
+
+def test_each_env_registers_its_own_tagged_name_and_a_task_switch_is_warned(classifier_dir, tmp_path, caplog):
+    import shutil
+
+    from food_multids.console import describe_model
+    from food_multids.framework.run_context import set_run_env
+    from food_multids.model.classifier import CLASSIFIER_FILE
+    from food_multids.serving import registered_name, tag_final_accuracy
+
+    assert registered_name({"registered_model_name": None}, "local")[0] == "food_multids"
+    assert registered_name({"registered_model_name": None}, "base")[0] == "food_multids"
+    assert registered_name({"registered_model_name": "mine_v2"}, "mine") == ("mine_v2", "predict.registered_model_name")
+    other = tmp_path / "other_task"  # the same weights, other label spaces: another task
+    shutil.copytree(classifier_dir, other)
+    (other / CLASSIFIER_FILE).write_text((classifier_dir / CLASSIFIER_FILE).read_text().replace('"shapes"', '"fruit"'))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    experiment = MlflowClient(store).create_experiment("tasks")
+    image = write_image(tmp_path / "a.png", colour=(30, 200, 90))
+    params = {**PREDICT, "device": "cpu", "registered_model_name": None}
+    set_run_env("mine")
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mine = log_and_register(classifier_dir, params, (str(image), "digits"))
+        with mlflow.start_run(experiment_id=experiment):  # a second task pointed at the same explicit name
+            mlflow.log_metric("final_eval_overall_accuracy", 0.75)  # full_evaluate ran before the registration
+            log_and_register(classifier_dir, {**params, "registered_model_name": "shared"}, (str(image), "digits"))
+            caplog.clear()
+            log_and_register(other, {**params, "registered_model_name": "shared"}, (str(image), "digits"))
+    finally:
+        set_run_env(None)
+    assert mine["registry_uri"] == "models:/food_multids-mine/1" and "'mine' env's own name" in mine["name_from"]
+    client = MlflowClient(store)
+    version = client.get_model_version("food_multids-mine", "1")
+    assert version.tags["food_multids.datasets"] == "digits:10,shapes:40" and version.tags["food_multids.env"] == "mine"
+    assert "digits (10 classes), shapes (40 classes)" in version.description and "'mine'" in version.description
+    assert ("the registered model 'shared' version 1 serves the label spaces digits:10,shapes:40; this model's are "
+            "digits:10,fruit:40") in caplog.text
+    assert client.get_model_version("shared", "1").tags["food_multids.final_overall_accuracy"] == "0.7500"
+    assert tag_final_accuracy(run.info.run_id, {"overall_accuracy": 0.8125}) == ["models:/food_multids-mine/1"]
+    assert client.get_model_version("food_multids-mine", "1").tags["food_multids.final_overall_accuracy"] == "0.8125"
+    described = describe_model("models:/food_multids-mine/latest", tmp_path)
+    assert "label spaces: digits (10 classes), shapes (40 classes)" in described
+    assert "registered model 'food_multids-mine' version 1 of 1, final overall accuracy 0.8125" in described

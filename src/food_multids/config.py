@@ -534,7 +534,7 @@ class PredictConfig:
     max_image_pixels: int = 64_000_000
     max_request_pixels: int = 200_000_000
     log_model: bool = True
-    registered_model_name: str = "food_multids"
+    registered_model_name: str | None = None   # None: food_multids (base/local) or food_multids-<env>
     serve_batching: bool = True
     serve_max_batch: int = 16
     serve_max_wait_ms: float = 5.0
@@ -561,8 +561,9 @@ class PredictConfig:
                 and self.serve_max_queue < self.serve_max_batch:
             problems.add("predict.serve_max_queue", f"must be >= predict.serve_max_batch ({self.serve_max_batch}), "
                                                     f"got {self.serve_max_queue}")
-        if self.log_model and not str(self.registered_model_name).strip():
-            problems.add("predict.registered_model_name", "must name the registered model (or set predict.log_model: false)")
+        if self.registered_model_name is not None and not str(self.registered_model_name).strip():
+            problems.add("predict.registered_model_name", "must name the registered model, or be null (food_multids for "
+                                                          "base/local, food_multids-<env> for any other env)")
 
     @classmethod
     def from_section(cls, section: Any, env: str | None = None) -> PredictConfig:

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--merge", action="store_true", required=True, help="merge the adapters into the weights")
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="weights of the export (default float32: bf16 can round small adapter changes away)")
+    describe = sub.add_parser("describe", help="what a model is: its label spaces, the env and run that trained it, "
+                                                "its registry tags (`make serve` prints it before serving)")
+    describe.add_argument("model", help="as `predict` takes it: best, best:<version>, a folder, "
+                                        "models:/<name>/<version|latest>, runs:/<run id>/model")
     predict_cli.add_parser(sub)
     node = sub.add_parser("node-worker", help="a node other than node 0 of a training.nodes.launch: per_node run: "
                                               "join node 0's launches until its run ends")
@@ -58,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         return predict_cli.run(args)
     if args.command == "node-worker":
         return run_node_worker(args)
+    if args.command == "describe":
+        try:
+            print(describe_model(args.model, find_project_root()))
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+        except click.ClickException as exc:  # a damaged MLflow store behind a models:/ URI
+            parser.error(exc.format_message())
+        return 0
     if args.command == "export":
         from food_multids.model.lora import export_merged
 
@@ -90,6 +102,39 @@ def main(argv: list[str] | None = None) -> int:
     else:
         build_tiny_model_dir(args.out, family_name=args.family, seed=args.seed, hidden=args.hidden)
     return 0
+
+
+def describe_model(spec: str, root: Path) -> str:
+    """Lines naming the model behind `spec`: folder, label spaces, training env/run/step, registry version."""
+    import json
+
+    from food_multids.model.classifier import TRAINING_INFO, label_spaces_of
+
+    folder = predict_cli.resolve_model(spec, root)
+    spaces = label_spaces_of(folder)
+    info_file = folder / TRAINING_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    lines = [f"Model {spec}: {folder}",
+             "  label spaces: " + ", ".join(f"{name} ({count} classes)"
+                                            for name, (_, count) in sorted(spaces.items(), key=lambda i: i[1][0])),
+             f"  trained in the Kedro env '{info.get('kedro_env', '?')}', MLflow run {info.get('mlflow_run_id', '?')}, "
+             f"best step {info.get('step', '?')} ({info.get('finetuning', '?')} fine-tuning of "
+             f"{Path(str(info['backbone'])).name if info.get('backbone') else '?'})"]
+    if spec.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        from food_multids.serving import TAG
+
+        name, _, wanted = spec[len("models:/"):].partition("/")
+        client = MlflowClient()
+        versions = client.search_model_versions(f"name='{name}'")
+        found = max(versions, key=lambda v: int(v.version)) if wanted == "latest" else \
+            next((v for v in versions if str(v.version) == wanted), None)
+        if found is not None:
+            accuracy = (found.tags or {}).get(TAG + "final_overall_accuracy")
+            lines.append(f"  registered model '{name}' version {found.version} of {len(versions)}"
+                         + (f", final overall accuracy {accuracy}" if accuracy else ", not fully evaluated yet"))
+    return "\n".join(lines)
 
 
 def run_node_worker(args: argparse.Namespace) -> int:

@@ -175,11 +175,13 @@ def _quiet(name: str):
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import Array
+    from mlflow.types.schema import AnyType, Array
 
-    # image is optional to the schema so that an empty request reaches records_from_request, which says
-    # "the request has no rows" (MLflow would say "missing inputs ['image']").
-    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "dataset_name", required=False)])
+    # The inputs are optional and of any type to MLflow's schema check, so every bad request reaches
+    # records_from_request, which names the row and the fix: MLflow would answer an empty request with
+    # "missing inputs ['image']" and a number for an image with "Failed to enforce schema of data '<the
+    # whole request, base64 included>'".
+    inputs = Schema([ColSpec(AnyType(), "image", required=False), ColSpec(AnyType(), "dataset_name", required=False)])
     outputs = Schema([ColSpec("long", "row"), ColSpec("string", "image"), ColSpec("string", "dataset_name"),
                       ColSpec("long", "prediction"), ColSpec("string", "prediction_name", required=False),
                       ColSpec("double", "confidence"), ColSpec(Array("long"), "top_k_ids"),
@@ -198,19 +200,86 @@ def _requirements() -> list[str]:
     return found
 
 
+DEMO_ENVS = ("base", "local")
+TAG = "food_multids."  # prefix of the registered versions' tags
+
+
+def registered_name(predict_params: dict, env: str | None) -> tuple[str, str]:
+    """The registered model's name and why: predict.registered_model_name when set, else `food_multids` for
+    the demo's envs (base, local) and `food_multids-<env>` for any other, so that each task (an env: its own
+    datasets and label spaces) is its own registered model and `models:/<name>/latest` never switches task."""
+    name = predict_params.get("registered_model_name")
+    if name:
+        return str(name), "predict.registered_model_name"
+    if env is None or env in DEMO_ENVS:
+        return "food_multids", f"the '{env or 'local'}' env's default (predict.registered_model_name: null)"
+    return f"food_multids-{env}", f"the '{env}' env's own name (predict.registered_model_name: null)"
+
+
+def describe_spaces(spaces: dict[str, tuple[int, int]]) -> str:
+    """'digits:10,shapes:40' (the label spaces as a registry tag: names and class counts, in head order)."""
+    return ",".join(f"{name}:{count}" for name, (_, count) in sorted(spaces.items(), key=lambda item: item[1][0]))
+
+
+def version_tags(model_dir: Path, env: str | None) -> dict[str, str]:
+    """What a registered version says about itself: env, label spaces, backbone, fine-tuning, training run."""
+    import json
+
+    from food_multids.model.classifier import TRAINING_INFO, label_spaces_of
+
+    info_file = Path(model_dir) / TRAINING_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    tags = {"env": info.get("kedro_env") or env, "datasets": describe_spaces(label_spaces_of(model_dir)),
+            "backbone": Path(str(info["backbone"])).name if info.get("backbone") else None,
+            "finetuning": info.get("finetuning"), "training_run_id": info.get("mlflow_run_id"),
+            "best_step": info.get("step")}
+    return {TAG + key: str(value) for key, value in tags.items() if value is not None}
+
+
+def version_description(tags: dict[str, str]) -> str:
+    spaces = ", ".join(f"{part.split(':')[0]} ({part.split(':')[1]} classes)" for part in tags[TAG + "datasets"].split(","))
+    return (f"Classifier of {spaces}; trained in the Kedro env '{tags.get(TAG + 'env', '?')}' from "
+            f"{tags.get(TAG + 'backbone', '?')} ({tags.get(TAG + 'finetuning', '?')} fine-tuning), best step "
+            f"{tags.get(TAG + 'best_step', '?')} of MLflow run {tags.get(TAG + 'training_run_id', '?')}.")
+
+
+def other_task_warning(client, name: str, datasets: str) -> str | None:
+    """The name's latest version serves other label spaces: `models:/<name>/latest` is about to switch task."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # noqa: BLE001 - a registry that cannot be searched: nothing to compare with
+        return None
+    if not versions:
+        return None
+    latest = max(versions, key=lambda v: int(v.version))
+    theirs = (latest.tags or {}).get(TAG + "datasets")
+    if theirs is None or theirs == datasets:
+        return None
+    return (f"the registered model '{name}' version {latest.version} serves the label spaces {theirs}; this model's "
+            f"are {datasets}: `models:/{name}/latest` now serves another task. Give each task its own name "
+            "(predict.registered_model_name, or leave it null for food_multids-<env>)")
+
+
 def log_and_register(model_dir: Path, predict_params: dict, example: tuple[str, str]) -> dict:
-    """Log the serving pipeline + `model_dir` in the active MLflow run; register it under
-    predict.registered_model_name. `example`: (an image file, its dataset) for the input example."""
+    """Log the serving pipeline + `model_dir` in the active MLflow run; register it (`registered_name`), its
+    version tagged and described. `example`: (an image file, its dataset) for the input example."""
     import mlflow
     import pandas as pd
+    from mlflow.tracking import MlflowClient
 
+    from food_multids.framework.run_context import run_env
     from food_multids.pipelines.predict.pipeline import create_serving_pipeline
 
     run = mlflow.active_run()
     if run is None:
         logger.warning("No active MLflow run (tracking disabled for this pipeline?): the served model is not logged")
         return {"logged": False}
-    name = predict_params.get("registered_model_name") or "food_multids"
+    name, why = registered_name(predict_params, run_env())
+    tags = version_tags(Path(model_dir), run_env())
+    client = MlflowClient()
+    warning = other_task_warning(client, name, tags[TAG + "datasets"])
+    if warning:
+        logger.warning(warning)
     catalog = DataCatalog({"best_model": LoadedModelDataset(str(Path(model_dir).resolve()),
                                                             predict_params.get("device", "auto")),
                            "params:predict": MemoryDataset(predict_params)})
@@ -222,9 +291,39 @@ def log_and_register(model_dir: Path, predict_params: dict, example: tuple[str, 
                                        artifacts=served.extract_pipeline_artifacts(Path(tmp)),
                                        signature=signature(), input_example=request,
                                        pip_requirements=_requirements(), registered_model_name=name)
+    version = str(info.registered_model_version)
+    # The default pipeline may run full_evaluate first (Kedro orders independent nodes by name): its
+    # accuracy is then already in this run.
+    final = client.get_run(run.info.run_id).data.metrics.get("final_eval_overall_accuracy")
+    if final is not None:
+        tags[TAG + "final_overall_accuracy"] = f"{final:.4f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=version_description(tags))
     registered = {"logged": True, "run_id": run.info.run_id, "model_uri": info.model_uri,
                   "registered_model_name": name, "registered_model_version": info.registered_model_version,
-                  "registry_uri": f"models:/{name}/{info.registered_model_version}", "best_model": str(Path(model_dir).resolve())}
-    logger.info("Served model logged (%s) and registered as %s: `make serve MODEL=%s`", info.model_uri,
-                registered["registry_uri"], registered["registry_uri"])
+                  "registry_uri": f"models:/{name}/{version}", "best_model": str(Path(model_dir).resolve()),
+                  "name_from": why, "label_spaces": tags[TAG + "datasets"]}
+    logger.info("Served model logged (%s) and registered as %s (name: %s): `make serve MODEL=%s`", info.model_uri,
+                registered["registry_uri"], why, registered["registry_uri"])
     return registered
+
+
+def tag_final_accuracy(training_run_id: str | None, metrics: dict[str, float]) -> list[str]:
+    """Tag the versions registered by a training run with its full evaluation's accuracy (the registry then
+    says how good each version is). Returns the `models:/` URIs tagged."""
+    if not training_run_id or "overall_accuracy" not in metrics:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"run_id='{training_run_id}'")
+    except Exception:  # noqa: BLE001 - no registry in this store
+        return []
+    tagged = []
+    for found in versions:
+        client.set_model_version_tag(found.name, found.version, TAG + "final_overall_accuracy",
+                                     f"{metrics['overall_accuracy']:.4f}")
+        tagged.append(f"models:/{found.name}/{found.version}")
+    return tagged

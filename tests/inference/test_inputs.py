@@ -82,6 +82,20 @@ def test_an_empty_request_says_it_has_no_rows_and_the_schema_lets_it_through():
     assert signature().inputs.required_input_names() == []
 
 
+def test_mlflows_schema_check_lets_wrongly_typed_rows_reach_our_message():
+    from mlflow.models.utils import _enforce_schema
+
+    from food_multids.serving import signature
+
+    request = pd.DataFrame({"image": [12345, b64(png_bytes())], "dataset_name": ["digits", 7]})
+    passed = _enforce_schema(request, signature().inputs)  # a typed schema raises "Failed to enforce schema of data"
+    with pytest.raises(BadRequest) as info:
+        records_from_request(passed, SPACES, 1_000_000)
+    message = str(info.value)
+    assert "row 0: no image: 'image' must be the base64-encoded bytes" in message
+    assert "row 1: unknown dataset_name: 7 is not a label space" in message and "iVBOR" not in message  # no dump
+
+
 def test_good_rows_are_decoded_and_a_row_without_dataset_goes_to_every_space():
     request = pd.DataFrame({"image": [b64(png_bytes()), b64(png_bytes(colour=(0, 0, 255)))],
                             "dataset_name": ["shapes", None]})

@@ -14,7 +14,7 @@ from kedro.runner import SequentialRunner
 
 from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
 from food_multids.pipelines.full_eval import create_pipeline
-from tests.conftest import KEDRO, latest
+from tests.conftest import BIN, KEDRO, latest
 
 
 def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir, classifier_dir, tmp_path):
@@ -142,13 +142,25 @@ def test_the_inspection_notebook_runs_top_to_bottom(trained_demo):
 def test_the_training_run_registered_its_served_model(trained_demo):
     from mlflow.tracking import MlflowClient
 
-    root, _, _ = trained_demo
+    root, env, _ = trained_demo
     registered = json.loads(latest(root, "data/06_models/registered_model.json").read_text())
     assert registered["registry_uri"] == "models:/food_multids/1" and registered["logged"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     [version] = client.search_model_versions("name='food_multids'")
     assert version.run_id == registered["run_id"]
     assert registered["best_model"] == str(latest(root, "data/06_models/best_model").resolve())
+    # The version says what it is (env, label spaces, how good the full evaluation found it).
+    metrics = json.loads(latest(root, "data/07_model_output/eval_metrics.json").read_text())
+    assert version.tags["food_multids.env"] == "local" and version.tags["food_multids.datasets"] == "digits:10,shapes:40"
+    assert version.tags["food_multids.final_overall_accuracy"] == f"{metrics['overall_accuracy']:.4f}"
+    info = json.loads((latest(root, "data/06_models/best_model") / "training_info.json").read_text())
+    assert info["kedro_env"] == "local"
+    described = subprocess.run([str(BIN / "food-multids"), "describe", "models:/food_multids/latest"], cwd=root,
+                               env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"},
+                               capture_output=True, text=True, timeout=120)
+    assert described.returncode == 0, described.stderr[-2000:]
+    assert "label spaces: digits (10 classes), shapes (40 classes)" in described.stdout
+    assert "trained in the Kedro env 'local'" in described.stdout and "version 1 of 1" in described.stdout
 
 
 @pytest.mark.e2e

@@ -17,6 +17,12 @@ from food_multids.tracking import log_once
 logger = logging.getLogger(__name__)
 
 
+def mlflow_active() -> bool:
+    import mlflow
+
+    return mlflow.active_run() is not None
+
+
 def _log_texts_to_mlflow(texts: dict[str, str]) -> None:
     import mlflow
 
@@ -47,6 +53,13 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     rescored = any("full_value" in c for c in candidates)
     step = int(info.get("final_step") or info.get("step") or 0) + (2 if rescored else 1)
     log_once(cfg, {f"final_eval_{k}": v for k, v in metrics.items()}, step, info.get("mlflow_run_id"))
+    tagged = []
+    if mlflow_active():  # the registered versions of the training run say how good they are
+        from food_multids.serving import tag_final_accuracy
+
+        tagged = tag_final_accuracy(info.get("mlflow_run_id"), metrics)
+    if tagged:
+        logger.info("Tagged %s with final_overall_accuracy %.4f", ", ".join(tagged), metrics["overall_accuracy"])
     reranked = {"candidates": candidates} if candidates else {}
     return {"model_dir": str(best_model), "model_info": info, **metrics, **reranked}, predictions, confusions
 
