@@ -408,6 +408,7 @@ class TrainConfig:
     single_process_zero_stage: int | None = None
     nodes: NodeSettings = NodeSettings()
     progress_bar: Literal["auto", "always", "never"] = "auto"
+    log_format: Literal["compact", "seed"] = "compact"   # seed: the original trainer's lines per dataset
 
     def validate(self, problems: _Problems) -> None:
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -219,6 +219,23 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int | None = No
     return float(f1[classes].mean())
 
 
+def format_train_line(metrics: dict[str, float], names: Sequence[str], step: int, total: int) -> str:
+    """One line per logging step (training.log_format: compact): each dataset's loss and accuracy, the
+    overall accuracy, learning rate, speed and the batch mix of the window."""
+    parts = [f"📊 TRAIN step {step}/{total}"]
+    for name in names:
+        if f"{name}_samples" in metrics:
+            parts.append(f"{name} loss {metrics[f'{name}_loss']:.4f} acc {metrics[f'{name}_accuracy']:.2%}")
+    if "overall_samples" in metrics:
+        parts.append(f"OVERALL acc {metrics['overall_accuracy']:.2%}")
+    parts.append(f"lr {metrics['learning_rate']:.3g}")
+    parts.append(f"{metrics['images_per_second']:.1f} img/s")
+    shares = [f"{name} {metrics[f'{name}_share']:.2f}" for name in names if f"{name}_share" in metrics]
+    if shares:
+        parts.append("mix " + " ".join(shares))
+    return " · ".join(parts)
+
+
 def format_train_lines(metrics: dict[str, float], names: Sequence[str]) -> list[str]:
     """The seed trainer's per-dataset training lines."""
     lines = []

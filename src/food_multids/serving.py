@@ -260,6 +260,31 @@ def other_task_warning(client, name: str, datasets: str) -> str | None:
             "(predict.registered_model_name, or leave it null for food_multids-<env>)")
 
 
+@contextlib.contextmanager
+def quiet_mlflow_logging():
+    """MLflow's chatter while logging and registering (its cloudpickle notice, 'Validating input example',
+    artifact progress bars, 'Registered model ... already exists', 'Created version'): kept at DEBUG, since
+    our own line says what was registered. Errors still raise."""
+    import io
+
+    mlflow_log = logging.getLogger("mlflow")
+    level, bars = mlflow_log.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    mlflow_log.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):  # MLflow's registry prints with eprint
+            yield
+    finally:
+        mlflow_log.setLevel(level)
+        if bars is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bars
+        for line in printed.getvalue().splitlines():
+            logger.debug("mlflow: %s", line)
+
+
 def log_and_register(model_dir: Path, predict_params: dict, example: tuple[str, str]) -> dict:
     """Log the serving pipeline + `model_dir` in the active MLflow run; register it (`registered_name`), its
     version tagged and described. `example`: (an image file, its dataset) for the input example."""
@@ -286,7 +311,7 @@ def log_and_register(model_dir: Path, predict_params: dict, example: tuple[str, 
     served = ServedClassifier(create_serving_pipeline(), catalog, input_name=INPUT_NAME)
     image, dataset = example
     request = pd.DataFrame({"image": [base64.b64encode(Path(image).read_bytes()).decode()], "dataset_name": [dataset]})
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow_logging():
         info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served,
                                        artifacts=served.extract_pipeline_artifacts(Path(tmp)),
                                        signature=signature(), input_example=request,

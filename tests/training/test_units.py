@@ -28,6 +28,16 @@ def test_a_dataset_absent_from_the_window_is_not_reported_as_zero():
     assert "b_accuracy" not in m and m["overall_samples"] == 2
 
 
+def test_the_compact_train_line_holds_every_dataset_in_one_line():
+    from food_multids.metrics import format_train_line
+
+    m = summarize([0.5234 * 1024, 0], [0.8567 * 1024, 0], [1024, 0], ["food101", "food2k"])  # food2k not in the window
+    m.update(learning_rate=2e-5, images_per_second=123.45, food101_share=1.0)
+    assert format_train_line(m, ["food101", "food2k"], 10, 264) == (
+        "📊 TRAIN step 10/264 · food101 loss 0.5234 acc 85.67% · OVERALL acc 85.67% · lr 2e-05 · 123.5 img/s · "
+        "mix food101 1.00")
+
+
 def test_log_lines_use_the_seed_format():
     m = summarize([0.5234 * 1024, 0], [0.8567 * 1024, 0], [1024, 0], ["food101", "food2k"])
     assert format_train_lines(m, ["food101", "food2k"])[0] == "📊 TRAIN - food101: Loss=0.5234, Acc=0.8567 (85.67%), Samples=1024"

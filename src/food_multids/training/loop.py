@@ -30,7 +30,13 @@ from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import partial_eval_subset
 from food_multids.interrupts import StopFlag, TrainingInterrupted
-from food_multids.metrics import format_eval_lines, format_train_lines, stratified_summary, summarize
+from food_multids.metrics import (
+    format_eval_lines,
+    format_train_line,
+    format_train_lines,
+    stratified_summary,
+    summarize,
+)
 from food_multids.model.classifier import (
     TRAINING_INFO,
     ClassifierMeta,
@@ -408,11 +414,14 @@ class Trainer:
         if not self.is_main:
             return
         self.records.append({"step": self.global_step, "kind": "train", "metrics": metrics})
-        for line in format_train_lines(metrics, self.names):
-            logger.info(line)
-        logger.info("step %d/%d  lr %.3g  %.1f img/s  mix %s", self.global_step, self.total_steps,
-                    metrics["learning_rate"], metrics["images_per_second"],
-                    {n: round(metrics[f"{n}_share"], 3) for n in self.names})
+        if self.t.log_format == "seed":
+            for line in format_train_lines(metrics, self.names):
+                logger.info(line)
+            logger.info("step %d/%d  lr %.3g  %.1f img/s  mix %s", self.global_step, self.total_steps,
+                        metrics["learning_rate"], metrics["images_per_second"],
+                        {n: round(metrics[f"{n}_share"], 3) for n in self.names})
+        else:
+            logger.info(format_train_line(metrics, self.names, self.global_step, self.total_steps))
         self.trackers.log({f"train_{k}": v for k, v in metrics.items()}, self.global_step)
         if bar is not None and "overall_loss" in metrics:
             bar.set_postfix(loss=f"{metrics['overall_loss']:.4f}", acc=f"{metrics['overall_accuracy']:.3f}",
@@ -456,7 +465,8 @@ class Trainer:
                         int(out.count.sum()))
             for line in format_eval_lines(metrics, self.names):
                 logger.info(line)
-            logger.info("Best model %s: %s", "replaced" if improved else "kept", reason)
+            if not improved or not verdict.kept:  # a new best says why on its 🏆 line
+                logger.info("Best model %s: %s", "replaced" if improved else "kept", reason)
             self.records.append({"step": self.global_step, "kind": "eval", "metrics": metrics, "subset": strategy,
                                  "improved": improved, "reason": reason})
             self.trackers.log({f"eval_{k}": v for k, v in metrics.items()}, self.global_step)
@@ -472,7 +482,7 @@ class Trainer:
                                 "step %d)", self.global_step, key, self.t.best_model_selection,
                                 self.evals_without_improvement, self.best["value"], self.best["step"])
         if verdict.kept:
-            self._save_model(verdict.entry, improved)
+            self._save_model(verdict.entry, improved, reason)
 
     def _steer(self, signal: list[float], kind: str) -> None:
         """Adaptive mixing: new proportions from each dataset's loss, from the next micro-batch on (every rank
@@ -498,7 +508,7 @@ class Trainer:
             return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.lora)
         return self.engine.module.state_dict() if self.is_main else None
 
-    def _save_model(self, entry: dict, is_best: bool) -> None:
+    def _save_model(self, entry: dict, is_best: bool, reason: str = "") -> None:
         """Write this step's model (every rank takes part: ZeRO-3 gathers), publish it under best/ and
         point best.json at the best and the candidates."""
         state = self._gathered_state_dict()
@@ -525,7 +535,8 @@ class Trainer:
                 raise
             metric, value = self.best["metric"], entry["value"]
             if is_best:
-                logger.info("🏆 New best model! %s: %.4f (step %d) -> %s", metric, value, self.global_step, path)
+                logger.info("🏆 New best model! %s: %.4f (step %d; %s) -> %s", metric, value, self.global_step,
+                            reason or "replaced", path)
                 self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
             else:
                 logger.info("Kept step %d (%s %.4f) among the %d candidates for the full-set re-rank -> %s",

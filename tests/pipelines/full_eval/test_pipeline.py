@@ -93,7 +93,11 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
         assert f"{metrics[key]:.4f}" in summary, key
     best = json.loads(latest(root, "data/06_models/best_model_info.json").read_text())
     assert f"step {best['step']}" in page and f"{best['value']:.4f}" in summary
-    assert "📈 Overall:" in log and "🏆 New best model!" in log and "📊 TRAIN - OVERALL" in log
+    assert "📈 Overall:" in log and "🏆 New best model!" in log and "📊 TRAIN step " in log
+    assert "📊 TRAIN - OVERALL" not in log  # training.log_format: compact (one line per logging step)
+    for noise in ("Add type hints", "Downloading artifacts", "Created version", "Registering new custom resolver",
+                  "Loading data from", "Completed 1 out of"):  # the default logging.yml's quiet run
+        assert noise not in log, noise
     # The run ends on where its results are, and latest/ links the newest report.
     summary_block = log[log.index("Results of this run:"):]
     newest = latest(root, "data/08_reporting/report.html")

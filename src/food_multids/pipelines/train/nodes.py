@@ -39,8 +39,15 @@ def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, pa
         return {"metric": key, "candidates": candidates, "reranked": False}
     cfg = ProjectConfig.from_params(parameters, check_files=False)
     scored = []
+    evaluation_log = logging.getLogger("food_multids.evaluation.full")
     for candidate in candidates:
-        metrics = evaluate_saved_model(cfg, parameters, Path(candidate["path"]), full_eval_set, "launch_rerank").metrics
+        level = evaluation_log.level  # each candidate's per-dataset lines: at DEBUG, one line per candidate here
+        evaluation_log.setLevel(logging.WARNING)
+        try:
+            metrics = evaluate_saved_model(cfg, parameters, Path(candidate["path"]), full_eval_set,
+                                           "launch_rerank").metrics
+        finally:
+            evaluation_log.setLevel(level)
         scored.append({**candidate, "full_value": metrics[key], "full_overall_accuracy": metrics["overall_accuracy"]})
         logger.info("Re-rank: step %d has %s %.4f on the partial subset, %.4f on the full validation set",
                     candidate["step"], key, candidate["value"], metrics[key])
