@@ -240,6 +240,46 @@ class MixAdaptiveSettings:
 
 
 @dataclass(frozen=True)
+class LossSettings:
+    """`training.loss:` the objective training optimises, per dataset and inside its own classes (see
+    training/losses.py). The logged `*_loss` stays the plain masked cross-entropy; `*_objective` is this."""
+
+    type: Literal["ce", "focal", "class_balanced"] = "ce"
+    focal_gamma: float = 2.0             # focal: (1 - p_true)^gamma down-weights the easy images
+    class_balanced_beta: float = 0.999   # class_balanced: Cui et al.'s effective number (1 - beta^n) / (1 - beta)
+    class_weights: Literal["auto"] | dict | None = None   # auto: inverse class frequency; {dataset: [w, ...]}
+    label_smoothing: float = 0.0         # mass spread over the dataset's own classes only
+
+    def differs_from_ce(self) -> bool:
+        return self.type != "ce" or self.class_weights is not None or self.label_smoothing > 0
+
+    def validate(self, problems: _Problems, datasets: tuple = (), path: str = "training.loss") -> None:
+        if isinstance(self.focal_gamma, float) and self.focal_gamma < 0:
+            problems.add(f"{path}.focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        if isinstance(self.class_balanced_beta, float) and not 0 <= self.class_balanced_beta < 1:
+            problems.add(f"{path}.class_balanced_beta", f"must be in [0, 1), got {self.class_balanced_beta}")
+        if isinstance(self.label_smoothing, float) and not 0 <= self.label_smoothing < 1:
+            problems.add(f"{path}.label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        if self.type == "class_balanced" and self.class_weights is not None:
+            problems.add(f"{path}.class_weights", "must be null with type: class_balanced (its weights come from "
+                                                  "class_balanced_beta and the training counts)")
+        if isinstance(self.class_weights, dict) and datasets:
+            sizes = {d.name: d.num_classes for d in datasets}
+            for name, weights in self.class_weights.items():
+                where = f"{path}.class_weights.{name}"
+                if name not in sizes:
+                    close = difflib.get_close_matches(str(name), list(sizes), n=1)
+                    problems.add(where, "is not a dataset of datasets.dataset_configs"
+                                        + (f" (did you mean '{close[0]}'?)" if close else f": {', '.join(sizes)}"))
+                elif not isinstance(weights, list | tuple) or len(weights) != sizes[name]:
+                    got = len(weights) if isinstance(weights, list | tuple) else repr(weights)
+                    problems.add(where, f"must list {sizes[name]} weights (one per class of '{name}'), got {got}")
+                elif not all(isinstance(w, int | float) and not isinstance(w, bool) and w > 0 and math.isfinite(w)
+                             for w in weights):
+                    problems.add(where, "must be positive numbers")
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
 
@@ -409,6 +449,7 @@ class TrainConfig:
     nodes: NodeSettings = NodeSettings()
     progress_bar: Literal["auto", "always", "never"] = "auto"
     log_format: Literal["compact", "seed"] = "compact"   # seed: the original trainer's lines per dataset
+    loss: LossSettings = LossSettings()
 
     def validate(self, problems: _Problems) -> None:
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -667,6 +708,8 @@ class ProjectConfig:
                 problems.add("training.metric_for_best_model",
                              f"is {training.metric_for_best_model!r}, which the partial evaluation does not "
                              f"produce: {hint}choose one of {', '.join(allowed)}")
+        if training is not None and isinstance(training.loss, LossSettings):
+            training.loss.validate(problems, datasets)
         if data is not None and isinstance(data.mix_adaptive, MixAdaptiveSettings):
             data.mix_adaptive.validate(problems, len(datasets))
             if data.mix_strategy == "adaptive" and data.mix_adaptive.signal == "eval_loss" and training is not None \

@@ -99,6 +99,32 @@ def test_training_learns_a_separable_two_dataset_set(base_params, tiny_model_dir
     assert evals[-1]["overall_loss"] < 0.5 * math.log(6), evals[-1]
 
 
+@pytest.mark.parametrize("loss", [{"type": "focal", "focal_gamma": 2.0, "label_smoothing": 0.1},
+                                  {"type": "class_balanced", "class_balanced_beta": 0.99},
+                                  {"type": "ce", "class_weights": "auto"}])
+def test_each_training_loss_learns_and_logs_its_objective_beside_the_plain_loss(base_params, tiny_model_dir, tmp_path,
+                                                                                 loss):
+    # An imbalanced separable set (alpha: 6, 2, 2 training images per class) under each objective.
+    for split in ("train", "val"):
+        make_separable_dataset(tmp_path / "data", "alpha", 3, per_class=6, split=split)
+    train = tmp_path / "data/alpha/train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    kept = [r for r in rows if r["label"] == 0 or r["image"].endswith(("_0.png", "_1.png"))]
+    train.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    params = copy.deepcopy(base_params)
+    params["model"].update(name_or_path=str(tiny_model_dir), num_labels=3)
+    params["data"].update(train_jsonl_list=[str(train)], val_jsonl_list=[str(tmp_path / "data/alpha/val.jsonl")])
+    params["datasets"]["dataset_configs"] = {"alpha": {"num_classes": 3, "eval_ratio": 1.0}}
+    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", per_device_train_batch_size=8,
+                              max_steps=60, logging_steps=20, eval_steps=60, save_steps=60, loss=loss)
+    history, _ = train_deepspeed(*data_nodes(params), params)
+    windows = [r["metrics"] for r in history["records"] if r["kind"] == "train"]
+    assert all("alpha_objective" in w and "overall_objective" in w for w in windows)
+    assert windows[0]["alpha_objective"] != pytest.approx(windows[0]["alpha_loss"], rel=1e-3)  # another objective
+    final = [r["metrics"] for r in history["records"] if r["kind"] == "eval"][-1]
+    assert final["alpha_accuracy"] >= 0.9, final  # chance: 1/3
+
+
 def test_minimised_metric_and_early_stopping(demo_params):
     # learning_rate 0 forces a plateau on every machine: the weights never move, so every partial
     # evaluation gives the same loss, the first one stays the best and patience runs out two evals later.

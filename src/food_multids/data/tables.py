@@ -57,7 +57,8 @@ def tag_records(frame: pd.DataFrame, specs: tuple[DatasetSpec, ...], split: str,
 
 
 def dataset_statistics(tables: dict[str, pd.DataFrame], specs: tuple[DatasetSpec, ...]) -> pd.DataFrame:
-    """Per split and dataset: rows, share of the split, classes covered out of num_classes."""
+    """Per split and dataset: rows, share of the split, classes covered out of num_classes, and the
+    images of its smallest and largest class with their ratio (the imbalance training.loss can weight)."""
     rows = []
     for split, frame in tables.items():
         total = len(frame)
@@ -65,22 +66,28 @@ def dataset_statistics(tables: dict[str, pd.DataFrame], specs: tuple[DatasetSpec
         labels = frame["label"].to_numpy(dtype=np.int64)
         counts = np.bincount(ids, minlength=len(specs))
         width = int(labels.max(initial=0)) + 1
-        seen = np.bincount(ids * width + labels, minlength=len(specs) * width) > 0  # O(rows), no sort
-        classes = seen.reshape(len(specs), width).sum(axis=1)
+        per_class = np.bincount(ids * width + labels, minlength=len(specs) * width).reshape(len(specs), width)  # O(rows)
+        classes = (per_class > 0).sum(axis=1)
         for spec in specs:
             n = int(counts[spec.index])
+            sizes = per_class[spec.index, :spec.num_classes]
+            present = sizes[sizes > 0]
             rows.append({"split": split, "dataset_name": spec.name, "rows": n,
                          "share": n / total if total else 0.0,
-                         "classes_covered": int(classes[spec.index]), "num_classes": spec.num_classes})
+                         "classes_covered": int(classes[spec.index]), "num_classes": spec.num_classes,
+                         "min_class_rows": int(sizes.min()) if len(sizes) else 0,
+                         "max_class_rows": int(sizes.max()) if len(sizes) else 0,
+                         "imbalance": float(present.max() / present.min()) if len(present) else float("nan")})
     return pd.DataFrame(rows)
 
 
 def format_statistics(stats: pd.DataFrame) -> str:
-    header = f"{'split':<6} {'dataset':<20} {'rows':>10} {'share':>7} {'classes':>13}"
+    header = f"{'split':<6} {'dataset':<20} {'rows':>10} {'share':>7} {'classes':>13} {'per class':>13} {'max/min':>8}"
     lines = [header, "-" * len(header)]
     for r in stats.itertuples():
         lines.append(f"{r.split:<6} {r.dataset_name:<20} {r.rows:>10,} {r.share:>7.1%} "
-                     f"{r.classes_covered:>6}/{r.num_classes:<6}")
+                     f"{r.classes_covered:>6}/{r.num_classes:<6} {f'{r.min_class_rows}-{r.max_class_rows}':>13} "
+                     f"{r.imbalance:>8.1f}")
     return "\n".join(lines)
 
 

@@ -63,6 +63,7 @@ from food_multids.runtime.scoring import (
 from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.engine import create_engine, resolve_deepspeed_config
+from food_multids.training.losses import Objective, class_counts, weight_table
 from food_multids.training.output_dir import OutputDirError, reporting_write_failure
 from food_multids.training.selection import BestModelSelector, metric_rows
 
@@ -85,10 +86,12 @@ def label_spaces(cfg: ProjectConfig, train: pd.DataFrame) -> dict[str, LabelSpac
 TRAIN_SUMS = ("loss", "correct", "count", "skipped")
 
 
-def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype, sums: PerDatasetSums) -> None:
-    """One micro-batch: forward, masked cross-entropy, backward and DeepSpeed's step (which applies the
-    optimizer at accumulation boundaries); the batch's loss, hits, count and failed images are added
-    to `sums` on the device, with no host synchronisation. The trainer and bench/gpu.py both call it."""
+def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype, sums: PerDatasetSums,
+               objective: Objective | None = None) -> None:
+    """One micro-batch: forward, masked cross-entropy (or training.loss's `objective`), backward and
+    DeepSpeed's step (which applies the optimizer at accumulation boundaries); the batch's loss, hits,
+    count and failed images (and objective) are added to `sums` on the device, with no host
+    synchronisation. The trainer and bench/gpu.py both call it."""
     if batch.get("all_failed"):
         raise RuntimeError(f"all {batch['skipped']} images of a training batch failed to load (see the warnings "
                            "above): training stops rather than take a step on no data. Fix or remove those images "
@@ -96,14 +99,38 @@ def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype, su
     batch = to_device(batch, device, dtype)
     logits = engine(**{k: batch[k] for k in MODEL_INPUTS})
     losses = F.cross_entropy(logits, batch["labels"], reduction="none")
-    engine.backward(losses.mean())
+    if objective is None:
+        engine.backward(losses.mean())
+    else:
+        optimised = objective(logits, batch["labels"], batch["num_classes"], batch["dataset_ids"], ce=losses)
+        engine.backward(optimised.mean())
     engine.step()
     with torch.no_grad():
         ds = batch["dataset_ids"]
+        if objective is not None:
+            sums.add("objective", ds, optimised.detach())
         sums.add("loss", ds, losses.detach())
         sums.add("correct", ds, logits.argmax(-1) == batch["labels"])
         sums.add("count", ds)
         sums.add("skipped", batch["skipped_dataset_ids"])
+
+
+def build_objective(cfg: ProjectConfig, train: pd.DataFrame, device: torch.device) -> Objective | None:
+    """training.loss as a per-row objective, its class weights from the training set's counts; None for
+    plain cross-entropy (train_step's default path)."""
+    settings = cfg.training.loss
+    if not settings.differs_from_ce():
+        return None
+    counts = class_counts(train["label"].to_numpy(), train["dataset_id"].to_numpy(),
+                          [d.num_classes for d in cfg.datasets])
+    table = weight_table(settings, list(cfg.dataset_names), counts, cfg.model.num_labels)
+    if table is not None:
+        for spec, row in zip(cfg.datasets, table, strict=True):
+            used = row[:spec.num_classes]
+            logger.info("Class weights of %s (training.loss %s%s): %.3g to %.3g", spec.name, settings.type,
+                        f", class_weights {settings.class_weights}" if isinstance(settings.class_weights, str) else "",
+                        used.min(), used.max())
+    return Objective(settings, table, device)
 
 
 class Trainer:
@@ -123,7 +150,9 @@ class Trainer:
         # State that a checkpoint carries (see _state / _restore).
         self.global_step, self.micro_step, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         # Training metrics since the last logging step (a checkpoint carries them: exact resume).
-        self.window = PerDatasetSums(TRAIN_SUMS, len(self.names), self.device)
+        self.objective = build_objective(cfg, train, self.device)
+        fields = TRAIN_SUMS + (("objective",) if self.objective is not None else ())
+        self.window = PerDatasetSums(fields, len(self.names), self.device)
         self.evals_without_improvement, self.eval_count = 0, 0
         # N_h, each dataset's full validation size: the weights of the overall partial estimate.
         self.population = (np.bincount(full_eval["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
@@ -347,7 +376,7 @@ class Trainer:
         return self._finish()
 
     def _train_micro_batch(self, batch: dict) -> None:
-        train_step(self.engine, batch, self.device, self.dtype, self.window)
+        train_step(self.engine, batch, self.device, self.dtype, self.window, self.objective)
         self.micro_step += 1
 
     def _after_step(self, bar) -> bool:
@@ -398,6 +427,11 @@ class Trainer:
                 "non-finite gradients")
         metrics = summarize(sums["loss"], sums["correct"], sums["count"], self.names)
         total = sums["count"].sum()
+        if "objective" in sums:  # what training.loss optimises, beside the plain masked cross-entropy
+            for i, name in enumerate(self.names):
+                if sums["count"][i]:
+                    metrics[f"{name}_objective"] = float(sums["objective"][i] / sums["count"][i])
+            metrics["overall_objective"] = float(sums["objective"].sum() / total) if total else float("nan")
         for i, name in enumerate(self.names):
             metrics[f"{name}_share"] = float(sums["count"][i] / total) if total else 0.0
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[-1])
