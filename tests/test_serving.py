@@ -20,6 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from food_multids.evaluation.calibration import write_calibration
 from food_multids.inference.inputs import records_from_files
 from food_multids.inference.model import load_model
 from food_multids.inference.predict import predict_records
@@ -65,6 +66,9 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
     mlflow.set_tracking_uri(store)
     experiment = MlflowClient(store).create_experiment("served")  # not set_experiment: it outlives the test
     images = [write_image(tmp_path / f"img/{i}.png", colour=(30 * i, 200 - 20 * i, 90)) for i in range(4)]
+    # A calibrated model (as select_best leaves it): the server must answer with the calibrated probabilities.
+    write_calibration(classifier_dir, {"temperature": {"digits": 2.5, "shapes": 0.7},
+                                       "auto_reject_below": {"digits": 0.2, "shapes": 0.2}, "seed": 0, "fraction": 0.3})
     for _ in range(2):  # two training runs: two registry versions
         with mlflow.start_run(experiment_id=experiment):
             registered = log_and_register(classifier_dir, {**PREDICT, "device": "cpu", "max_image_pixels": 1_000_000},
@@ -78,6 +82,8 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
     loaded = load_model(classifier_dir, torch.device("cpu"))
     records, _ = records_from_files([], images, None, loaded.label_spaces)
     expected = predict_records(loaded, records, top_k=5, batch_size=8)
+    raw = predict_records(loaded, records, top_k=5, batch_size=8, calibrated=False)
+    assert not np.allclose(np.array(expected["top_k_probs"].tolist()), np.array(raw["top_k_probs"].tolist()))
 
     port = free_port()
     server = serve(store, "models:/food_multids/2", port, tmp_path / "server.log")

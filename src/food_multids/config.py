@@ -521,10 +521,17 @@ class EvalConfig:
     confusion_top_n: int = 20
     report_thumbnails: int = 8
     confidence: float = 0.95
+    calibrate: bool = True              # fit a temperature per dataset on the calibration split (select_best)
+    calibration_fraction: float = 0.3   # share of each dataset's validation images used to fit it (seeded)
+    reject_precision: float = 0.9       # predict.reject_below: auto keeps this accuracy on the calibration split
 
     def validate(self, problems: _Problems) -> None:
         if self.top_k < 1:
             problems.add("evaluation.top_k", f"must be >= 1, got {self.top_k}")
+        for name in ("calibration_fraction", "reject_precision"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not 0 < value < 1:
+                problems.add(f"evaluation.{name}", f"must be in (0, 1), got {value}")
         if isinstance(self.confidence, float) and not 0 < self.confidence < 1:
             problems.add("evaluation.confidence", f"must be in (0, 1), e.g. 0.95, got {self.confidence}")
         for name in ("confusion_top_n", "report_thumbnails"):
@@ -581,8 +588,16 @@ class PredictConfig:
     serve_max_batch: int = 16
     serve_max_wait_ms: float = 5.0
     serve_max_queue: int = 256
+    calibrated: bool = True             # probabilities with the model's fitted temperatures (when it has them)
+    reject_below: float | Literal["auto"] | dict | None = None   # "none of these" below this confidence
 
     def validate(self, problems: _Problems) -> None:
+        reject = self.reject_below
+        values = reject.items() if isinstance(reject, dict) else [("", reject)] if isinstance(reject, float) else []
+        for name, value in values:
+            where = f"predict.reject_below{'.' + str(name) if name else ''}"
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+                problems.add(where, f"must be a confidence in [0, 1], got {value!r}")
         for name in ("top_k", "batch_size", "serve_max_batch"):
             if isinstance(getattr(self, name), int) and getattr(self, name) < 1:
                 problems.add(f"predict.{name}", f"must be >= 1, got {getattr(self, name)}")

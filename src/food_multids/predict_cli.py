@@ -36,6 +36,23 @@ def add_parser(sub) -> None:
     cmd.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cmd.add_argument("--skip-bad", action="store_true", help="skip unreadable rows and images instead of stopping")
     cmd.add_argument("--json", action="store_true", help="one JSON object per prediction on stdout")
+    cmd.add_argument("--uncalibrated", action="store_true",
+                     help="raw softmax probabilities instead of the model's temperature-scaled ones")
+    cmd.add_argument("--reject-below", default=None, type=_reject,
+                     help="a confidence in [0, 1], or auto (the model's fitted threshold): below it the prediction "
+                          "is -1 / unknown ('none of these'), the top-k still listed")
+
+
+def _reject(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or auto, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or auto, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -119,7 +136,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for r in rejected.itertuples():
         _err(f"skipped {r.file}:{r.line}: {r.reason}: {r.detail}")
-    table = predict_records(loaded, records, top_k=args.top_k, batch_size=args.batch_size)
+    try:
+        table = predict_records(loaded, records, top_k=args.top_k, batch_size=args.batch_size,
+                                calibrated=not args.uncalibrated, reject_below=args.reject_below)
+    except ValueError as exc:  # --reject-below auto on a model without fitted thresholds
+        _err(f"food-multids predict: {exc}")
+        return 2
     if args.json:
         for row in table.to_dict(orient="records"):
             _out(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}))

@@ -15,6 +15,7 @@ from food_multids.evaluation.report import (
     NOT_DEFINED,
     Report,
     adaptive_mix_figure,
+    calibration_figure,
     confusion_figure,
     curves_figure,
     figure_tag,
@@ -207,6 +208,27 @@ def trust_tables(history: dict, metrics: dict, best: dict) -> tuple[pd.DataFrame
     return per_eval, table, lines
 
 
+CALIBRATION_NOTE = ("One temperature per dataset, fitted on a seeded share of its validation images "
+                    "(evaluation.calibration_fraction); ECE (15 bins), NLL, AURC and the selective accuracy are measured "
+                    "on the other images. Predictions use the calibrated probabilities (predict.calibrated); "
+                    "predict.reject_below: auto answers 'unknown' below the fitted threshold.")
+
+
+def calibration_table(names: list[str], metrics: dict) -> pd.DataFrame:
+    """Per dataset with a fitted temperature: T, ECE and NLL before/after, AURC, selective accuracy at 80 %."""
+    rows = []
+    for name in names:
+        if f"{name}_ece" not in metrics:
+            continue
+        rows.append({"dataset": name, "temperature": metrics[f"{name}_temperature"],
+                     "held-out images": int(metrics[f"{name}_calibration_images"]),
+                     "ECE raw": metrics[f"{name}_ece"], "ECE calibrated": metrics[f"{name}_ece_calibrated"],
+                     "NLL raw": metrics[f"{name}_nll"], "NLL calibrated": metrics[f"{name}_nll_calibrated"],
+                     "AURC": metrics[f"{name}_aurc"],
+                     "accuracy at 80 % coverage": metrics[f"{name}_selective_accuracy_at_80"]})
+    return pd.DataFrame(rows)
+
+
 def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: pd.DataFrame,
                  confusions: pd.DataFrame, stats: pd.DataFrame, best: dict, where: Provenance,
                  trained: ProjectConfig | None = None) -> Report:
@@ -223,6 +245,13 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
     final = final_table(cfg, metrics)
     note = f"<p><small>{html.escape(MISSING_NOTE)}</small></p>" if has_missing(final) else ""
     report.sections.append(("Final evaluation (full validation sets)", f'<div id="final-table">{table_html(final)}</div>{note}'))
+    calibration = calibration_table(names, metrics)
+    if not calibration.empty:
+        curves = metrics.get("calibration_curves") or {}
+        figure = figure_tag(calibration_figure(curves), "calibration",
+                            "reliability diagrams and coverage curves per dataset") if curves else ""
+        report.sections.append(("Calibrated confidence and \"none of these\"", f'<div id="calibration"><p>'
+                                f'{html.escape(CALIBRATION_NOTE)}</p>{table_html(calibration)}{figure}</div>'))
     per_class = {name: per_class_table(predictions, name) for name in names}
     report.sections.append(("Per-class results (worst first)", "".join(
         f'<details id="per-class-{html.escape(name)}"><summary>{html.escape(name)}: {len(table)} classes</summary>'
@@ -266,6 +295,8 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
         table_markdown(per_eval) if not per_eval.empty else "(no partial evaluations)", "",
         *([table_markdown(candidates), ""] if not candidates.empty else []),
         "## Partial vs full evaluation", "", table_markdown(partial) if not partial.empty else "(no partial evaluations)", "",
+        *(["## Calibrated confidence", "", CALIBRATION_NOTE, "", table_markdown(calibration), ""]
+          if not calibration.empty else []),
         "## Dataset mix", "", table_markdown(mix, "{:.3f}"), "",
         "## Per-class results (worst first)", "",
     ]

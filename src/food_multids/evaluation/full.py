@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class FullEvalResult:
     metrics: dict[str, float]
     predictions: pd.DataFrame
     confusions: pd.DataFrame
+    calibration_curves: dict = field(default_factory=dict)  # per dataset: reliability bins, coverage curve
 
 
 def _names(model: MultiDatasetClassifier, dataset: str, ids: np.ndarray) -> list[str | None]:
@@ -78,13 +79,16 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     rank, world = init_distributed(device, cfg.training.master_port)
     loaded = load_model(model_dir, device, cfg.model)
     workers = cfg.evaluation.dataloader_num_workers
+    names = list(cfg.dataset_names)
+    calibration = loaded.model.meta.calibration
+    # With fitted temperatures, each image is also scored at T = 1 and at its dataset's T (calibration metrics).
+    grid = np.array([[1.0, float(calibration["temperature"].get(n, 1.0))] for n in names]) if calibration else None
     out = run_model(loaded, frame, batch_size=cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size,
                     top_k=cfg.evaluation.top_k, rank=rank, world=world,
                     workers=cfg.training.dataloader_num_workers if workers is None else workers,
                     max_consecutive_bad_images=cfg.training.max_consecutive_bad_images, desc="full eval",
-                    progress_mode=cfg.training.progress_bar)
+                    progress_mode=cfg.training.progress_bar, temperature_grid=grid)
     model = loaded.model
-    names = list(cfg.dataset_names)
     preds = predictions_frame(gather_rows(out.predictions, world), frame)
     metrics = summarize(out.loss_sum, out.correct, out.count, names)
     metrics.update(full_set_intervals(out.correct, out.count, names, cfg.evaluation.confidence))
@@ -94,11 +98,25 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     metrics["skipped_images"] = float(out.skipped)
     for spec in cfg.datasets:
         metrics[f"{spec.name}_skipped_images"] = float(out.skipped_per_dataset[spec.index])
+    curves: dict = {}
+    if calibration:
+        from food_multids.evaluation.calibration import held_out_metrics
+
+        calibrated, curves = held_out_metrics(preds, names, calibration)
+        metrics.update(calibrated)
+        preds["confidence_calibrated"] = [row[1] for row in preds["grid_conf"]]
+        preds = preds.drop(columns=["grid_nll", "grid_conf"])
     confusions = preds.groupby(["dataset_name", "label", "prediction"]).size().rename("count").reset_index()
     logger.info("Full evaluation of %s:", model_dir)
     for line in format_eval_lines(metrics, names):
         logger.info(line)
-    return FullEvalResult(metrics, preds, confusions)
+    for name in names:
+        if f"{name}_ece" in metrics:
+            logger.info("   %s calibration (T = %.3g, %d held-out images): ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+                        name, metrics[f"{name}_temperature"], metrics[f"{name}_calibration_images"],
+                        metrics[f"{name}_ece"], metrics[f"{name}_ece_calibrated"], metrics[f"{name}_nll"],
+                        metrics[f"{name}_nll_calibrated"])
+    return FullEvalResult(metrics, preds, confusions, curves)
 
 
 def evaluate_saved_model(cfg: ProjectConfig, parameters: dict, model_dir: Path, frame: pd.DataFrame,
@@ -113,8 +131,9 @@ def evaluate_saved_model(cfg: ProjectConfig, parameters: dict, model_dir: Path, 
     launch = cfg.training.resolved_output_dir() / launch_name
     launch_processes(cfg, world, launch, parameters, {"full_eval": frame}, "food_multids.evaluation.worker",
                      extra={"model_dir": str(model_dir)})
-    return FullEvalResult(json.loads((launch / RESULT_FILE).read_text())["metrics"],
-                          pd.read_parquet(launch / "predictions.parquet"), pd.read_parquet(launch / "confusions.parquet"))
+    result = json.loads((launch / RESULT_FILE).read_text())
+    return FullEvalResult(result["metrics"], pd.read_parquet(launch / "predictions.parquet"),
+                          pd.read_parquet(launch / "confusions.parquet"), result.get("calibration_curves") or {})
 
 
 def predictions_frame(rows: dict[str, list], frame: pd.DataFrame) -> pd.DataFrame:
@@ -122,6 +141,9 @@ def predictions_frame(rows: dict[str, list], frame: pd.DataFrame) -> pd.DataFram
     preds = pd.DataFrame({k: rows[k] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss")})
     preds["topk"] = rows["topk"]
     preds["topk_prob"] = rows["topk_prob"]
+    for key in ("grid_nll", "grid_conf"):  # scored at several temperatures (calibration)
+        if key in rows:
+            preds[key] = rows[key]
     preds = preds.join(frame.set_index("sample_id")[["image", "dataset_name"]], on="sample_id")
     preds["dataset_name"] = preds["dataset_name"].astype(str)
     return preds

@@ -206,3 +206,34 @@ def thumbnails_html(preds: pd.DataFrame, count: int) -> str:
                      f'{html.escape(r.dataset_name)}<br>true {html.escape(str(true))}<br>pred {html.escape(str(pred))} '
                      f'({r.confidence:.2f})</figcaption></figure>')
     return f'<div class="thumbs" id="misclassified">{"".join(cells)}</div>'
+
+
+def calibration_figure(curves: dict[str, dict]):
+    """Per dataset: the reliability diagram before and after temperature scaling (accuracy vs confidence per
+    bin, the diagonal is perfect calibration) and the selective accuracy at each coverage."""
+    import matplotlib.pyplot as plt
+
+    names = list(curves)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.4), squeeze=False)
+    for col, name in enumerate(names):
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+        for key, label in (("reliability_before", "raw softmax"), ("reliability_after", "calibrated")):
+            bins = curves[name][key]
+            top.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                     label=label)
+        top.set_title(f"{name}: reliability", fontsize=9)
+        top.set_xlabel("confidence")
+        top.set_ylabel("accuracy")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.legend(fontsize=7)
+        bottom.plot(curves[name]["coverage"], curves[name]["accuracy"])
+        bottom.axvline(0.8, color="grey", linewidth=0.8, linestyle=":")
+        bottom.set_title(f"{name}: accuracy of the most confident", fontsize=9)
+        bottom.set_xlabel("coverage (share of images answered)")
+        bottom.set_ylabel("accuracy")
+        bottom.set_xlim(0, 1)
+        bottom.set_ylim(0, 1.02)
+    fig.tight_layout()
+    return fig

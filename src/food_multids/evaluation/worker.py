@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     if ctx.rank == 0:
         result.predictions.to_parquet(ctx.launch / "predictions.parquet")
         result.confusions.to_parquet(ctx.launch / "confusions.parquet")
-        write_json_atomic(ctx.launch / RESULT_FILE, {"metrics": result.metrics})
+        write_json_atomic(ctx.launch / RESULT_FILE, {"metrics": result.metrics,
+                                                     "calibration_curves": result.calibration_curves})
     finish_distributed()
 
 

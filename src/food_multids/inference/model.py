@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -96,11 +97,29 @@ def records_loader(loaded: LoadedModel, frame: pd.DataFrame, batch_size: int, wo
 
 def run_model(loaded: LoadedModel, frame: pd.DataFrame, *, batch_size: int, top_k: int, workers: int = 0,
               rank: int = 0, world: int = 1, max_consecutive_bad_images: int = 10, desc: str = "predict",
-              progress_mode: str = "auto", own_classes: bool = False) -> EvalOutput:
+              progress_mode: str = "auto", own_classes: bool = False, calibrated: bool = False,
+              temperature_grid: np.ndarray | None = None) -> EvalOutput:
     """Every row of `frame` (this rank's shard) through the model: per-row top-k with masked-softmax
     probabilities, plus loss/accuracy sums for labelled rows. The one inference loop of the project.
-    `own_classes`: rank within each row's dataset even for a model trained without masking."""
+    `own_classes`: rank within each row's dataset even for a model trained without masking. `calibrated`:
+    probabilities with the model's fitted temperatures (classifier.json `calibration`; none fitted: T = 1).
+    `temperature_grid` (datasets x G): each row's loss and top-1 probability at those temperatures."""
     loader = records_loader(loaded, frame, batch_size, workers, rank, world, max_consecutive_bad_images)
+    temperature = loaded_temperatures(loaded) if calibrated else None
+    grid = None if temperature_grid is None else torch.as_tensor(temperature_grid, dtype=torch.float32,
+                                                                 device=loaded.device)
     return evaluate(loaded.model, loader, loaded.device, max(1, len(loaded.model.meta.label_spaces)), top_k=top_k,
                     masking=loaded.model.meta.enable_logits_masking, dtype=loaded.dtype, desc=desc,
-                    progress_mode=progress_mode, own_classes=own_classes)
+                    progress_mode=progress_mode, own_classes=own_classes, temperature=temperature,
+                    temperature_grid=grid)
+
+
+def loaded_temperatures(loaded: LoadedModel) -> torch.Tensor | None:
+    """The model's fitted temperature per dataset (head order) on its device, or None when none was fitted."""
+    calibration = loaded.model.meta.calibration or {}
+    fitted = calibration.get("temperature") or {}
+    if not fitted:
+        return None
+    spaces = loaded.model.meta.spaces()
+    values = [float(fitted.get(name, 1.0)) for name in spaces]
+    return torch.tensor(values, dtype=torch.float32, device=loaded.device)

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ["row", "image", "dataset_name", "prediction", "prediction_name", "confidence",
                       "top_k_ids", "top_k_names", "top_k_probs", "error"]
 UNREADABLE = "the image could not be decoded (see the log)"
+UNKNOWN = "unknown"  # prediction_name of an image below predict.reject_below ("none of these"; prediction -1)
 PREDICTIONS_FILE = "image_predictions.parquet"  # what rank 0 of a multi-process predict writes
 
 
@@ -31,7 +32,8 @@ def predict_with_processes(cfg: ProjectConfig, parameters: dict, model_dir: Path
     if not uses_launcher(cfg, world):
         loaded = load_model(model_dir, resolve_device_name(settings.device))
         return predict_records(loaded, records, top_k=settings.top_k, batch_size=settings.batch_size,
-                               workers=settings.dataloader_num_workers, progress_mode=cfg.training.progress_bar)
+                               workers=settings.dataloader_num_workers, progress_mode=cfg.training.progress_bar,
+                               calibrated=settings.calibrated, reject_below=settings.reject_below)
     launch = cfg.training.resolved_output_dir() / "launch_predict"
     launch_processes(cfg, world, launch, parameters, {"predict": records}, "food_multids.inference.worker",
                      extra={"model_dir": str(model_dir)})
@@ -39,11 +41,37 @@ def predict_with_processes(cfg: ProjectConfig, parameters: dict, model_dir: Path
 
 
 def predict_records(loaded: LoadedModel, records: pd.DataFrame, *, top_k: int, batch_size: int, workers: int = 0,
-                    progress_mode: str = "auto") -> pd.DataFrame:
-    """One prediction row per record (an input row predicted in several label spaces has one per space)."""
+                    progress_mode: str = "auto", calibrated: bool = True,
+                    reject_below: float | str | dict | None = None) -> pd.DataFrame:
+    """One prediction row per record (an input row predicted in several label spaces has one per space).
+    `calibrated`: probabilities with the model's fitted temperatures; `reject_below` (predict.reject_below):
+    a confidence under it makes the row "none of these" (prediction -1, name "unknown", top-k kept)."""
+    thresholds = reject_thresholds(loaded, reject_below)  # before the loop: a bad setting fails at once
     out = run_model(loaded, records, batch_size=batch_size, top_k=top_k, workers=workers, desc="predict",
-                    progress_mode=progress_mode, own_classes=True)
-    return prediction_table(loaded, records, out.predictions)
+                    progress_mode=progress_mode, own_classes=True, calibrated=calibrated)
+    return prediction_table(loaded, records, out.predictions, thresholds)
+
+
+def reject_thresholds(loaded: LoadedModel, reject_below: float | str | dict | None) -> dict[str, float]:
+    """predict.reject_below per label space: one value, a value per dataset, or `auto` (the model's
+    thresholds fitted for evaluation.reject_precision on its calibration split)."""
+    spaces = list(loaded.label_spaces)
+    if reject_below is None:
+        return {}
+    if isinstance(reject_below, dict):
+        unknown = [name for name in reject_below if name not in spaces]
+        if unknown:
+            raise ValueError(f"predict.reject_below names {unknown}, which are not label spaces of the model "
+                             f"({', '.join(spaces)})")
+        return {name: float(value) for name, value in reject_below.items()}
+    if reject_below == "auto":
+        fitted = (loaded.model.meta.calibration or {}).get("auto_reject_below") or {}
+        missing = [name for name in spaces if fitted.get(name) is None]
+        if missing:
+            raise ValueError(f"predict.reject_below is auto but the model has no fitted threshold for {missing}: it "
+                             "was saved without calibration (evaluation.calibrate: true fits them at select_best)")
+        return {name: float(fitted[name]) for name in spaces}
+    return dict.fromkeys(spaces, float(reject_below))
 
 
 def predict_images(model: LoadedModel | Path | str, images: list[Path | str], dataset: str | None = None,
@@ -59,9 +87,12 @@ def predict_images(model: LoadedModel | Path | str, images: list[Path | str], da
     return predict_records(loaded, records, top_k=top_k, batch_size=batch_size, progress_mode="never")
 
 
-def prediction_table(loaded: LoadedModel, records: pd.DataFrame, rows: dict[str, list]) -> pd.DataFrame:
+def prediction_table(loaded: LoadedModel, records: pd.DataFrame, rows: dict[str, list],
+                     thresholds: dict[str, float] | None = None) -> pd.DataFrame:
     """Join the loop's rows (by sample_id) with the records; records whose image failed to decode keep
-    their row with prediction -1 and an `error`, so nothing is dropped without a trace."""
+    their row with prediction -1 and an `error`, so nothing is dropped without a trace. A row whose top
+    confidence is below its label space's threshold is "none of these": prediction -1, name "unknown"."""
+    thresholds = thresholds or {}
     by_id = {sid: i for i, sid in enumerate(rows["sample_id"])}
     names_of = {name: loaded.class_names(name) for name in loaded.label_spaces}
     table: dict[str, list] = {c: [] for c in PREDICTION_COLUMNS}
@@ -79,8 +110,9 @@ def prediction_table(loaded: LoadedModel, records: pd.DataFrame, rows: dict[str,
         table["row"].append(int(rec.row))
         table["image"].append(str(rec.image_ref))
         table["dataset_name"].append(str(rec.dataset_name))
-        table["prediction"].append(ids[0] if ids else -1)
-        table["prediction_name"].append(labels[0] if labels else None)
+        rejected = bool(probs) and probs[0] < thresholds.get(rec.dataset_name, -1.0)
+        table["prediction"].append(-1 if rejected or not ids else ids[0])
+        table["prediction_name"].append(UNKNOWN if rejected else labels[0] if labels else None)
         table["confidence"].append(probs[0] if probs else float("nan"))
         table["top_k_ids"].append(ids)
         table["top_k_names"].append(labels)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from food_multids.inference.model import load_model, run_model
-from food_multids.inference.predict import PREDICTIONS_FILE, prediction_table
+from food_multids.inference.predict import PREDICTIONS_FILE, prediction_table, reject_thresholds
 from food_multids.runtime.device import finish_distributed, init_distributed, resolve_device_name
 from food_multids.runtime.files import write_json_atomic
 from food_multids.runtime.launch import RESULT_FILE, worker_context
@@ -20,12 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = init_distributed(device, ctx.cfg.training.master_port)
     loaded = load_model(Path(ctx.spec["model_dir"]), device)
     records = ctx.frame("predict")
+    thresholds = reject_thresholds(loaded, settings.reject_below)
     out = run_model(loaded, records, batch_size=settings.batch_size, top_k=settings.top_k, rank=rank, world=world,
                     workers=settings.dataloader_num_workers, progress_mode=ctx.cfg.training.progress_bar,
-                    own_classes=True)
+                    own_classes=True, calibrated=settings.calibrated)
     rows = gather_rows(out.predictions, world)
     if rank == 0:
-        table = prediction_table(loaded, records, rows)
+        table = prediction_table(loaded, records, rows, thresholds)
         table.to_parquet(ctx.launch / PREDICTIONS_FILE)
         write_json_atomic(ctx.launch / RESULT_FILE, {"rows": len(table)})
     finish_distributed()

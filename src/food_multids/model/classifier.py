@@ -45,6 +45,7 @@ class ClassifierMeta:
     finetuning: str = "full"        # full | lora
     lora: dict | None = None        # with lora: r, alpha, dropout, the adapted layers, merger_trained
     base_model: dict | None = None  # with lora: the base checkpoint's path and config.json sha256
+    calibration: dict | None = None  # temperature per dataset and the auto rejection thresholds (evaluation/calibration.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -87,7 +87,8 @@ class EvalOutput:
 @torch.inference_mode()
 def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: int = 0, masking: bool = True,
              dtype: torch.dtype | None = None, desc: str = "eval", progress_mode: str = "auto",
-             own_classes: bool = False, per_row: bool = False) -> EvalOutput:
+             own_classes: bool = False, per_row: bool = False, temperature: torch.Tensor | None = None,
+             temperature_grid: torch.Tensor | None = None) -> EvalOutput:
     """Masked (as in training) loss and accuracy sums per dataset; with top_k > 0 also per-row predictions;
     with per_row, each image's correctness and loss (kept on the device, copied to the host once at the end:
     the paired comparison of two checkpoints needs them, the sums cannot give them).
@@ -95,11 +96,17 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     With masking, top-k slots beyond a dataset's num_classes are -1 (probability 0), never a class
     of another dataset. `own_classes` ranks (and softmaxes) over the sample's dataset's classes even
     for a model trained without masking (predictions for new images); the sums stay as trained.
+    `temperature` (one per dataset): the top-k probabilities are softmax(logits / T) of the row's dataset
+    (calibrated; the ranking is unchanged). `temperature_grid` (datasets x G): each row also gets
+    `grid_nll` and `grid_conf`, its loss and top-1 probability at each of its dataset's G temperatures
+    (what temperature fitting and the calibration metrics need, without keeping whole logit rows).
     """
     was_training = model.training
     model.eval()
     sums = PerDatasetSums(("loss", "correct", "count", "out_of_range", "skipped"), num_datasets, device)
     rows: dict[str, list] = {k: [] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss", "topk", "topk_prob")}
+    if temperature_grid is not None:
+        rows.update(grid_nll=[], grid_conf=[])
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("sample_id", "dataset_id", "correct", "loss", "weight")}
     bar = progress(total=len(loader), desc=desc, unit="batch", mode=progress_mode, leave=False)
     for batch in loader:
@@ -123,7 +130,16 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
             if own_classes and not masking:
                 outside = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= batch["num_classes"][:, None]
                 scores = scores.masked_fill(outside, float("-inf"))
-            probs = scores.softmax(dim=-1)
+            if temperature_grid is not None:
+                grid = temperature_grid[ds]  # (batch, G): each row's dataset's temperatures
+                scaled = scores[:, None, :] / grid[:, :, None]  # (batch, G, labels)
+                logp = scaled.log_softmax(dim=-1)
+                labelled = labels >= 0
+                picked = logp.gather(2, labels.clamp(min=0)[:, None, None].expand(-1, grid.shape[1], 1)).squeeze(2)
+                nll = torch.where(labelled[:, None], -picked, torch.full_like(picked, float("nan")))
+                rows["grid_nll"].extend(nll[keep].cpu().tolist())
+                rows["grid_conf"].extend(logp.max(dim=-1).values.exp()[keep].cpu().tolist())
+            probs = (scores if temperature is None else scores / temperature[ds][:, None]).softmax(dim=-1)
             k = min(top_k, logits.shape[-1])
             # Rank by logits: probabilities can underflow to ties at 0, logits keep -inf strictly last.
             top_i = scores.topk(k, dim=-1).indices

@@ -63,14 +63,19 @@ def test_full_evaluate_shards_across_two_processes(base_params, demo_root, class
     train, val, _, _ = ingest_jsonl(params)
     _, val_set, _ = merge_and_tag(train, val, params)
     _, full = split_eval_subsets(val_set, params)
+    from food_multids.evaluation.calibration import write_calibration
     from food_multids.pipelines.full_eval.nodes import full_evaluate
 
+    write_calibration(classifier_dir, {"temperature": {"digits": 2.0, "shapes": 0.5}, "seed": 0, "fraction": 0.3,
+                                       "auto_reject_below": {"digits": 0.5, "shapes": 0.5}})
     single, single_preds, _ = full_evaluate(classifier_dir, full, params)
     params["training"]["num_processes"] = 2
     sharded, sharded_preds, conf = full_evaluate(classifier_dir, full, params)
     assert sharded["overall_samples"] == 260 and len(sharded_preds) == 260 and sharded_preds["sample_id"].is_unique
-    for key in ("digits_accuracy", "shapes_loss", "overall_accuracy", "shapes_macro_f1", "digits_top5_accuracy"):
+    for key in ("digits_accuracy", "shapes_loss", "overall_accuracy", "shapes_macro_f1", "digits_top5_accuracy",
+                "digits_ece", "shapes_ece_calibrated", "digits_nll_calibrated", "shapes_aurc"):
         assert sharded[key] == pytest.approx(single[key], abs=1e-6), key
+    assert sharded["calibration_curves"] == single["calibration_curves"]  # through the launcher's result file
     merged = single_preds.merge(sharded_preds, on="sample_id", suffixes=("_1", "_2"))
     assert (merged["prediction_1"] == merged["prediction_2"]).all()
     assert conf["count"].sum() == 260
@@ -83,9 +88,15 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
     page = latest(root, "data/08_reporting/report.html").read_text()
     summary = latest(root, "data/08_reporting/report.md").read_text()
     for figure in ("train-curves", "batch-mix", "eval-curves", "partial-vs-full", "confusion-digits",
-                   "confusion-shapes", "misclassified", "final-table"):
+                   "confusion-shapes", "misclassified", "final-table", "calibration"):
         assert f'id="{figure}"' in page, figure
-    assert page.count("data:image/png;base64,") >= 7
+    assert page.count("data:image/png;base64,") >= 8
+    # select_best calibrated the model; the full evaluation measured it on the images the fit did not use.
+    model = json.loads((latest(root, "data/06_models/best_model") / "classifier.json").read_text())
+    assert set(model["calibration"]["temperature"]) == {"digits", "shapes"}
+    for name in ("digits", "shapes"):
+        assert metrics[f"{name}_temperature"] == pytest.approx(model["calibration"]["temperature"][name])
+        assert f"{metrics[f'{name}_ece_calibrated']:.4f}" in summary and f"{metrics[f'{name}_aurc']:.4f}" in page
     final = page[page.index('id="final-table"'):]
     final = final[:final.index("</table>")]
     for key in ("digits_accuracy", "shapes_accuracy", "overall_accuracy", "digits_loss", "shapes_macro_f1", "digits_top5_accuracy"):

@@ -61,7 +61,9 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     if tagged:
         logger.info("Tagged %s with final_overall_accuracy %.4f", ", ".join(tagged), metrics["overall_accuracy"])
     reranked = {"candidates": candidates} if candidates else {}
-    return {"model_dir": str(best_model), "model_info": info, **metrics, **reranked}, predictions, confusions
+    curves = {"calibration_curves": result.calibration_curves} if result.calibration_curves else {}
+    return ({"model_dir": str(best_model), "model_info": info, **metrics, **reranked, **curves}, predictions,
+            confusions)
 
 
 def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:

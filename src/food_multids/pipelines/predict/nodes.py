@@ -46,7 +46,8 @@ def predict_request(best_model: LoadedModel, served_records: pd.DataFrame, predi
     model refuses each request with a failed row: `refuse_failed_rows`)."""
     cfg = PredictConfig.from_section(predict)
     return predict_records(best_model, served_records, top_k=cfg.top_k,
-                           batch_size=max(cfg.batch_size, cfg.serve_max_batch), progress_mode="never")
+                           batch_size=max(cfg.batch_size, cfg.serve_max_batch), progress_mode="never",
+                           calibrated=cfg.calibrated, reject_below=cfg.reject_below)
 
 
 def refuse_failed_rows(table: pd.DataFrame) -> pd.DataFrame:

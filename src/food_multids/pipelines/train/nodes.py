@@ -57,10 +57,12 @@ def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, pa
     return {"metric": key, "candidates": scored, "reranked": True}
 
 
-def select_best(training_history: dict, checkpoint_manifest: dict, candidate_evals: dict | None = None
-                ) -> tuple[Path, dict]:
+def select_best(training_history: dict, checkpoint_manifest: dict, candidate_evals: dict | None = None,
+                full_eval_set: pd.DataFrame | None = None, parameters: dict | None = None) -> tuple[Path, dict]:
     """The best model directory (saved as a versioned catalog dataset) and its description: the candidate
-    with the best full-set metric when candidates were re-ranked, else the partial evaluation's best."""
+    with the best full-set metric when candidates were re-ranked, else the partial evaluation's best.
+    With evaluation.calibrate, its temperatures are fitted first (evaluation/calibration.py), so the
+    catalog's copy, the registered model and every prediction carry them."""
     best = checkpoint_manifest.get("best")
     if not best:
         raise ValueError("training produced no evaluated model: check training.eval_steps and max_steps")
@@ -85,6 +87,12 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
             "final_step": checkpoint_manifest.get("final_step"), "datasets": training_history.get("datasets"),
             "selected_by": how, "partial_best_step": best["step"], "full_value": chosen.get("full_value"),
             "best_model_reason": reason, "partial_best_reason": best.get("best_model_reason"), "candidates": candidates}
+    if parameters is not None and full_eval_set is not None:
+        cfg = ProjectConfig.from_params(parameters, check_files=False)
+        if cfg.evaluation.calibrate:
+            from food_multids.evaluation.calibration import calibrate_model
+
+            info["calibration"] = calibrate_model(cfg, path, full_eval_set)
     env = run_env()
     if env is not None:  # predict and full_eval name the env that made the model they are asked to read
         info["kedro_env"] = env

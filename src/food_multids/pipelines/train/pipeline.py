@@ -9,6 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
              outputs=["training_history", "checkpoint_manifest"], name="train_deepspeed"),
         Node(rerank_candidates, inputs=["checkpoint_manifest", "full_eval_set", "parameters"],
              outputs="candidate_evals", name="rerank_candidates"),
-        Node(select_best, inputs=["training_history", "checkpoint_manifest", "candidate_evals"],
+        Node(select_best, inputs=["training_history", "checkpoint_manifest", "candidate_evals", "full_eval_set",
+                                  "parameters"],
              outputs=["best_model", "best_model_info"], name="select_best"),
     ])
