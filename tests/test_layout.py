@@ -52,3 +52,83 @@ def test_the_top_level_helpers_import_no_package():
     helpers = {"config", "paths", "interrupts", "progress", "metrics"}
     for name in sorted(helpers):
         assert imported_packages(PACKAGE / f"{name}.py") <= helpers, name
+
+
+def module_graph(package: Path) -> dict[str, set[str]]:
+    """Every module of `package` -> the project modules it imports (top-level and inside functions; `from
+    food_multids.x import y` counts x.y when y is a module, else x)."""
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for p in package.rglob("*.py")}
+
+    def resolve(dotted: str) -> str | None:
+        parts = dotted.split(".")
+        while parts and ".".join(parts) not in modules:
+            parts.pop()
+        return ".".join(parts) or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(package.name):
+                targets |= {resolve(f"{node.module}.{a.name}") for a in node.names}
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_module_import_cycle_even_through_imports_inside_functions():
+    graph = module_graph(PACKAGE)
+    print(f"{len(graph)} modules, {sum(len(t) for t in graph.values())} project imports, "
+          f"{len(import_cycles(graph))} cycles")
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_check_sees_a_cycle_hidden_in_a_function(tmp_path):
+    package = tmp_path / "food_multids"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model/__init__.py").write_text("")
+    (package / "model/classifier.py").write_text("from food_multids.model.lora import ADAPTER_FILE\n")
+    (package / "model/lora.py").write_text("def export():\n    from food_multids.model.classifier import X\n")
+    (package / "model/export.py").write_text("from food_multids.model import lora\n")
+    assert import_cycles(module_graph(package)) == [["food_multids.model.classifier", "food_multids.model.lora"]]

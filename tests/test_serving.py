@@ -129,7 +129,7 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
 def test_a_failure_to_log_the_served_model_does_not_fail_the_finished_training(classifier_dir, tmp_path, caplog):
     import pandas as pd
 
-    from food_multids.pipelines.predict.nodes import log_served_model
+    from food_multids.pipelines.register.nodes import log_served_model
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = MlflowClient().create_experiment("x")

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_node_worker(args)
     if args.command == "describe":
         try:
-            print(describe_model(args.model, find_project_root()))
+            sys.stdout.write(describe_model(args.model, find_project_root()) + "\n")
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
         except click.ClickException as exc:  # a damaged MLflow store behind a models:/ URI
             parser.error(exc.format_message())
         return 0
     if args.command == "export":
-        from food_multids.model.lora import export_merged
+        from food_multids.model.export import export_merged
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:

@@ -1,16 +1,16 @@
-"""Pipelines: data, train (= data + training + the served model's logging), full_eval (= evaluation +
+"""Pipelines: data, train (= data + training + register: the served model logged and registered), full_eval (= evaluation +
 report), report, predict (new images through a trained model), __default__ (train + full_eval)."""
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from food_multids.pipelines import data, full_eval, predict, train
+from food_multids.pipelines import data, full_eval, predict, register, train
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     data_pipe = data.create_pipeline()
-    train_pipe = data_pipe + train.create_pipeline() + predict.create_logging_pipeline()
+    train_pipe = data_pipe + train.create_pipeline() + register.create_pipeline()
     eval_pipe = full_eval.create_pipeline()
     report_pipe = full_eval.create_report_pipeline()
     return {

@@ -12,10 +12,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from food_multids.config import ProjectConfig
 from food_multids.interrupts import RunInterrupted
 from food_multids.paths import find_project_root, resolve_path
+from food_multids.runtime.commands import deepspeed_launcher  # noqa: F401 - the launch's public name too
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -75,13 +74,6 @@ def uses_launcher(cfg: ProjectConfig, world: int) -> bool:
     return world > 1 or cfg.training.launch_mode() != "single"
 
 
-def deepspeed_launcher() -> str:
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    if launcher is None:
-        raise FileNotFoundError("the `deepspeed` launcher is not on PATH; install deepspeed in this environment")
-    return launcher
-
-
 def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
     cmd = [deepspeed_launcher(), "--num_gpus", str(world)]
     if cfg.training.hostfile:
@@ -113,10 +105,11 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
     if cfg.training.launch_mode() == "per_node":
-        from food_multids.runtime import nodes
+        from food_multids.runtime import node_supervisor, nodes
 
         try:
-            nodes.run_node_zero(cfg, nodes.resolve_plan(cfg, world), ["--module", module, "--spec", str(spec)], env)
+            node_supervisor.run_node_zero(cfg, nodes.resolve_plan(cfg, world), ["--module", module, "--spec", str(spec)],
+                                          env)
         except nodes.NodeFailure as exc:
             raise RuntimeError(f"multi-node launch failed: {exc}") from None
         return

@@ -6,22 +6,36 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 
+from food_multids.config import ProjectConfig
 from food_multids.interrupts import RunInterrupted
+from food_multids.runtime.commands import deepspeed_launcher
 from food_multids.runtime.files import write_json_atomic
-from food_multids.runtime.nodes import BEAT_S, NODE_DIR_ENV, SUPERVISOR_ENV, NodeFailure, NodePlan, read_json
+from food_multids.runtime.nodes import (
+    BEAT_S,
+    BOARD,
+    KEEP_LAUNCHES,
+    NODE_DIR_ENV,
+    SUPERVISOR_ENV,
+    NodeFailure,
+    NodePlan,
+    board_dir,
+    read_json,
+    session_id,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def launcher_argv(plan: NodePlan, node_dir: Path, node_rank: int, cmd_tail: list[str]) -> list[str]:
-    from food_multids.runtime.launch import deepspeed_launcher
-
     return [deepspeed_launcher(), "--hostfile", str(node_dir / "hostfile"), "--no_ssh", "--node_rank", str(node_rank),
             "--master_addr", plan.master_addr, "--master_port", str(plan.master_port),
             "--num_gpus", str(plan.procs_per_node), *cmd_tail]
@@ -226,3 +240,28 @@ class NodeSupervisor:
 
 def _ranks(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)
+
+
+def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: dict) -> None:
+    """Post a launch on the board, run node 0's share of it, and close the post."""
+    board = board_dir(cfg)
+    board.mkdir(parents=True, exist_ok=True)
+    launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    node_dir = board / launch_id
+    node_dir.mkdir()
+    for old in sorted(p for p in board.iterdir() if p.is_dir() and p != node_dir)[:-KEEP_LAUNCHES]:
+        shutil.rmtree(old, ignore_errors=True)  # heartbeats of launches long over
+    (node_dir / "hostfile").write_text(plan.hostfile_text())
+    post = {"state": "open", "id": launch_id, "session": session_id(board), "plan": asdict(plan), "cmd_tail": cmd_tail,
+            "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""), "posted_by": socket.gethostname(),
+            "timeouts": {"join_timeout_s": cfg.training.nodes.join_timeout_s,
+                         "lost_after_s": cfg.training.nodes.lost_after_s}}
+    supervisor = NodeSupervisor(node_dir, post, 0)
+    logger.info("Launch %s posted for %d more node(s) (food-multids node-worker --output-dir %s)",
+                launch_id, plan.num_nodes - 1, cfg.training.resolved_output_dir())
+    ok = False
+    try:
+        supervisor.run(env, on_started=lambda: write_json_atomic(board / BOARD, post))
+        ok = True
+    finally:
+        write_json_atomic(board / BOARD, {**post, "state": "closed", "ok": ok})

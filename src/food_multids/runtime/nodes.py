@@ -30,7 +30,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from food_multids.config import ProjectConfig
@@ -203,28 +203,3 @@ def exit_with_supervisor(poll_s: float = 2.0) -> None:
     threading.Thread(target=watch, name="exit-with-supervisor", daemon=True).start()
 
 
-def run_node_zero(cfg: ProjectConfig, plan: NodePlan, cmd_tail: list[str], env: dict) -> None:
-    """Post a launch on the board, run node 0's share of it, and close the post."""
-    board = board_dir(cfg)
-    board.mkdir(parents=True, exist_ok=True)
-    launch_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    node_dir = board / launch_id
-    node_dir.mkdir()
-    for old in sorted(p for p in board.iterdir() if p.is_dir() and p != node_dir)[:-KEEP_LAUNCHES]:
-        shutil.rmtree(old, ignore_errors=True)  # heartbeats of launches long over
-    (node_dir / "hostfile").write_text(plan.hostfile_text())
-    post = {"state": "open", "id": launch_id, "session": session_id(board), "plan": asdict(plan), "cmd_tail": cmd_tail,
-            "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""), "posted_by": socket.gethostname(),
-            "timeouts": {"join_timeout_s": cfg.training.nodes.join_timeout_s,
-                         "lost_after_s": cfg.training.nodes.lost_after_s}}
-    from food_multids.runtime.node_supervisor import NodeSupervisor
-
-    supervisor = NodeSupervisor(node_dir, post, 0)
-    logger.info("Launch %s posted for %d more node(s) (food-multids node-worker --output-dir %s)",
-                launch_id, plan.num_nodes - 1, cfg.training.resolved_output_dir())
-    ok = False
-    try:
-        supervisor.run(env, on_started=lambda: write_json_atomic(board / BOARD, post))
-        ok = True
-    finally:
-        write_json_atomic(board / BOARD, {**post, "state": "closed", "ok": ok})

@@ -2,9 +2,8 @@
 inference pipeline (decode_request -> predict) that every training run logs to MLflow."""
 
 from food_multids.pipelines.predict.pipeline import (
-    create_logging_pipeline,
     create_pipeline,
     create_serving_pipeline,
 )
 
-__all__ = ["create_logging_pipeline", "create_pipeline", "create_serving_pipeline"]
+__all__ = ["create_pipeline", "create_serving_pipeline"]

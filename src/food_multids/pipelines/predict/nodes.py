@@ -1,5 +1,4 @@
-"""predict nodes: ingest_images -> predict (files), decode_request -> predict (served requests), and
-log_served_model (the last step of training)."""
+"""predict nodes: ingest_images -> predict (files), decode_request -> predict_request (served requests)."""
 
 from __future__ import annotations
 
@@ -64,21 +63,3 @@ def decode_request(serving_request: pd.DataFrame, best_model: LoadedModel, predi
     """A served request's rows (base64 images, dataset names) -> records; any bad row fails the request."""
     cfg = PredictConfig.from_section(predict)
     return records_from_request(serving_request, best_model.label_spaces, cfg.max_image_pixels, cfg.max_request_pixels)
-
-
-def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dict) -> dict:
-    """Log the serving pipeline with this run's best model as an MLflow model and register it."""
-    from food_multids.serving import log_and_register
-
-    cfg = PredictConfig.from_section(predict)
-    if not cfg.log_model:
-        logger.info("predict.log_model is false: no MLflow model logged")
-        return {"logged": False}
-    example = str(full_eval_set["image"].iloc[0]), str(full_eval_set["dataset_name"].iloc[0])
-    try:
-        return log_and_register(Path(best_model), predict, example)
-    except Exception as exc:  # the training is done and its best model saved: this must not fail the run
-        logger.warning("The served model was not logged or registered (%s: %s); the best model is in the catalog: "
-                       "retry with food_multids.serving.log_and_register or `kedro run --pipelines train "
-                       "--from-nodes log_served_model`", type(exc).__name__, exc)
-        return {"logged": False, "error": f"{type(exc).__name__}: {exc}"}

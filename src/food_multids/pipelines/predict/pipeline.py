@@ -3,7 +3,6 @@ from kedro.pipeline import Node, Pipeline
 from food_multids.pipelines.predict.nodes import (
     decode_request,
     ingest_images,
-    log_served_model,
     predict,
     predict_request,
 )
@@ -26,12 +25,4 @@ def create_serving_pipeline(**kwargs) -> Pipeline:
              name="decode_request"),
         Node(predict_request, inputs=["best_model", "served_records", "params:predict"],
              outputs="served_predictions", name="predict_request"),
-    ])
-
-
-def create_logging_pipeline(**kwargs) -> Pipeline:
-    """The end of every training run: the serving pipeline + best model as an MLflow model, registered."""
-    return Pipeline([
-        Node(log_served_model, inputs=["best_model", "full_eval_set", "params:predict"], outputs="registered_model",
-             name="log_served_model"),
     ])
