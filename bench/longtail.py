@@ -42,7 +42,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def long_tail(root: Path) -> dict[str, int]:
     """The demo's generators, then each training file cut to the exponential profile. Returns max/min per set."""
-    from food_multids.demo import write_digits, write_shapes
+    from food_multids.data.demo import write_digits, write_shapes
 
     write_digits(root, per_class_train=60, per_class_val=20, seed=5)
     write_shapes(root, per_class_train=20, per_class_val=4, seed=6)

@@ -76,7 +76,7 @@ def demo_set(out: Path) -> dict:
 
 
 def generated_set(root: Path, out: Path) -> dict:
-    from food_multids.demo import write_digits, write_shapes
+    from food_multids.data.demo import write_digits, write_shapes
 
     write_digits(root, per_class_train=60, per_class_val=20, seed=5)
     write_shapes(root, per_class_train=5, per_class_val=3, seed=6)

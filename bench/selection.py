@@ -33,7 +33,7 @@ import yaml
 
 from food_multids.config import ProjectConfig
 from food_multids.data.tables import partial_eval_subset, stratified_subset
-from food_multids.metrics import stratified_summary
+from food_multids.helpers.metrics import stratified_summary
 from food_multids.training.selection import BestModelSelector, metric_rows
 
 ROOT = Path(__file__).resolve().parents[1]

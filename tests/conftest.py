@@ -134,7 +134,7 @@ def family_model_dir(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    from food_multids.demo import write_demo
+    from food_multids.data.demo import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo") / "demo")
 

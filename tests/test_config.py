@@ -127,7 +127,7 @@ def test_project_defaults_parse(base_params, demo_root, monkeypatch):
 def test_the_gpu_environment_parses(base_params):
     import yaml
 
-    from food_multids.config_loader import layer_parameters
+    from food_multids.framework.config_loader import layer_parameters
     from tests.conftest import REPO
 
     gpu = yaml.safe_load((REPO / "conf/gpu/parameters.yml").read_text())
@@ -226,7 +226,7 @@ def test_a_config_error_names_the_environments_files():
 def test_every_gpu_preset_parses_on_top_of_base(base_params, env):
     import yaml
 
-    from food_multids.config_loader import layer_parameters
+    from food_multids.framework.config_loader import layer_parameters
     from tests.conftest import REPO
 
     preset = yaml.safe_load((REPO / "conf" / env / "parameters.yml").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from food_multids.config_loader import layer_parameters, merge_mappings
+from food_multids.framework.config_loader import layer_parameters, merge_mappings
 
 SEED = """
 model:
@@ -60,7 +60,7 @@ def write_conf(root, files: dict[str, str]):
 
 
 def loader(conf, env, runtime=None):
-    from food_multids.config_loader import LayeredConfigLoader
+    from food_multids.framework.config_loader import LayeredConfigLoader
 
     return LayeredConfigLoader(str(conf), env=env, runtime_params=runtime or {}, base_env="base",
                                default_run_env="local")
@@ -100,7 +100,7 @@ def test_an_override_inside_a_file_path_is_refused_not_applied(tmp_path):
 def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
     import pytest
 
-    from food_multids.config_loader import ConfigFileError
+    from food_multids.framework.config_loader import ConfigFileError
 
     conf = write_conf(tmp_path, {"base/parameters.yml": BASE,
                                  "bad/parameters.yml": "model:\n  num_labels: 4\n   prompt: [\n"})
@@ -125,8 +125,8 @@ def test_the_predict_inputs_are_replaced_as_one_pair_by_an_env_or_the_command_li
 def test_a_yaml_error_in_a_config_file_names_the_users_file_not_the_temporary_link(tmp_path):
     import pytest
 
-    from food_multids.config_loader import ConfigFileError
     from food_multids.console import config_as_env
+    from food_multids.framework.config_loader import ConfigFileError
 
     root = tmp_path / "project"
     write_conf(root, {"base/parameters.yml": BASE})

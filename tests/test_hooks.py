@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from food_multids.hooks import MlflowStoreError, check_sqlite_store
+from food_multids.framework.hooks import MlflowStoreError, check_sqlite_store
 from food_multids.training.checkpoint import complete_checkpoints
 from tests.conftest import KEDRO, kedro, kedro_env
 
@@ -88,7 +88,7 @@ def test_a_pinned_best_model_brings_the_history_and_info_of_its_own_run(tmp_path
 
     from kedro.io import DataCatalog
 
-    from food_multids.hooks import pin_companions
+    from food_multids.framework.hooks import pin_companions
 
     conf = {name: {"type": "json.JSONDataset", "filepath": f"data/{name}.json", "versioned": True}
             for name in ("training_history", "best_model_info", "checkpoint_manifest")}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, top_k_accuracy_score
 
-from food_multids.metrics import (
+from food_multids.helpers.metrics import (
     choose_best,
     macro_f1,
     stratified_mean_se,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from food_multids.mlflow_runs import run_details, run_name
+from food_multids.framework.mlflow_runs import run_details, run_name
 
 
 def test_runs_that_differ_only_by_params_get_different_names():

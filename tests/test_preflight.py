@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from food_multids.preflight import (
+from food_multids.framework.preflight import (
     PreflightError,
     RunPlan,
     check_model_source,

@@ -25,7 +25,7 @@ from food_multids.inference.inputs import records_from_files
 from food_multids.inference.model import load_model
 from food_multids.inference.predict import predict_records
 from food_multids.inference.source import local_model_dir
-from food_multids.serving import log_and_register
+from food_multids.pipelines.predict.serving import log_and_register
 from tests.conftest import BIN, free_port, write_image
 from tests.inference.test_inputs import BAD
 from tests.pipelines.predict.test_pipeline import PREDICT
@@ -146,9 +146,9 @@ def load_served(classifier_dir, folder: Path, **settings):
     """The served model saved and loaded as `mlflow models serve` loads it: (pyfunc model, ServedClassifier)."""
     from kedro.io import DataCatalog, MemoryDataset
 
-    from food_multids.datasets import LoadedModelDataset
+    from food_multids.catalog import LoadedModelDataset
     from food_multids.pipelines.predict.pipeline import create_serving_pipeline
-    from food_multids.serving import INPUT_NAME, ServedClassifier, signature
+    from food_multids.pipelines.predict.serving import INPUT_NAME, ServedClassifier, signature
 
     predict = {**PREDICT, "serve_max_batch": 16, "serve_max_wait_ms": 5.0, "serve_max_queue": 256, **settings}
     catalog = DataCatalog({"best_model": LoadedModelDataset(str(classifier_dir), "cpu"),
@@ -285,7 +285,7 @@ def test_a_request_larger_than_a_batch_is_split_and_comes_back_in_order():
 
 
 def test_a_server_may_change_the_batching_settings_through_the_environment(monkeypatch):
-    from food_multids.serving import serving_settings
+    from food_multids.pipelines.predict.serving import serving_settings
 
     assert serving_settings(PREDICT).serve_batching is True  # the registered settings (defaults here)
     monkeypatch.setenv("FOOD_MULTIDS_SERVE_MAX_BATCH", "64")
@@ -346,7 +346,7 @@ def test_each_env_registers_its_own_tagged_name_and_a_task_switch_is_warned(clas
     from food_multids.console import describe_model
     from food_multids.framework.run_context import set_run_env
     from food_multids.model.classifier import CLASSIFIER_FILE
-    from food_multids.serving import registered_name, tag_final_accuracy
+    from food_multids.pipelines.predict.serving import registered_name, tag_final_accuracy
 
     assert registered_name({"registered_model_name": None}, "local")[0] == "food_multids"
     assert registered_name({"registered_model_name": None}, "base")[0] == "food_multids"

@@ -4,9 +4,9 @@ from food_multids.framework.quiet import quiet_third_party_imports
 
 quiet_third_party_imports()  # before the other imports: Kedro imports this module before the plugins load
 
-from food_multids.config_loader import LayeredConfigLoader  # noqa: E402
-from food_multids.hooks import PreflightHooks, ProjectHooks  # noqa: E402
-from food_multids.paths import find_project_root  # noqa: E402
+from food_multids.config.paths import find_project_root  # noqa: E402
+from food_multids.framework.config_loader import LayeredConfigLoader  # noqa: E402
+from food_multids.framework.hooks import PreflightHooks, ProjectHooks  # noqa: E402
 
 
 def _project_root(*_: object) -> str:

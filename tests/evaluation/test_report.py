@@ -8,8 +8,8 @@ import re
 import pandas as pd
 
 from food_multids.config import ProjectConfig
-from food_multids.evaluation.build_report import Provenance, build_report, git_commit, per_class_table
-from food_multids.evaluation.report import table_markdown
+from food_multids.report.build import Provenance, build_report, git_commit, per_class_table
+from food_multids.report.figures import table_markdown
 from tests.conftest import with_overrides
 
 
@@ -100,7 +100,7 @@ def test_the_git_commit_is_read_when_there_is_a_checkout(tmp_path):
 
 
 def test_the_configuration_says_the_finetuning_mode_and_the_trained_share(two_datasets):
-    from food_multids.evaluation.build_report import finetuning_summary
+    from food_multids.report.build import finetuning_summary
 
     full = ProjectConfig.from_params(two_datasets)
     assert finetuning_summary(full, {}) == "full"
@@ -163,7 +163,7 @@ def test_an_adaptive_run_shows_its_mix_weights_beside_the_losses(two_datasets, t
 
 
 def test_the_highest_loss_thumbnails_take_every_dataset_in_turn(tmp_path):
-    from food_multids.evaluation.report import thumbnails_html
+    from food_multids.report.figures import thumbnails_html
     from tests.conftest import write_image
 
     rows = [{"dataset_name": "alpha", "label": 0, "prediction": 1, "loss": 9.0 - i, "confidence": 0.9,
@@ -178,7 +178,7 @@ def test_the_highest_loss_thumbnails_take_every_dataset_in_turn(tmp_path):
 
 
 def test_the_trust_section_of_a_loss_metric_has_no_accuracy_columns_and_says_which_way_the_gap_goes(two_datasets):
-    from food_multids.evaluation.build_report import trust_tables
+    from food_multids.report.build import trust_tables
 
     history = {"best_model_selection": "point", "records": [
         {"step": 10, "kind": "eval", "improved": True, "reason": "first evaluation",

@@ -73,7 +73,7 @@ def test_a_request_without_the_image_column_is_refused():
 
 
 def test_an_empty_request_says_it_has_no_rows_and_the_schema_lets_it_through():
-    from food_multids.serving import signature
+    from food_multids.pipelines.predict.serving import signature
 
     with pytest.raises(BadRequest, match="the request has no rows"):
         records_from_request(pd.DataFrame(), SPACES, 1_000_000)  # {"dataframe_records": []}
@@ -85,7 +85,7 @@ def test_an_empty_request_says_it_has_no_rows_and_the_schema_lets_it_through():
 def test_mlflows_schema_check_lets_wrongly_typed_rows_reach_our_message():
     from mlflow.models.utils import _enforce_schema
 
-    from food_multids.serving import signature
+    from food_multids.pipelines.predict.serving import signature
 
     request = pd.DataFrame({"image": [12345, b64(png_bytes())], "dataset_name": ["digits", 7]})
     passed = _enforce_schema(request, signature().inputs)  # a typed schema raises "Failed to enforce schema of data"

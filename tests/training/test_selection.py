@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 
-from food_multids.metrics import stratified_summary
+from food_multids.helpers.metrics import stratified_summary
 from food_multids.training.selection import BestModelSelector, metric_rows
 
 NAMES = ("a", "b")

@@ -9,7 +9,7 @@ import torch
 
 from food_multids.config import ProjectConfig
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
-from food_multids.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
+from food_multids.helpers.metrics import format_eval_lines, format_train_lines, is_improvement, summarize
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.engine import lr_lambda, resolve_deepspeed_config
 from tests.conftest import with_overrides
@@ -29,7 +29,7 @@ def test_a_dataset_absent_from_the_window_is_not_reported_as_zero():
 
 
 def test_the_compact_train_line_holds_every_dataset_in_one_line():
-    from food_multids.metrics import format_train_line
+    from food_multids.helpers.metrics import format_train_line
 
     m = summarize([0.5234 * 1024, 0], [0.8567 * 1024, 0], [1024, 0], ["food101", "food2k"])  # food2k not in the window
     m.update(learning_rate=2e-5, images_per_second=123.45, food101_share=1.0)

@@ -1,4 +1,4 @@
-from food_multids.datasets.loaded_model import LoadedModelDataset
-from food_multids.datasets.model_dir import ModelDirectoryDataset
+from food_multids.catalog.loaded_model import LoadedModelDataset
+from food_multids.catalog.model_dir import ModelDirectoryDataset
 
 __all__ = ["LoadedModelDataset", "ModelDirectoryDataset"]

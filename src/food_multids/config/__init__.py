@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from food_multids.paths import find_project_root, resolve_path
+from food_multids.config.paths import find_project_root, resolve_path
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 PILLOW_BOMB_LIMIT = 2 * (1024 * 1024 * 1024 // 4 // 3)  # Pillow's Image.MAX_IMAGE_PIXELS x 2: it raises past that

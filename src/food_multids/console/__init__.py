@@ -14,9 +14,9 @@ from pathlib import Path
 
 import click
 
-from food_multids import predict_cli
+from food_multids.config.paths import find_project_root
+from food_multids.console import predict as predict_cli
 from food_multids.model.backbones import SUPPORTED
-from food_multids.paths import find_project_root
 
 DEMO_DATA = Path("data/01_raw/demo")
 TINY_MODEL = Path("data/06_models/tiny_qwen2_5_vl")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_with_config(PIPELINE_COMMANDS[args.command], args.config, args.params)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from food_multids.demo import write_demo
+    from food_multids.data.demo import write_demo
     from food_multids.model.tiny import build_tiny_model_dir
 
     if args.command == "demo":
@@ -124,7 +124,7 @@ def describe_model(spec: str, root: Path) -> str:
     if spec.startswith("models:/"):
         from mlflow.tracking import MlflowClient
 
-        from food_multids.serving import TAG
+        from food_multids.pipelines.predict.serving import TAG
 
         name, _, wanted = spec[len("models:/"):].partition("/")
         client = MlflowClient()
@@ -139,8 +139,8 @@ def describe_model(spec: str, root: Path) -> str:
 
 
 def run_node_worker(args: argparse.Namespace) -> int:
-    from food_multids.interrupts import RunInterrupted, raise_on_signals
-    from food_multids.paths import resolve_path
+    from food_multids.config.paths import resolve_path
+    from food_multids.helpers.interrupts import RunInterrupted, raise_on_signals
     from food_multids.runtime.node_worker import resolve_node_rank, serve_launches
     from food_multids.runtime.nodes import NodeFailure
 

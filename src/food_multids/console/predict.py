@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from food_multids.paths import find_project_root, resolve_path
+from food_multids.config.paths import find_project_root, resolve_path
 
 BEST_MODEL = Path("data/06_models/best_model")
 
@@ -75,7 +75,7 @@ def resolve_model(spec: str, root: Path) -> Path:
             raise FileNotFoundError(f"best_model has no version {wanted!r}; the versions are: {', '.join(found)}")
         return versions / (wanted or found[-1]) / "best_model"
     if spec.startswith(("models:/", "runs:/")):
-        from food_multids.hooks import check_sqlite_store, sqlite_path
+        from food_multids.framework.hooks import check_sqlite_store, sqlite_path
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from food_multids.config import DatasetSpec, ProjectConfig
-from food_multids.paths import resolve_path
+from food_multids.config.paths import resolve_path
 
 
 class LabelNameError(ValueError):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from food_multids.progress import progress
+from food_multids.helpers.progress import progress
 
 PROBLEM_COLUMNS = ["split", "file", "line", "reason", "detail"]
 MAX_LISTED_PROBLEMS = 20

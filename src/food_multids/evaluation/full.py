@@ -11,8 +11,14 @@ import numpy as np
 import pandas as pd
 
 from food_multids.config import ProjectConfig
+from food_multids.helpers.metrics import (
+    format_eval_lines,
+    full_set_intervals,
+    macro_f1,
+    summarize,
+    topk_accuracy,
+)
 from food_multids.inference.model import load_model, run_model
-from food_multids.metrics import format_eval_lines, full_set_intervals, macro_f1, summarize, topk_accuracy
 from food_multids.model.classifier import (
     CLASSIFIER_FILE,
     TRAINING_INFO,

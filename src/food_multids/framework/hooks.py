@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from kedro.framework.hooks import hook_impl
 
-from food_multids.interrupts import RunInterrupted, raise_on_signals
+from food_multids.helpers.interrupts import RunInterrupted, raise_on_signals
 from food_multids.runtime.nodes import finish_sessions
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,8 @@ class PreflightHooks:
     def before_pipeline_run(self, run_params: dict, pipeline, catalog) -> None:
         from kedro.framework.project import pipelines
 
+        from food_multids.framework.preflight import PreflightError, RunPlan, check_run, makers_of
         from food_multids.framework.run_context import set_run_env
-        from food_multids.preflight import PreflightError, RunPlan, check_run, makers_of
 
         env = run_params.get("env") or "local"
         set_run_env(env)
@@ -179,7 +179,7 @@ def pin_companions(catalog, conf_catalog: dict, load_versions: dict, save_versio
 def use_predict_model(catalog, params: dict) -> list[str]:
     """predict.model set: the predict pipeline reads that folder or MLflow model instead of the catalog's
     versioned best_model. Returns the problem, if any."""
-    from food_multids.datasets import ModelDirectoryDataset
+    from food_multids.catalog import ModelDirectoryDataset
     from food_multids.inference.source import local_model_dir
 
     source = (params.get("predict") or {}).get("model") if isinstance(params, dict) else None
@@ -227,7 +227,7 @@ class ProjectHooks:
         run = mlflow.active_run()
         self._run_id = run.info.run_id if run else None
         if self._run_id:
-            from food_multids.mlflow_runs import describe_run
+            from food_multids.framework.mlflow_runs import describe_run
 
             try:
                 describe_run(self._run_id, run_params, {n.name for n in pipeline.nodes}, catalog)

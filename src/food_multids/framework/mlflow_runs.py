@@ -76,7 +76,7 @@ def describe_run(run_id: str, run_params: dict, node_names: set[str], catalog) -
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from food_multids.paths import resolve_path
+    from food_multids.config.paths import resolve_path
 
     client = MlflowClient()
     info = recorded_training_info(catalog, node_names)

@@ -24,8 +24,8 @@ from food_multids.config import (
     env_parameters_files,
     parameters_source,
 )
+from food_multids.config.paths import resolve_path
 from food_multids.model.backbones import SUPPORTED as SUPPORTED_MODEL_TYPES
-from food_multids.paths import resolve_path
 
 DEMO_MODEL = ModelConfig.__dataclass_fields__["name_or_path"].default
 DEMO_ENVS = ("base", "local")
@@ -304,7 +304,7 @@ def env_model_setting(env: str, conf_source: str | None = None) -> Path | None:
     """The model.name_or_path the env's own parameters files set (resolved), or None."""
     import yaml
 
-    from food_multids.paths import find_project_root
+    from food_multids.config.paths import find_project_root
 
     folder = (Path(conf_source) if conf_source else find_project_root() / "conf") / env
     for path in sorted(folder.glob("parameters*")) if folder.is_dir() else []:

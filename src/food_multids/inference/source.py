@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from food_multids.paths import resolve_path
+from food_multids.config.paths import resolve_path
 
 
 def local_model_dir(source: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from food_multids.config import ProjectConfig
-from food_multids.evaluation.report import (
+from food_multids.report.figures import (
     NOT_DEFINED,
     Report,
     adaptive_mix_figure,

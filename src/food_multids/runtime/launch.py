@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 
 from food_multids.config import ProjectConfig
-from food_multids.interrupts import RunInterrupted
-from food_multids.paths import find_project_root, resolve_path
+from food_multids.config.paths import find_project_root, resolve_path
+from food_multids.helpers.interrupts import RunInterrupted
 from food_multids.runtime.commands import deepspeed_launcher  # noqa: F401 - the launch's public name too
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from food_multids.config import ProjectConfig
-from food_multids.interrupts import RunInterrupted
+from food_multids.helpers.interrupts import RunInterrupted
 from food_multids.runtime.commands import deepspeed_launcher
 from food_multids.runtime.files import write_json_atomic
 from food_multids.runtime.nodes import (

@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from food_multids.paths import find_project_root
+from food_multids.config.paths import find_project_root
 from food_multids.runtime.launch import launcher_env
 from food_multids.runtime.node_supervisor import NodeSupervisor
 from food_multids.runtime.nodes import BOARD, NodeFailure, NodePlan, env_node_rank, read_json

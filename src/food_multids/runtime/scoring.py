@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from food_multids.progress import progress
+from food_multids.helpers.progress import progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "num_classes", "position_ids")
 

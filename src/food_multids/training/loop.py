@@ -23,20 +23,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from food_multids.config import ProjectConfig
+from food_multids.config.paths import resolve_path
 from food_multids.data.adaptive_mix import AdaptiveMix
 from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.labels import resolve_label_names
 from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
 from food_multids.data.tables import partial_eval_subset
-from food_multids.interrupts import StopFlag, TrainingInterrupted
-from food_multids.metrics import (
+from food_multids.helpers.interrupts import StopFlag, TrainingInterrupted
+from food_multids.helpers.metrics import (
     format_eval_lines,
     format_train_line,
     format_train_lines,
     stratified_summary,
     summarize,
 )
+from food_multids.helpers.progress import progress
 from food_multids.model.classifier import (
     TRAINING_INFO,
     ClassifierMeta,
@@ -47,8 +49,6 @@ from food_multids.model.classifier import (
 from food_multids.model.factory import load_tokenizer, resolve_dtype
 from food_multids.model.lora import apply_lora
 from food_multids.model.speedups import prepare_model
-from food_multids.paths import resolve_path
-from food_multids.progress import progress
 from food_multids.runtime.device import init_distributed, resolve_device
 from food_multids.runtime.files import fsync_tree, write_json_atomic
 from food_multids.runtime.scoring import (

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from food_multids.interrupts import RunInterrupted
+from food_multids.helpers.interrupts import RunInterrupted
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from food_multids.metrics import (
+from food_multids.helpers.metrics import (
     Rule,
     choose_best,
     sampled_fractions,

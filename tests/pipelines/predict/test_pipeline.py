@@ -191,7 +191,7 @@ def corrupt_png(path: Path, colour: tuple[int, int, int]) -> Path:
 
 
 def test_a_batch_whose_every_image_fails_to_decode_leaves_the_good_rows_predicted(classifier_dir, tmp_path):
-    from food_multids.predict_cli import format_table
+    from food_multids.console.predict import format_table
 
     folder = tmp_path / "photos"
     for i in range(8):  # sorted first: exactly one batch of 8 corrupt images

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from food_multids.config import ProjectConfig, recorded_config
-from food_multids.evaluation.build_report import Provenance, build_report, git_commit
+from food_multids.config.paths import find_project_root, resolve_path
 from food_multids.evaluation.full import check_model_dir, evaluate_saved_model, read_model_info
-from food_multids.paths import find_project_root, resolve_path
+from food_multids.report.build import Provenance, build_report, git_commit
 from food_multids.tracking import log_once
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     log_once(cfg, {f"final_eval_{k}": v for k, v in metrics.items()}, step, info.get("mlflow_run_id"))
     tagged = []
     if mlflow_active():  # the registered versions of the training run say how good they are
-        from food_multids.serving import tag_final_accuracy
+        from food_multids.pipelines.predict.serving import tag_final_accuracy
 
         tagged = tag_final_accuracy(info.get("mlflow_run_id"), metrics)
     if tagged:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from food_multids.config import PredictConfig, ProjectConfig
+from food_multids.config.paths import resolve_path
 from food_multids.inference.inputs import BadRequest, list_images, records_from_files, records_from_request
 from food_multids.inference.model import LoadedModel
 from food_multids.inference.predict import predict_records, predict_with_processes
 from food_multids.model.classifier import label_spaces_of
-from food_multids.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from kedro.io import DataCatalog, MemoryDataset
 
+from food_multids.catalog import LoadedModelDataset
 from food_multids.config import ConfigError, PredictConfig
-from food_multids.datasets import LoadedModelDataset
 from food_multids.inference.batching import MicroBatcher, QueueFull
 from food_multids.inference.inputs import BadRequest
 

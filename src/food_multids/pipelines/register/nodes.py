@@ -1,4 +1,4 @@
-"""register node: log_served_model, the train pipeline's last step (the served model, food_multids.serving,
+"""register node: log_served_model, the train pipeline's last step (the served model, food_multids.pipelines.predict.serving,
 runs the predict pipeline's serving nodes: it sits above both, and the predict nodes import neither)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dict) -> dict:
     """Log the serving pipeline with this run's best model as an MLflow model and register it."""
-    from food_multids.serving import log_and_register
+    from food_multids.pipelines.predict.serving import log_and_register
 
     cfg = PredictConfig.from_section(predict)
     if not cfg.log_model:
@@ -26,6 +26,6 @@ def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dic
         return log_and_register(Path(best_model), predict, example)
     except Exception as exc:  # the training is done and its best model saved: this must not fail the run
         logger.warning("The served model was not logged or registered (%s: %s); the best model is in the catalog: "
-                       "retry with food_multids.serving.log_and_register or `kedro run --pipelines train "
+                       "retry with food_multids.pipelines.predict.serving.log_and_register or `kedro run --pipelines train "
                        "--from-nodes log_served_model`", type(exc).__name__, exc)
         return {"logged": False, "error": f"{type(exc).__name__}: {exc}"}

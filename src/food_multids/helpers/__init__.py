@@ -1,0 +1,1 @@
+"""Leaf helpers that import nothing of the project: metrics, progress bars, signal handling."""
