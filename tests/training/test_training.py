@@ -125,6 +125,33 @@ def test_each_training_loss_learns_and_logs_its_objective_beside_the_plain_loss(
     assert final["alpha_accuracy"] >= 0.9, final  # chance: 1/3
 
 
+def test_the_weight_average_is_what_evaluation_scores_and_the_best_model_saves(base_params, tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    for name, n in (("alpha", 3),):
+        for split in ("train", "val"):
+            make_separable_dataset(tmp_path / "data", name, n, per_class=6, split=split)
+    params = copy.deepcopy(base_params)
+    params["model"].update(name_or_path=str(tiny_model_dir), num_labels=3)
+    params["data"].update(train_jsonl_list=[str(tmp_path / "data/alpha/train.jsonl")],
+                          val_jsonl_list=[str(tmp_path / "data/alpha/val.jsonl")])
+    params["datasets"]["dataset_configs"] = {"alpha": {"num_classes": 3, "eval_ratio": 1.0}}
+    params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", per_device_train_batch_size=6,
+                              max_steps=40, logging_steps=20, eval_steps=40, save_steps=40,
+                              ema={"decay": 0.8, "start_step": 5})
+    history, manifest = train_deepspeed(*data_nodes(params), params)
+    final = [r["metrics"] for r in history["records"] if r["kind"] == "eval"][-1]
+    assert final["alpha_accuracy"] >= 0.9, final  # the average of a converging run still separates
+    checkpoint = Path(manifest["checkpoints"][-1]["path"])
+    state = torch.load(next(checkpoint.glob("*model_states.pt")), weights_only=False)
+    assert state["ema"]["averaged_steps"] == 40 - 5
+    raw_head = state["module"]["head.weight"]
+    best_head = load_file(Path(manifest["best"]["path"]) / "classifier_head.safetensors")["weight"]
+    assert not torch.allclose(best_head, raw_head)  # the best model is not the trained weights ...
+    assert any(s.shape == best_head.shape and torch.allclose(s, best_head) for s in state["ema"]["shadow"])  # ... but their average
+
+
 def test_minimised_metric_and_early_stopping(demo_params):
     # learning_rate 0 forces a plateau on every machine: the weights never move, so every partial
     # evaluation gives the same loss, the first one stays the best and patience runs out two evals later.
@@ -228,8 +255,10 @@ def test_resume_after_sigkill_or_sigterm_ends_with_the_same_metrics(demo_params,
     params["data"].update(mix_strategy="weighted")
     params["datasets"]["dataset_configs"]["digits"]["weight"] = 1.0
     params["datasets"]["dataset_configs"]["shapes"]["weight"] = 2.0
+    # With a weight average that the evaluations use: its state must come back exactly too (the partial
+    # evaluations compared below score the average). Resume without it: the adaptive-mixing test below.
     params["training"].update(num_train_epochs=3, logging_steps=6, eval_steps=12, save_steps=15,
-                              output_dir=str(tmp_path / "straight"))
+                              output_dir=str(tmp_path / "straight"), ema={"decay": 0.9, "start_step": 4})
     straight = run_driver(params, tmp_path, "straight")
     total = straight["manifest"]["total_steps"]
 

@@ -280,6 +280,21 @@ class LossSettings:
 
 
 @dataclass(frozen=True)
+class EmaSettings:
+    """`training.ema:` an exponential moving average of the weights that train (training/ema.py)."""
+
+    decay: float = 0.999
+    start_step: int = 0        # the average follows the weights until this optimizer step
+    evaluate: bool = True      # partial evaluations, the best-model choice and its save use the average
+
+    def validate(self, problems: _Problems, path: str = "training.ema") -> None:
+        if isinstance(self.decay, float) and not 0 < self.decay < 1:
+            problems.add(f"{path}.decay", f"must be in (0, 1), e.g. 0.999, got {self.decay}")
+        if isinstance(self.start_step, int) and self.start_step < 0:
+            problems.add(f"{path}.start_step", f"must be >= 0, got {self.start_step}")
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
 
@@ -450,6 +465,7 @@ class TrainConfig:
     progress_bar: Literal["auto", "always", "never"] = "auto"
     log_format: Literal["compact", "seed"] = "compact"   # seed: the original trainer's lines per dataset
     loss: LossSettings = LossSettings()
+    ema: EmaSettings | None = None   # null: no weight average
 
     def validate(self, problems: _Problems) -> None:
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -725,6 +741,13 @@ class ProjectConfig:
                              f"produce: {hint}choose one of {', '.join(allowed)}")
         if training is not None and isinstance(training.loss, LossSettings):
             training.loss.validate(problems, datasets)
+        if training is not None and isinstance(training.ema, EmaSettings):
+            training.ema.validate(problems)
+            stage = (deepspeed.get("zero_optimization") or {}).get("stage") if isinstance(deepspeed, dict) else None
+            if stage == 3:
+                problems.add("training.ema", "is not supported with ZeRO-3: the parameters are partitioned across "
+                                             "ranks, so no rank holds the weights to average; use ZeRO-2 or set "
+                                             "training.ema: null")
         if data is not None and isinstance(data.mix_adaptive, MixAdaptiveSettings):
             data.mix_adaptive.validate(problems, len(datasets))
             if data.mix_strategy == "adaptive" and data.mix_adaptive.signal == "eval_loss" and training is not None \

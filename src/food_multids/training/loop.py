@@ -6,6 +6,7 @@ optimizer step goes through `_after_step` (log -> evaluate -> checkpoint -> stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,6 +63,7 @@ from food_multids.runtime.scoring import (
 )
 from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
+from food_multids.training.ema import WeightAverage
 from food_multids.training.engine import create_engine, resolve_deepspeed_config
 from food_multids.training.losses import Objective, class_counts, weight_table
 from food_multids.training.output_dir import OutputDirError, reporting_write_failure
@@ -151,6 +153,7 @@ class Trainer:
         self.global_step, self.micro_step, self.epoch, self.batch_in_epoch = 0, 0, 0, 0
         # Training metrics since the last logging step (a checkpoint carries them: exact resume).
         self.objective = build_objective(cfg, train, self.device)
+        self.ema: WeightAverage | None = None  # training.ema, built with the engine
         fields = TRAIN_SUMS + (("objective",) if self.objective is not None else ())
         self.window = PerDatasetSums(fields, len(self.names), self.device)
         self.evals_without_improvement, self.eval_count = 0, 0
@@ -222,6 +225,11 @@ class Trainer:
         ds_config = resolve_deepspeed_config(cfg, self.world, self.dtype)
         self.engine, self.optimizer, self.scheduler = create_engine(model, cfg, ds_config, self.total_steps, self.device)
         self.zero_stage = ds_config["zero_optimization"].get("stage", 0)
+        if self.t.ema is not None:
+            if self.zero_stage == 3:
+                raise ValueError("params:training.ema is not supported with ZeRO-3 (the parameters are partitioned); "
+                                 "use ZeRO-2 or set training.ema: null")
+            self.ema = WeightAverage(self.engine.module, self.t.ema.decay, self.t.ema.start_step)
         if self.is_main:
             logger.info("Training %s on %s (%d process(es), ZeRO-%d, %s): %d optimizer steps, %d trainable parameters, "
                         "epoch = %d micro-batches of %d per process; target mix %s; %s", self.model_path.name,
@@ -298,6 +306,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), **self.selector.state(),
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
                 "mix_schedule": self.mix_schedule, "adaptive_mix": self.adaptive.state() if self.adaptive else None,
+                "ema": self.ema.state() if self.ema is not None else None,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                  "python": random.getstate(),
                                                  # dropout (LoRA) on a GPU draws from the device's generator
@@ -317,6 +326,11 @@ class Trainer:
         self.mix_schedule = [tuple(entry) for entry in state.get("mix_schedule") or []]
         if self.adaptive is not None and state.get("adaptive_mix"):
             self.adaptive.load_state(state["adaptive_mix"])
+        if self.ema is not None:
+            if not state.get("ema"):
+                raise ValueError(f"training.ema is set but the checkpoint {source} holds no weight average (it was "
+                                 "written without training.ema): resume without it, or start fresh")
+            self.ema.load_state(state["ema"])
         self.sampler.set_schedule(self.mix_schedule)
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
@@ -363,6 +377,8 @@ class Trainer:
                 self.batch_in_epoch += 1
                 if self.micro_step % self.t.gradient_accumulation_steps == 0:
                     self.global_step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.global_step)
                     if bar is not None:
                         bar.update(1)
                     done = self._after_step(bar)
@@ -385,7 +401,9 @@ class Trainer:
         if step % self.t.logging_steps == 0 or last:
             self._log_train_window(bar)
         if step % self.t.eval_steps == 0 or last:
-            self._evaluate_and_track()
+            averaged = self.ema is not None and self.t.ema.evaluate
+            with self.ema.applied() if averaged else contextlib.nullcontext():  # the save of a new best too
+                self._evaluate_and_track()
         saved = step % self.t.save_steps == 0 or last
         if saved:
             self._save_checkpoint()
