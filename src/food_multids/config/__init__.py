@@ -192,9 +192,6 @@ def _build(cls: type, section: Any, path: str, problems: _Problems, skip: tuple[
         return None
 
 
-LORA_PARTS = ("language", "vision")
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     """`model.lora:` low-rank adapters (peft) on the Linear layers of the chosen backbone parts."""

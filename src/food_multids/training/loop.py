@@ -499,10 +499,7 @@ class Trainer:
                                      self.cfg.evaluation.confidence, self.proportional)
         if not self.cfg.model.enable_logits_masking:
             metrics["out_of_range_predictions"] = float(out.out_of_range)
-        key = self.t.metric_for_best_model
-        if key not in metrics:
-            raise ValueError(f"params:training.metric_for_best_model is {key!r}, which evaluation does not produce; "
-                             f"choose one of {sorted(k for k in metrics if not k.endswith('_samples'))}")
+        key = self.t.metric_for_best_model  # one the evaluation produces: ProjectConfig checked it
         rows = self._metric_rows(out)
         if strategy == "fresh" and self.t.best_model_selection == "paired" and rows is not None:
             # A fresh draw gives the unbiased curve, but two checkpoints are compared on the same images:
