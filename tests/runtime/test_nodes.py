@@ -307,8 +307,8 @@ def test_the_readme_recipes_use_settings_and_flags_the_code_has(base_params):
     recipes = re.findall(r"```(?:bash|yaml)\n(.*?)```", section, flags=re.S)
     assert len(recipes) == 2
     gpu_output_dir = yaml.safe_load((REPO / "conf/gpu/parameters.yml").read_text())["training"]["output_dir"]
-    for recipe, rank_var in zip(recipes, ("SLURM_NODEID", "JOB_COMPLETION_INDEX"), strict=True):
-        assert f'[ "${rank_var}" = 0 ]' in recipe and rank_var in NODE_RANK_VARS
+
+    def recipe_config(recipe: str) -> ProjectConfig:
         (overrides,) = re.findall(r"kedro run --env gpu --params (\S+)", recipe)
         params = copy.deepcopy(base_params)
         for item in overrides.split(","):
@@ -318,9 +318,16 @@ def test_the_readme_recipes_use_settings_and_flags_the_code_has(base_params):
             for name in parents:
                 section_ = section_.setdefault(name, {})
             section_[last] = yaml.safe_load(value)
-        cfg = ProjectConfig.from_params(params, check_files=False)  # raises on an unknown key or a bad value
-        assert cfg.training.launch_mode() == "per_node" and cfg.training.resume_from_checkpoint == "auto"
-        assert re.findall(r"food-multids node-worker --output-dir (\S+)", recipe) == [gpu_output_dir]
-    assert "NNODES" in recipes[1] and "NNODES" in NUM_NODES_VARS and "SLURM_NNODES" in NUM_NODES_VARS
+        return ProjectConfig.from_params(params, check_files=False)  # raises on an unknown key or a bad value
+
+    slurm, kubernetes = recipes
+    cfg = recipe_config(slurm)  # Kedro in the batch script, exec'd so that the time-limit signal reaches it
+    assert cfg.training.launch_mode() == "slurm" and cfg.training.resume_from_checkpoint == "auto"
+    assert "#SBATCH --signal=B:TERM@" in slurm and "exec .venv/bin/kedro run" in slurm and "node-worker" not in slurm
+    cfg = recipe_config(kubernetes)
+    assert '[ "$JOB_COMPLETION_INDEX" = 0 ]' in kubernetes and "JOB_COMPLETION_INDEX" in NODE_RANK_VARS
+    assert cfg.training.launch_mode() == "per_node" and cfg.training.resume_from_checkpoint == "auto"
+    assert re.findall(r"food-multids node-worker --output-dir (\S+)", kubernetes) == [gpu_output_dir]
+    assert "NNODES" in kubernetes and "NNODES" in NUM_NODES_VARS and "SLURM_NNODES" in NUM_NODES_VARS
     help_text = subprocess.run([FOOD_MULTIDS, "node-worker", "--help"], capture_output=True, text=True).stdout
     assert all(flag in help_text for flag in ("--output-dir", "--node-rank", "--wait-s"))

@@ -295,7 +295,7 @@ class EmaSettings:
 class NodeSettings:
     """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
 
-    launch: Literal["auto", "ssh", "per_node"] = "auto"
+    launch: Literal["auto", "ssh", "slurm", "per_node"] = "auto"   # slurm: each step an `srun ... torchrun` job step
     num_nodes: int | None = None        # per_node: else NNODES or SLURM_NNODES from the environment
     master_addr: str | None = None      # per_node: else MASTER_ADDR, SLURM's first node, this machine's name
     join_timeout_s: float = 600.0       # per_node: a node or rank that has not joined by then fails the run
@@ -315,10 +315,11 @@ class NodeSettings:
             problems.add("training.hostfile", "must be null with training.nodes.launch: per_node (each node starts "
                                               "its own processes; the node list comes from training.nodes)")
 
-    def mode(self, hostfile: str | None) -> Literal["single", "ssh", "per_node"]:
-        """single (this machine), ssh (DeepSpeed's hostfile + pdsh) or per_node (every node starts its own)."""
-        if self.launch == "per_node":
-            return "per_node"
+    def mode(self, hostfile: str | None) -> Literal["single", "ssh", "slurm", "per_node"]:
+        """single (this machine), ssh (DeepSpeed's hostfile + pdsh), slurm (job steps of the allocation that runs
+        Kedro) or per_node (every node starts its own)."""
+        if self.launch in ("per_node", "slurm"):
+            return self.launch
         return "ssh" if self.launch == "ssh" or hostfile else "single"
 
 
@@ -500,7 +501,7 @@ class TrainConfig:
         if isinstance(self.nodes, NodeSettings):
             self.nodes.validate(problems, self.hostfile)
 
-    def launch_mode(self) -> Literal["single", "ssh", "per_node"]:
+    def launch_mode(self) -> Literal["single", "ssh", "slurm", "per_node"]:
         return self.nodes.mode(self.hostfile)
 
     def best_metric_greater_is_better(self) -> bool:

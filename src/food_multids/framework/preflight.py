@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_lora_targets(cfg.model))
     if cfg is not None and "ingest_images" in plan.node_names:
         found.problems.extend(check_predict_inputs(cfg.predict))
-    if cfg is not None and cfg.training.launch_mode() == "per_node":
+    if cfg is not None and cfg.training.launch_mode() in ("per_node", "slurm"):
         found.problems.extend(check_node_plan(cfg))
     for name, path in plan.output_paths.items():
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
@@ -118,6 +119,9 @@ def check_node_plan(cfg: ProjectConfig) -> list[str]:
         resolve_plan(cfg, 1)
     except NodeFailure as exc:
         return [f"params:training.nodes: {exc}"]
+    if cfg.training.launch_mode() == "slurm" and shutil.which("srun") is None:
+        return ["params:training.nodes.launch is slurm but `srun` is not on PATH: run `kedro run` inside the "
+                "allocation (the sbatch script; README 'Several machines'), or use launch: per_node"]
     return []
 
 

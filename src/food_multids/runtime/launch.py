@@ -12,8 +12,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,27 @@ def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "
     return cmd + ["--module", module, "--spec", str(spec)]
 
 
+def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
+    """One job step of the allocation Kedro runs in: srun starts one task per node (--kill-on-bad-exit: a
+    failed node ends the step on every node), each task a torchrun agent for its node's processes, its
+    node rank from SLURM_NODEID (torchrun reads PET_NODE_RANK as --node-rank), the master on the first node.
+    srun forwards SIGTERM/SIGINT to the tasks, torchrun to the ranks, which stop at an agreed step with a
+    checkpoint."""
+    srun = shutil.which("srun")
+    if srun is None:
+        raise FileNotFoundError("training.nodes.launch is slurm but `srun` is not on PATH: run Kedro inside the "
+                                "allocation (in the sbatch script), see README 'Several machines'")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        raise FileNotFoundError("`torchrun` (installed with torch) is not on PATH")
+    return [srun, f"--nodes={plan.num_nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            f"--job-name=food_multids-{step}",
+            "bash", "-c", 'export PET_NODE_RANK="$SLURM_NODEID"; exec "$@"', "food_multids-step",
+            torchrun, f"--nnodes={plan.num_nodes}", f"--nproc-per-node={plan.procs_per_node}",
+            f"--master-addr={plan.master_addr}", f"--master-port={plan.master_port}", "--max-restarts=0",
+            "-m", module, "--spec", str(spec)]
+
+
 def launcher_env(project_root: str) -> dict:
     """This process's environment for the DeepSpeed launcher: without the rank variables a scheduler (or an
     outer launcher) may have set, which the launcher sets for each rank itself."""
@@ -113,8 +136,19 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
         except nodes.NodeFailure as exc:
             raise RuntimeError(f"multi-node launch failed: {exc}") from None
         return
-    cmd = launcher_command(cfg, world, spec, module)
-    logger.info("Starting %d processes: %s", world, " ".join(cmd))
+    if cfg.training.launch_mode() == "slurm":
+        from food_multids.runtime import nodes
+
+        try:
+            plan = nodes.resolve_plan(cfg, world)
+        except nodes.NodeFailure as exc:
+            raise RuntimeError(f"SLURM launch: {exc}") from None
+        step = "train" if launch.name == "launch" else launch.name.removeprefix("launch_")  # eval, rerank, predict
+        cmd = slurm_step_command(plan, spec, module, step)
+        logger.info("Starting a SLURM job step: %d node(s) x %d process(es): %s", plan.num_nodes, world, " ".join(cmd))
+    else:
+        cmd = launcher_command(cfg, world, spec, module)
+        logger.info("Starting %d processes: %s", world, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)
     try:
         proc.wait()
@@ -125,5 +159,6 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
         proc.wait()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"the DeepSpeed launcher exited with code {proc.returncode} (command: {' '.join(cmd)}); "
+        what = "the SLURM job step" if cfg.training.launch_mode() == "slurm" else "the DeepSpeed launcher"
+        raise RuntimeError(f"{what} exited with code {proc.returncode} (command: {' '.join(cmd)}); "
                            "see the rank logs above")
