@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = int(os.environ.get("SEEDS", "3"))
 EPOCHS = int(os.environ.get("EPOCHS", "6"))
-EMA = {"decay": 0.98, "start_step": 40, "evaluate": True}  # runs of about 200 steps: a short average
+EMA = {"decay": 0.98, "start_step": 40}  # runs of about 200 steps: a short average
 LOSSES = {  # training settings per configuration: training.loss, and training.ema where named
     "ce": {"loss": {"type": "ce"}},
     "ce + smoothing 0.1": {"loss": {"type": "ce", "label_smoothing": 0.1}},

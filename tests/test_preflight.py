@@ -238,3 +238,16 @@ def test_an_env_that_names_the_demo_model_itself_is_not_warned(tmp_path):
     (conf / "gpu/parameters.yml").write_text("training:\n  max_steps: 4\n")
     assert demo_model_warning("ci", "data/06_models/tiny_qwen2_5_vl", str(conf)) is None  # chosen on purpose
     assert "conf/gpu/parameters.yml" in demo_model_warning("gpu", "data/06_models/tiny_qwen2_5_vl", str(conf))
+
+
+def test_predict_reject_below_that_does_not_fit_the_model_is_found_before_any_image(demo_params, demo_root, tmp_path):
+    model = saved_model(tmp_path / "best", {"digits": 10, "shapes": 40}, "local")  # saved without calibration
+    params = predict_params(demo_params, demo_root)
+    params["predict"]["reject_below"] = "auto"
+    [problem] = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), params, lambda name: True, {},
+                          lambda name: model).problems
+    assert "predict.reject_below (--reject-below) is auto but the model has no fitted threshold" in problem
+    params["predict"]["reject_below"] = {"numbers": 0.5}
+    [problem] = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), params, lambda name: True, {},
+                          lambda name: model).problems
+    assert "names ['numbers'], which are not label spaces of the model (digits, shapes)" in problem

@@ -296,6 +296,12 @@ def test_a_server_may_change_the_batching_settings_through_the_environment(monke
     with pytest.raises(ValueError, match=r"FOOD_MULTIDS_SERVE_MAX_QUEUE=4.*serve_max_queue must be >= "
                                          r"predict.serve_max_batch \(64\), got 4"):
         serving_settings(PREDICT)
+    monkeypatch.delenv("FOOD_MULTIDS_SERVE_MAX_QUEUE")
+    # A threshold chosen after registration, from the report's coverage curve: no new training run.
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_REJECT_BELOW", "0.7")
+    monkeypatch.setenv("FOOD_MULTIDS_SERVE_CALIBRATED", "false")
+    got = serving_settings(PREDICT)
+    assert got.reject_below == 0.7 and got.calibrated is False
     monkeypatch.setenv("FOOD_MULTIDS_SERVE_MAX_QUEUE", "[1")
     with pytest.raises(ValueError, match=r"FOOD_MULTIDS_SERVE_MAX_QUEUE='\[1' is not a value"):
         serving_settings(PREDICT)

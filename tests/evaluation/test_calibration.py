@@ -54,7 +54,7 @@ def test_the_fitted_temperature_undoes_a_known_over_confidence_and_lowers_held_o
     metrics, curves = held_out_metrics(held, ["toy"], fitted)
     assert metrics["toy_nll_calibrated"] < metrics["toy_nll"] - 0.1
     assert metrics["toy_ece_calibrated"] < 0.5 * metrics["toy_ece"]
-    assert metrics["toy_calibration_images"] == 4000 - fitted["fitted_on"]["toy"]
+    assert metrics["toy_calibration_held_out_images"] == 4000 - fitted["fitted_on"]["toy"]
     assert curves["toy"]["coverage"][-1] == 1.0 and len(curves["toy"]["reliability_after"]) > 3
 
 
@@ -129,6 +129,12 @@ def test_a_calibrated_model_predicts_the_same_probabilities_on_every_path_and_re
     cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose([r["top_k_probs"] for r in cli], np.array(calibrated["top_k_probs"].tolist()), atol=1e-6)
 
+    assert main(["predict", str(classifier_dir), *images[:2], "--dataset", "digits", "--reject-below", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 and all("unknown (below --reject-below; top: " in line for line in table)
+    assert main(["predict", str(classifier_dir), *images[:2], "--dataset", "digits", "--reject-below", "auto",
+                 "--uncalibrated"]) == 2  # auto's thresholds hold for calibrated confidences only
+    assert "predict.calibrated is false (--uncalibrated)" in capsys.readouterr().err
     everything = predict_records(loaded, records, top_k=3, batch_size=4, reject_below=1.0)
     assert (everything["prediction"] == -1).all() and (everything["prediction_name"] == "unknown").all()
     assert everything["top_k_ids"].tolist() == calibrated["top_k_ids"].tolist()  # the top-k still given
@@ -157,3 +163,25 @@ def test_reject_auto_on_an_uncalibrated_model_says_how_to_get_thresholds(classif
     with pytest.raises(ValueError, match=r"names \['food'\], which are not label spaces"):
         reject_thresholds(loaded, {"food": 0.5})
     assert reject_thresholds(loaded, {"digits": 0.5}) == {"digits": 0.5}
+
+
+def test_a_model_trained_without_masking_is_calibrated_on_the_probabilities_it_serves(classifier_dir):
+    import json
+
+    import torch
+
+    from food_multids.inference.inputs import records_from_files
+    from food_multids.inference.model import load_model, run_model
+    from food_multids.inference.predict import predict_records
+    from tests.conftest import write_image
+
+    meta = json.loads((classifier_dir / "classifier.json").read_text())
+    meta["enable_logits_masking"] = False  # logits over all 40 columns for a 10-class digits row
+    (classifier_dir / "classifier.json").write_text(json.dumps(meta))
+    loaded = load_model(classifier_dir, torch.device("cpu"))
+    images = [write_image(classifier_dir.parent / f"img{i}.png", colour=(40 * i, 90, 200 - 30 * i)) for i in range(3)]
+    records, _ = records_from_files([], images, "digits", loaded.label_spaces)
+    served = predict_records(loaded, records, top_k=1, batch_size=4, calibrated=False)  # own classes only
+    rows = run_model(loaded, records, batch_size=4, top_k=1, temperature_grid=np.ones((2, 1))).predictions
+    by_id = dict(zip(rows["sample_id"], (c[0] for c in rows["grid_conf"]), strict=True))
+    np.testing.assert_allclose(served["confidence"], [by_id[s] for s in records["sample_id"]], atol=1e-6)

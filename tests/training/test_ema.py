@@ -72,6 +72,8 @@ def test_the_state_round_trips_and_a_wrong_model_is_named():
     ({"decay": 0.0}, None, "params:training.ema.decay must be in (0, 1), e.g. 0.999, got 0.0"),
     ({"start_step": -1}, None, "params:training.ema.start_step must be >= 0, got -1"),
     ({"decay": 0.999}, {"zero_optimization": {"stage": 3}}, "params:training.ema is not supported with ZeRO-3"),
+    ({"decy": 0.9}, None, "params:training.ema.decy is not a known setting (did you mean 'decay'?)"),
+    ({"decay": "abc"}, None, "params:training.ema.decay must be a number, got 'abc'"),
 ])
 def test_bad_ema_settings_are_config_errors(two_datasets, ema, deepspeed, message):
     params = with_overrides(copy.deepcopy(two_datasets), training={"ema": ema})

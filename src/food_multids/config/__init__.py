@@ -115,6 +115,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: _Problems) -> Any:
         if value is None and type(None) in args:
             return None
         rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and dataclasses.is_dataclass(rest[0]) and isinstance(value, dict):
+            return _build(rest[0], value, path, problems)  # a nested section or null: its own messages
         for candidate in rest:
             trial = _Problems()
             out = _coerce(value, candidate, path, trial)
@@ -278,11 +280,11 @@ class LossSettings:
 
 @dataclass(frozen=True)
 class EmaSettings:
-    """`training.ema:` an exponential moving average of the weights that train (training/ema.py)."""
+    """`training.ema:` an exponential moving average of the weights that train (training/ema.py): the partial
+    evaluations score it, the best-model rule compares it, the best model saved is it."""
 
     decay: float = 0.999
     start_step: int = 0        # the average follows the weights until this optimizer step
-    evaluate: bool = True      # partial evaluations, the best-model choice and its save use the average
 
     def validate(self, problems: _Problems, path: str = "training.ema") -> None:
         if isinstance(self.decay, float) and not 0 < self.decay < 1:

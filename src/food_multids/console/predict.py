@@ -162,5 +162,7 @@ def format_table(table) -> str:
         else:
             ranked = ", ".join(f"{name if name is not None else cid} ({p:.3f})"
                                for cid, name, p in zip(row.top_k_ids, row.top_k_names, row.top_k_probs, strict=True))
+            if row.prediction == -1:  # below --reject-below: none of these; the top-k for a look
+                ranked = f"unknown (below --reject-below; top: {ranked})"
         lines.append(f"{image:<{width}}  {row.dataset_name:<12}  {ranked}")
     return "\n".join(lines)

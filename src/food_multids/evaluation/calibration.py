@@ -153,7 +153,7 @@ def held_out_metrics(preds: pd.DataFrame, names: list[str], calibration: dict) -
             f"{name}_nll": float(nll[rows, 0].mean()), f"{name}_nll_calibrated": float(nll[rows, 1].mean()),
             f"{name}_aurc": aurc, f"{name}_selective_accuracy_at_80": float(accuracy[at]),
             f"{name}_temperature": float(calibration["temperature"].get(name, 1.0)),
-            f"{name}_calibration_images": float(rows.sum())})
+            f"{name}_calibration_held_out_images": float(rows.sum())})
         step = max(1, len(coverage) // 100)  # at most ~100 points per curve in the report
         curves[name] = {"reliability_before": reliability(conf[rows, 0], correct[rows]),
                         "reliability_after": reliability(conf[rows, 1], correct[rows]),
@@ -164,13 +164,17 @@ def held_out_metrics(preds: pd.DataFrame, names: list[str], calibration: dict) -
 
 def calibrate_model(cfg, model_dir: Path, frame: pd.DataFrame) -> dict:
     """Fit the temperatures of a saved classifier on its calibration split of `frame` (the full validation
-    set) and store them in its classifier.json (one pass, this process). Returns the fit."""
+    set) and store them in its classifier.json (one pass over that split, in this process on one device:
+    a share of the validation set, where the full evaluation shards all of it). Returns the fit."""
     from food_multids.inference.model import load_model, run_model
     from food_multids.runtime.device import resolve_device
 
     names = list(cfg.dataset_names)
+    # Only the calibration split is scored: the rest is the full evaluation's to measure.
+    fitting = frame[calibration_rows(frame["sample_id"].to_numpy(), cfg.training.seed,
+                                     cfg.evaluation.calibration_fraction)]
     loaded = load_model(Path(model_dir), resolve_device(cfg), cfg.model)
-    out = run_model(loaded, frame, batch_size=cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size,
+    out = run_model(loaded, fitting, batch_size=cfg.evaluation.batch_size or cfg.training.per_device_eval_batch_size,
                     top_k=1, desc="calibration", progress_mode=cfg.training.progress_bar,
                     max_consecutive_bad_images=cfg.training.max_consecutive_bad_images,
                     temperature_grid=np.tile(GRID, (len(names), 1)))

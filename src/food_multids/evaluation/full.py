@@ -119,7 +119,7 @@ def run_full_evaluation(cfg: ProjectConfig, model_dir: Path, frame: pd.DataFrame
     for name in names:
         if f"{name}_ece" in metrics:
             logger.info("   %s calibration (T = %.3g, %d held-out images): ECE %.4f -> %.4f, NLL %.4f -> %.4f",
-                        name, metrics[f"{name}_temperature"], metrics[f"{name}_calibration_images"],
+                        name, metrics[f"{name}_temperature"], metrics[f"{name}_calibration_held_out_images"],
                         metrics[f"{name}_ece"], metrics[f"{name}_ece_calibrated"], metrics[f"{name}_nll"],
                         metrics[f"{name}_nll_calibrated"])
     return FullEvalResult(metrics, preds, confusions, curves)

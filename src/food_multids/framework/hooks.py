@@ -36,10 +36,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from food_multids.data.labels import LabelNameError
     from food_multids.data.records import RecordError
     from food_multids.evaluation.full import ModelMismatchError
+    from food_multids.inference.predict import PredictSettingError
     from food_multids.training.checkpoint import CheckpointIntegrityError
     from food_multids.training.output_dir import OutputDirError
 
-    return ConfigError, RecordError, LabelNameError, ModelMismatchError, OutputDirError, CheckpointIntegrityError
+    return (ConfigError, RecordError, LabelNameError, ModelMismatchError, OutputDirError, CheckpointIntegrityError,
+            PredictSettingError)
 
 
 class NodeError(click.ClickException):

@@ -247,9 +247,30 @@ def other_env_hint(model_dir: Path, env: str, pipeline: str) -> str:
     if trained_in is None or trained_in == env:
         return ""
     flag = "" if trained_in == "local" else f" --env {trained_in}"
+    inputs = " (with that env's predict.jsonl_list / predict.dataset_name naming its datasets)" \
+        if pipeline == "predict" else ""
     return (f". The newest best_model was trained in the '{trained_in}' environment (this run: '{env}'; the catalog's "
-            f"newest version is shared by every env): run `kedro run{flag} --pipelines {pipeline}`, or pick a model "
-            "of this env with --load-versions best_model:<version>")
+            f"newest version is shared by every env): run `kedro run{flag} --pipelines {pipeline}`{inputs}, or pick "
+            "a model of this env with --load-versions best_model:<version>")
+
+
+def check_reject_setting(predict, model_dir: Path, spaces: dict, wanted: set[str] | None) -> list[str]:
+    """predict.reject_below against the model: `auto` needs its fitted thresholds (and calibrated
+    probabilities), a mapping names its label spaces. The same check predict runs, before any image."""
+    import types
+
+    from food_multids.inference.predict import PredictSettingError, reject_thresholds
+    from food_multids.model.classifier import CLASSIFIER_FILE, ClassifierMeta
+
+    if predict.reject_below is None:
+        return []
+    meta = ClassifierMeta.from_json((Path(model_dir) / CLASSIFIER_FILE).read_text())
+    model = types.SimpleNamespace(label_spaces=spaces, model=types.SimpleNamespace(meta=meta))
+    try:
+        reject_thresholds(model, predict.reject_below, predict.calibrated, wanted)
+    except PredictSettingError as exc:
+        return [f"params:{exc}"]
+    return []
 
 
 def check_predicted_model(predict, load: Callable[[str], object], env: str) -> tuple[list[str], list[str]]:
@@ -285,6 +306,9 @@ def check_predicted_model(predict, load: Callable[[str], object], env: str) -> t
         return [f"the best_model {model_dir} knows the label spaces {', '.join(spaces)}, but the predict inputs ask for "
                 f"{listed}{more}" + (hint or ": set predict.jsonl_list / predict.dataset_name to this model's "
                                      "datasets, or pick another model with predict.model")], []
+    problems = check_reject_setting(predict, model_dir, spaces, set(asked) or None)
+    if problems:
+        return problems, []
     trained_in = training_env(model_dir)
     if trained_in is not None and trained_in != env:
         return [], [f"predict reads the newest best_model {model_dir}, trained in the '{trained_in}' environment "

@@ -46,30 +46,43 @@ def predict_records(loaded: LoadedModel, records: pd.DataFrame, *, top_k: int, b
     """One prediction row per record (an input row predicted in several label spaces has one per space).
     `calibrated`: probabilities with the model's fitted temperatures; `reject_below` (predict.reject_below):
     a confidence under it makes the row "none of these" (prediction -1, name "unknown", top-k kept)."""
-    thresholds = reject_thresholds(loaded, reject_below)  # before the loop: a bad setting fails at once
+    # Before the loop: a bad setting fails at once.
+    thresholds = reject_thresholds(loaded, reject_below, calibrated, set(records["dataset_name"]))
     out = run_model(loaded, records, batch_size=batch_size, top_k=top_k, workers=workers, desc="predict",
                     progress_mode=progress_mode, own_classes=True, calibrated=calibrated)
     return prediction_table(loaded, records, out.predictions, thresholds)
 
 
-def reject_thresholds(loaded: LoadedModel, reject_below: float | str | dict | None) -> dict[str, float]:
+class PredictSettingError(ValueError):
+    """predict.reject_below / predict.calibrated do not fit the model: the message says what to set."""
+
+
+def reject_thresholds(loaded: LoadedModel, reject_below: float | str | dict | None, calibrated: bool = True,
+                      wanted: set[str] | None = None) -> dict[str, float]:
     """predict.reject_below per label space: one value, a value per dataset, or `auto` (the model's
-    thresholds fitted for evaluation.reject_precision on its calibration split)."""
-    spaces = list(loaded.label_spaces)
+    thresholds fitted for evaluation.reject_precision on its calibration split, on calibrated
+    confidences: refused with calibrated false). `wanted`: the label spaces the records use."""
+    spaces = [name for name in loaded.label_spaces if wanted is None or name in wanted]
     if reject_below is None:
         return {}
     if isinstance(reject_below, dict):
-        unknown = [name for name in reject_below if name not in spaces]
+        unknown = [name for name in reject_below if name not in loaded.label_spaces]
         if unknown:
-            raise ValueError(f"predict.reject_below names {unknown}, which are not label spaces of the model "
-                             f"({', '.join(spaces)})")
+            raise PredictSettingError(f"predict.reject_below (--reject-below) names {unknown}, which are not label "
+                                      f"spaces of the model ({', '.join(loaded.label_spaces)})")
         return {name: float(value) for name, value in reject_below.items()}
     if reject_below == "auto":
+        if not calibrated:
+            raise PredictSettingError("predict.reject_below is auto, whose thresholds were fitted on calibrated "
+                                      "confidences, but predict.calibrated is false (--uncalibrated): use one or give "
+                                      "a threshold of your own")
         fitted = (loaded.model.meta.calibration or {}).get("auto_reject_below") or {}
         missing = [name for name in spaces if fitted.get(name) is None]
         if missing:
-            raise ValueError(f"predict.reject_below is auto but the model has no fitted threshold for {missing}: it "
-                             "was saved without calibration (evaluation.calibrate: true fits them at select_best)")
+            raise PredictSettingError(f"predict.reject_below (--reject-below) is auto but the model has no fitted "
+                                      f"threshold for {missing}: it was saved without calibration "
+                                      "(evaluation.calibrate: true fits them at select_best), or that dataset had "
+                                      "fewer than 2 calibration images; give a threshold instead")
         return {name: float(fitted[name]) for name in spaces}
     return dict.fromkeys(spaces, float(reject_below))
 
@@ -120,6 +133,10 @@ def prediction_table(loaded: LoadedModel, records: pd.DataFrame, rows: dict[str,
         table["error"].append(error)
     frame = pd.DataFrame(table)
     frame["prediction"] = frame["prediction"].astype(np.int64)
+    if thresholds:
+        unknown = int((frame["prediction_name"] == UNKNOWN).sum())
+        logger.info("%d of %d prediction(s) below predict.reject_below %s: 'unknown'", unknown, len(frame),
+                    {k: round(v, 4) for k, v in thresholds.items()})
     failed = int(frame["error"].notna().sum())
     if failed:
         logger.warning("%d of %d image(s) could not be decoded: their rows have prediction -1 and an error",

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = init_distributed(device, ctx.cfg.training.master_port)
     loaded = load_model(Path(ctx.spec["model_dir"]), device)
     records = ctx.frame("predict")
-    thresholds = reject_thresholds(loaded, settings.reject_below)
+    thresholds = reject_thresholds(loaded, settings.reject_below, settings.calibrated, set(records["dataset_name"]))
     out = run_model(loaded, records, batch_size=settings.batch_size, top_k=settings.top_k, rank=rank, world=world,
                     workers=settings.dataloader_num_workers, progress_mode=ctx.cfg.training.progress_bar,
                     own_classes=True, calibrated=settings.calibrated)

@@ -221,7 +221,7 @@ def calibration_table(names: list[str], metrics: dict) -> pd.DataFrame:
         if f"{name}_ece" not in metrics:
             continue
         rows.append({"dataset": name, "temperature": metrics[f"{name}_temperature"],
-                     "held-out images": int(metrics[f"{name}_calibration_images"]),
+                     "held-out images": int(metrics[f"{name}_calibration_held_out_images"]),
                      "ECE raw": metrics[f"{name}_ece"], "ECE calibrated": metrics[f"{name}_ece_calibrated"],
                      "NLL raw": metrics[f"{name}_nll"], "NLL calibrated": metrics[f"{name}_nll_calibrated"],
                      "AURC": metrics[f"{name}_aurc"],

@@ -131,8 +131,12 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
                 outside = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= batch["num_classes"][:, None]
                 scores = scores.masked_fill(outside, float("-inf"))
             if temperature_grid is not None:
+                # Over the row's own classes, as predictions are served (own_classes), even for a model
+                # trained without masking: the temperatures describe the probabilities users get.
+                outside = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= batch["num_classes"][:, None]
+                own = scores.masked_fill(outside, float("-inf"))
                 grid = temperature_grid[ds]  # (batch, G): each row's dataset's temperatures
-                scaled = scores[:, None, :] / grid[:, :, None]  # (batch, G, labels)
+                scaled = own[:, None, :] / grid[:, :, None]  # (batch, G, labels)
                 logp = scaled.log_softmax(dim=-1)
                 labelled = labels >= 0
                 picked = logp.gather(2, labels.clamp(min=0)[:, None, None].expand(-1, grid.shape[1], 1)).squeeze(2)

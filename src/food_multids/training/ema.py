@@ -8,7 +8,9 @@ the parameters are partitioned and the config refuses training.ema.
 
 Until `start_step` the average equals the weights; after it, at each optimizer step,
 shadow = decay * shadow + (1 - decay) * weights. `applied()` puts the average into the model for an
-evaluation (and the best-model save it may trigger) and restores the trained weights after.
+evaluation (and the best-model save it may trigger) and restores the trained weights after. Memory: the
+float32 shadow, one temporary tensor per update, and a copy of the trained weights (their dtype) while
+an evaluation runs; checkpoints hold the shadow once (rank 0's model-states file).
 """
 
 from __future__ import annotations
@@ -29,14 +31,24 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """After optimizer step `step`: follow the weights until start_step, average after it (no host sync)."""
-        current = [p.detach().float() for p in self.params]
-        if step <= self.start_step:
-            torch._foreach_copy_(self.shadow, current)
-            return
-        torch._foreach_mul_(self.shadow, self.decay)
-        torch._foreach_add_(self.shadow, current, alpha=1.0 - self.decay)
-        self.averaged_steps += 1
+        """After optimizer step `step`: follow the weights until start_step, average after it (no host sync).
+        float32 weights in one fused call; others (bf16) one tensor at a time, so that the float32 copy of
+        a weight exists for one tensor only, not for the whole model at once."""
+        follow = step <= self.start_step
+        if all(p.dtype == torch.float32 for p in self.params):
+            current = [p.detach() for p in self.params]
+            if follow:
+                torch._foreach_copy_(self.shadow, current)
+            else:
+                torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        else:
+            for shadow, p in zip(self.shadow, self.params, strict=True):
+                if follow:
+                    shadow.copy_(p.detach())
+                else:
+                    shadow.lerp_(p.detach().float(), 1.0 - self.decay)
+        if not follow:
+            self.averaged_steps += 1
 
     @contextlib.contextmanager
     @torch.no_grad()

@@ -230,6 +230,10 @@ class Trainer:
                 raise ValueError("params:training.ema is not supported with ZeRO-3 (the parameters are partitioned); "
                                  "use ZeRO-2 or set training.ema: null")
             self.ema = WeightAverage(self.engine.module, self.t.ema.decay, self.t.ema.start_step)
+            if self.is_main:
+                logger.info("Weight average of %d trained tensors (training.ema decay %g from step %d): the partial "
+                            "evaluations score it and the best model saved is it", len(self.ema.params),
+                            self.t.ema.decay, self.t.ema.start_step)
         if self.is_main:
             logger.info("Training %s on %s (%d process(es), ZeRO-%d, %s): %d optimizer steps, %d trainable parameters, "
                         "epoch = %d micro-batches of %d per process; target mix %s; %s", self.model_path.name,
@@ -306,7 +310,8 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "window": self.window.state(), **self.selector.state(),
                 "evals_without_improvement": self.evals_without_improvement, "eval_count": self.eval_count,
                 "mix_schedule": self.mix_schedule, "adaptive_mix": self.adaptive.state() if self.adaptive else None,
-                "ema": self.ema.state() if self.ema is not None else None,
+                # Rank 0's client state is the one DeepSpeed writes (ZeRO <= 2): no host copy on the other ranks.
+                "ema": self.ema.state() if self.ema is not None and self.is_main else None,
                 "records": self.records, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                  "python": random.getstate(),
                                                  # dropout (LoRA) on a GPU draws from the device's generator
@@ -401,8 +406,7 @@ class Trainer:
         if step % self.t.logging_steps == 0 or last:
             self._log_train_window(bar)
         if step % self.t.eval_steps == 0 or last:
-            averaged = self.ema is not None and self.t.ema.evaluate
-            with self.ema.applied() if averaged else contextlib.nullcontext():  # the save of a new best too
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # a new best's save too
                 self._evaluate_and_track()
         saved = step % self.t.save_steps == 0 or last
         if saved:

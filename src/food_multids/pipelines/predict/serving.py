@@ -114,8 +114,10 @@ REQUIREMENTS = ("torch", "transformers", "pillow", "pandas", "pyarrow", "safeten
 
 # Serving settings a server may change without registering a new model
 # (`make serve FOOD_MULTIDS_SERVE_MAX_BATCH=64`).
-SERVE_OVERRIDES = {f"FOOD_MULTIDS_{key.upper()}": key
-                   for key in ("serve_batching", "serve_max_batch", "serve_max_wait_ms", "serve_max_queue")}
+SERVE_OVERRIDES = {**{f"FOOD_MULTIDS_{key.upper()}": key
+                      for key in ("serve_batching", "serve_max_batch", "serve_max_wait_ms", "serve_max_queue")},
+                   # chosen after registration (from the report's coverage curve): no new training run needed
+                   "FOOD_MULTIDS_SERVE_REJECT_BELOW": "reject_below", "FOOD_MULTIDS_SERVE_CALIBRATED": "calibrated"}
 
 
 def serving_settings(predict: dict) -> PredictConfig:

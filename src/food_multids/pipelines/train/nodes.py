@@ -97,8 +97,10 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
     if env is not None:  # predict and full_eval name the env that made the model they are asked to read
         info["kedro_env"] = env
         record_training_env(path, env)
-    logger.info("Best model: %s = %.4f at step %d, chosen by %s (%s)", info["metric"], info["value"], info["step"],
-                how, path)
+    value, where = (chosen["full_value"], "full validation set") if chosen.get("full_value") is not None else \
+        (chosen["value"], "partial evaluation")
+    logger.info("Best model: %s = %.4f (%s) at step %d, chosen by %s (%s)", info["metric"], value, where,
+                info["step"], how, path)
     return path, info
 
 
