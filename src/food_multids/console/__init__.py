@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "node-worker":
         return run_node_worker(args)
     if args.command == "describe":
+        # Reading an MLflow model imports Kedro, whose logging setup announces itself at import: `make serve`
+        # prints this description first, which should start with the model.
+        logging.disable(logging.INFO)
+        try:
+            import kedro.framework.project  # noqa: F401
+        finally:
+            logging.disable(logging.NOTSET)
         try:
             sys.stdout.write(describe_model(args.model, find_project_root()) + "\n")
         except (OSError, ValueError) as exc:

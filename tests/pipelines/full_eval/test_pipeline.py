@@ -174,6 +174,7 @@ def test_the_training_run_registered_its_served_model(trained_demo):
                                env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"},
                                capture_output=True, text=True, timeout=120)
     assert described.returncode == 0, described.stderr[-2000:]
+    assert described.stdout.startswith("Model models:/food_multids/latest: "), described.stdout[:300]  # no log line first
     assert "label spaces: digits (10 classes), shapes (40 classes)" in described.stdout
     assert "trained in the Kedro env 'local'" in described.stdout and "version 1 of 1" in described.stdout
 
