@@ -98,7 +98,7 @@ def test_the_time_limit_signal_stops_every_node_with_a_checkpoint_and_auto_resum
     # `#SBATCH --signal=B:TERM@120` signals the batch shell, which `exec`s kedro: SIGTERM reaches Kedro, which
     # stops the job step (srun forwards it to torchrun, torchrun to the ranks); the ranks agree on a step.
     log = tmp_path / "srun.log"
-    params = (f"training.max_steps=80,training.logging_steps=4,training.eval_steps=80,training.save_steps=8,"
+    params = (f"training.max_steps=120,training.logging_steps=4,training.eval_steps=120,training.save_steps=8,"
               f"training.device=cpu,training.resume_from_checkpoint=auto,{slurm(free_port())}")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("kedro")), "run", "--pipelines", "train", "--params",
                              params], cwd=project_copy, env=slurm_env(log), stdout=subprocess.PIPE,
@@ -110,13 +110,13 @@ def test_the_time_limit_signal_stops_every_node_with_a_checkpoint_and_auto_resum
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, output[-4000:]
-    stopped = re.search(r"training stopped by SIGTERM at step (\d+) of 80; resumable checkpoint ([^;\s]+)", output)
+    stopped = re.search(r"training stopped by SIGTERM at step (\d+) of 120; resumable checkpoint ([^;\s]+)", output)
     assert stopped, output[-4000:]
     stopped_at = int(stopped.group(1))
-    assert complete_checkpoints(out_dir)[-1] == (stopped_at, Path(stopped.group(2))) and 8 <= stopped_at < 80
+    assert complete_checkpoints(out_dir)[-1] == (stopped_at, Path(stopped.group(2))) and 8 <= stopped_at < 120
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out_dir) in " ".join(p.info["cmdline"] or [])]
     resumed = kedro(project_copy, "--pipelines", "train", "--params", params, env=slurm_env(log))
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-5000:]
     assert f"Resumed from {out_dir / 'checkpoints' / f'step-{stopped_at:08d}'}" in out, out[-3000:]
-    assert json.loads((out_dir / "FINISHED.json").read_text())["final_step"] == 80
+    assert json.loads((out_dir / "FINISHED.json").read_text())["final_step"] == 120
