@@ -61,7 +61,11 @@ def test_the_report_header_says_where_it_comes_from_and_every_table_renders(two_
     history = {"records": []}
     confusions = pd.DataFrame({"dataset_name": ["alpha", "alpha"], "label": [0, 1], "prediction": [1, 0], "count": [1, 2]})
     trained = ProjectConfig.from_params(with_overrides(two_datasets, training={"learning_rate": 0.123}))
+    import matplotlib
+
+    matplotlib.use("svg")  # a process whose backend was something else: the report sets Agg before any figure
     report = build_report(cfg, history, metrics, predictions(), confusions, stats, best, where, trained=trained)
+    assert matplotlib.get_backend().lower() == "agg"
     summary = "\n".join(report.markdown)
     for field in ("| MLflow training run | run-train |", "| MLflow run of this report | run-report |",
                   "| git commit | abc123 |", f"| evaluated model | {tmp_path / 'm'} |",

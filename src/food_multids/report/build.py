@@ -27,6 +27,7 @@ from food_multids.report.figures import (
     table_html,
     table_markdown,
     thumbnails_html,
+    use_headless_backend,
 )
 
 MISSING_NOTE = (f"{NOT_DEFINED} not defined: macro-F1 is computed within one label space, so there is no overall "
@@ -234,6 +235,7 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
                  trained: ProjectConfig | None = None) -> Report:
     """`cfg`: the current parameters (datasets, evaluation settings); `trained`: the settings the model
     was trained with, recorded in its folder (the Configuration section shows those when known)."""
+    use_headless_backend()
     names = list(cfg.dataset_names)
     report = Report("food_multids training report")
     header = header_table(where)

@@ -79,10 +79,15 @@ def history_frame(history: dict, kind: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def curves_figure(frame: pd.DataFrame, names: list[str], title: str, best_step: int | None):
+def use_headless_backend() -> None:
+    """Matplotlib's Agg backend (no display needed, nothing opens a window), for the whole process: set once
+    by build_report before any figure, whichever figure comes first."""
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+def curves_figure(frame: pd.DataFrame, names: list[str], title: str, best_step: int | None):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
