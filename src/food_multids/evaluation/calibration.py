@@ -180,6 +180,12 @@ def calibrate_model(cfg, model_dir: Path, frame: pd.DataFrame) -> dict:
                     temperature_grid=np.tile(GRID, (len(names), 1)))
     preds = pd.DataFrame({key: out.predictions[key] for key in
                           ("sample_id", "dataset_id", "label", "prediction", "grid_nll", "grid_conf")})
+    device = loaded.device
+    del loaded, out
+    if device.type == "cuda":  # the Kedro process: give the GPU back to the next step's ranks
+        import torch
+
+        torch.cuda.empty_cache()
     fitted = fit(preds, names, cfg.training.seed, cfg.evaluation.calibration_fraction, cfg.evaluation.reject_precision)
     write_calibration(Path(model_dir), fitted)
     logger.info("Calibrated %s: temperature %s (fitted on %s validation images, evaluation.calibration_fraction %g)",
