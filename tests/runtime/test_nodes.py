@@ -1,5 +1,6 @@
 """Several machines, as two nodes on this one: `kedro run` as node 0 and `food-multids node-worker` as node 1,
-each starting its own DeepSpeed launcher (`--no_ssh`, gloo on 127.0.0.1, one CPU process per node)."""
+meeting in the store node 0's Kedro holds; each node runs every step as its own `torchrun --node-rank K`
+(gloo on 127.0.0.1, one CPU process per node)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,23 @@ SHORT = ("training.max_steps=12,training.logging_steps=4,training.eval_steps=6,t
          "training.device=cpu")
 
 
-def per_node(port: int, lost_after_s: int = 60) -> str:
-    return ("training.nodes.launch=per_node,training.nodes.num_nodes=2,training.nodes.master_addr=127.0.0.1,"
+def free_ports() -> int:
+    """A master port whose next two ports (the steps' torchrun rendezvous) are free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        try:
+            for p in (port + 1, port + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+
+
+def torchrun_nodes(port: int, lost_after_s: int = 60, launch: str = "torchrun") -> str:
+    return (f"training.nodes.launch={launch},training.nodes.num_nodes=2,training.nodes.master_addr=127.0.0.1,"
             f"training.master_port={port},training.num_processes=1,training.nodes.lost_after_s={lost_after_s}")
 
 
@@ -41,10 +57,11 @@ def pinned_env() -> dict:
     return {**kedro_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def start_worker(root: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([FOOD_MULTIDS, "node-worker", "--output-dir", str(output_dir), *extra], cwd=root,
-                            env={**pinned_env(), "NODE_RANK": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+def start_worker(root: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """Node 1, configured as a PyTorchJob configures torchrun: by the PET_* variables alone."""
+    env = env or {"PET_NODE_RANK": "1", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "PET_NNODES": "2"}
+    return subprocess.Popen([FOOD_MULTIDS, "node-worker", *extra], cwd=root, env={**pinned_env(), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def start_kedro(root: Path, *args: str) -> subprocess.Popen:
@@ -64,20 +81,25 @@ def comparable(records: list[dict]) -> list[dict]:
 @pytest.mark.threads_pinned
 def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_one_process(project_copy):
     out = project_copy / "data/06_models/train_output"
-    worker = start_worker(project_copy, out)
+    port = free_ports()
+    worker = start_worker(project_copy, port)
     started = time.time()
     # The default pipeline: data, training, the full evaluation and the report.
-    two = kedro(project_copy, "--params", f"{SHORT},{per_node(free_port())}", env=pinned_env())
+    two = kedro(project_copy, "--params", f"{SHORT},{torchrun_nodes(port)}", env=pinned_env())
     wall = time.time() - started
     worker_log, _ = worker.communicate(timeout=120)
     assert two.returncode == 0, (two.stdout + two.stderr)[-5000:] + worker_log[-3000:]
     assert worker.returncode == 0, worker_log[-5000:]
-    # Node 1 joined every launch of node 0 (training, the re-rank's full evaluation of each candidate, then
-    # the full evaluation of the published model), then exited with the run.
+    # Node 1 ran every step of node 0 (training, the re-rank's full evaluation of each candidate, then the
+    # full evaluation of the published model), each through torchrun on alternating ports, then exited.
     [reranked] = versions(project_copy / "data/06_models/candidate_evals.json", "candidate_evals.json")
     assert reranked["reranked"] and len(reranked["candidates"]) == 2  # evaluations at steps 6 and 12
-    launches = len(re.findall(r"Node 1: launch \S+ done", worker_log))
-    assert launches == 1 + 2 + 1 and "node 0's run finished" in worker_log, worker_log[-3000:]
+    steps = re.findall(r"Node 1: step (\d+) done", worker_log)
+    assert steps == ["0", "1", "2", "3"] and "node 0's run finished" in worker_log, worker_log[-3000:]
+    ports = re.findall(r"torchrun --nnodes=2 --node-rank=1 --nproc-per-node=1 --master-addr=127.0.0.1 "
+                       r"--master-port=(\d+)", worker_log)
+    assert ports == [str(port + 1), str(port + 2)] * 2, worker_log[-3000:]
+    assert not (out / "nodes").exists()  # nothing on the shared file system coordinates the nodes
     logger.warning("two-node kedro run (train, full evaluation, report): %.1f s", wall)  # shown with -rA or on failure
 
     one = kedro(project_copy, "--pipelines", "train", "--params",
@@ -106,11 +128,14 @@ def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_o
 
     # Predict (the demo's digits validation images through the newest best model) across the two nodes,
     # then in one process.
-    worker = start_worker(project_copy, out)
-    spread = kedro(project_copy, "--pipelines", "predict", "--params", f"training.device=cpu,{per_node(free_port())}",
-                   env=pinned_env())
+    # per_node: torchrun's old name, one release with a warning.
+    port = free_ports()
+    worker = start_worker(project_copy, port)
+    spread = kedro(project_copy, "--pipelines", "predict", "--params",
+                   f"training.device=cpu,{torchrun_nodes(port, launch='per_node')}", env=pinned_env())
     worker_log, _ = worker.communicate(timeout=120)
     assert spread.returncode == 0 and worker.returncode == 0, (spread.stdout + spread.stderr)[-4000:] + worker_log[-2000:]
+    assert "training.nodes.launch: per_node is now called torchrun" in spread.stdout + spread.stderr
     alone = kedro(project_copy, "--pipelines", "predict", "--params", "predict.num_processes=1,predict.device=cpu",
                   env=pinned_env())
     assert alone.returncode == 0, (alone.stdout + alone.stderr)[-4000:]
@@ -126,16 +151,39 @@ def training_run(steps: int, eval_steps: int, save_steps: int) -> str:
             f"training.save_steps={save_steps},training.device=cpu")
 
 
-def start_two_nodes(root: Path, params: str, until) -> tuple[Path, subprocess.Popen, subprocess.Popen]:
-    """Node 1 (a worker) and node 0 (`kedro run --pipelines train`), returned once `until(output_dir)` holds."""
+class Output:
+    """A process's output, read by a thread as it comes (the test waits for a line, then acts)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    def text(self) -> str:
+        self.thread.join(timeout=300)
+        return "".join(self.lines)
+
+    def has(self, pattern: str) -> bool:
+        return any(re.search(pattern, line) for line in list(self.lines))
+
+
+def start_two_nodes(root: Path, params: str, until) -> tuple[Path, subprocess.Popen, Output, subprocess.Popen]:
+    """Node 1 (a worker) and node 0 (`kedro run --pipelines train`), returned once `until(output_dir, node 0's
+    output)` holds."""
     out = root / "data/06_models/train_output"
-    worker = start_worker(root, out)
+    port = int(re.search(r"training.master_port=(\d+)", params).group(1))
+    worker = start_worker(root, port)
     node0 = start_kedro(root, "--pipelines", "train", "--params", params)
+    log = Output(node0)
     deadline = time.time() + 300
-    while not until(out):
+    while not until(out, log):
         assert time.time() < deadline and node0.poll() is None, "node 0 ended or timed out before the moment came"
         time.sleep(0.05)
-    return out, worker, node0
+    return out, worker, log, node0
+
+
+def training_started(out: Path, log: Output) -> bool:
+    return log.has(r"TRAIN step 4/")  # both nodes' ranks are in the process group and training
 
 
 def kill_tree(pid: int) -> None:
@@ -152,12 +200,13 @@ def kill_tree(pid: int) -> None:
 @pytest.mark.threads_pinned
 def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(project_copy):
     long_run = training_run(steps=40, eval_steps=20, save_steps=4)
-    out, worker, node0 = start_two_nodes(project_copy, f"{long_run},{per_node(free_port(), 20)}",
-                                         lambda out: bool(complete_checkpoints(out)))
+    out, worker, node0_log, node0 = start_two_nodes(project_copy, f"{long_run},{torchrun_nodes(free_ports(), 20)}",
+                                                    lambda out, _: bool(complete_checkpoints(out)))
     kill_tree(worker.pid)
     killed_at = time.time()
-    log, _ = node0.communicate(timeout=300)
+    node0.wait(timeout=300)
     stopped_after = time.time() - killed_at
+    log = node0_log.text()
     worker.wait()
     assert node0.returncode != 0 and not (out / "FINISHED.json").exists()
     assert re.search(r"lost rank\(s\) 1 on node 1 \(host \S+, node process \d+\)", log), log[-5000:]
@@ -166,9 +215,10 @@ def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(pr
     step = complete_checkpoints(out)[-1][0]
     assert step < 40
 
-    worker = start_worker(project_copy, out)
+    port = free_ports()
+    worker = start_worker(project_copy, port)
     resumed = kedro(project_copy, "--pipelines", "train", "--params",
-                    f"{long_run},{per_node(free_port())},training.resume_from_checkpoint=auto", env=pinned_env())
+                    f"{long_run},{torchrun_nodes(port)},training.resume_from_checkpoint=auto", env=pinned_env())
     worker_log, _ = worker.communicate(timeout=120)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:] + worker_log[-3000:]
     assert worker.returncode == 0, worker_log[-3000:]
@@ -180,13 +230,13 @@ def test_a_lost_node_stops_node_zero_naming_its_rank_and_auto_resume_finishes(pr
 @pytest.mark.threads_pinned
 def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint(project_copy):
     # As SLURM pre-empts a job: SIGTERM to the task on each node at once. Each node passes one SIGTERM to
-    # its ranks, which agree on a step, save a checkpoint there and stop.
-    joined = lambda out: bool(list((out / "nodes").glob("*/joined-rank-1")))  # noqa: E731
-    out, worker, node0 = start_two_nodes(project_copy, f"{training_run(400, 200, 200)},{per_node(free_port())}", joined)
-    time.sleep(3)  # a few training steps
+    # its ranks (through torchrun), which agree on a step, save a checkpoint there and stop.
+    out, worker, node0_log, node0 = start_two_nodes(
+        project_copy, f"{training_run(400, 200, 200)},{torchrun_nodes(free_ports())}", training_started)
     for proc in (node0, worker):
         proc.send_signal(signal.SIGTERM)
-    log, _ = node0.communicate(timeout=300)
+    node0.wait(timeout=300)
+    log = node0_log.text()
     worker_log, _ = worker.communicate(timeout=300)
     assert node0.returncode != 0 and worker.returncode != 0
     stopped = re.search(r"training stopped by SIGTERM at step (\d+) of 400; resumable checkpoint ([^;\s]+)", log)
@@ -200,88 +250,81 @@ def test_a_scheduler_sigterm_to_every_node_stops_them_together_with_a_checkpoint
 @pytest.mark.multinode
 @pytest.mark.threads_pinned
 def test_ranks_do_not_outlive_a_node_process_killed_outright(project_copy):
-    # kedro on node 0 is SIGKILLed (out of memory, say): its ranks, in a session of their own, must not go
-    # on training and writing checkpoints; node 1 then loses node 0 and says so.
-    joined = lambda out: bool(list((out / "nodes").glob("*/joined-rank-1")))  # noqa: E731
-    # lost_after_s 30: node 1 cannot be what stops node 0's ranks inside the 10 s allowed below.
-    out, worker, node0 = start_two_nodes(project_copy, f"{training_run(400, 200, 200)},{per_node(free_port(), 30)}",
-                                         joined)
+    # kedro on node 0 is SIGKILLed (out of memory, say): its torchrun and ranks must not go on training and
+    # writing checkpoints; node 1 then loses node 0 (its store) and says so.
+    out, worker, _, node0 = start_two_nodes(
+        project_copy, f"{training_run(400, 200, 200)},{torchrun_nodes(free_ports(), 30)}", training_started)
     node0.kill()
     node0.wait()
     killed_at = time.time()
     leftovers = True
     while leftovers and time.time() - killed_at < 10:
         time.sleep(0.5)
-        leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(out / "launch") in " ".join(p.info["cmdline"] or [])
-                     and p.pid != worker.pid]
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(out / "launch") in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, f"ranks still running {time.time() - killed_at:.0f} s after node 0 was killed"
     worker_log, _ = worker.communicate(timeout=120)
     assert worker.returncode == 1
-    assert re.search(r"lost rank\(s\) 0 on node 0|node 0 \(\S+\) failed", worker_log), worker_log[-3000:]
+    assert re.search(r"lost rank\(s\) 0 on node 0 \(host \S+, kedro process \d+\)", worker_log), worker_log[-3000:]
 
 
 @pytest.mark.multinode
-def test_a_worker_without_node_zero_gives_up_with_a_message(tmp_path):
+def test_a_worker_without_node_zero_gives_up_naming_the_address(tmp_path):
+    port = free_ports()  # nothing listens there: node 0 not started, or a firewall
     started = time.time()
-    proc = subprocess.run([FOOD_MULTIDS, "node-worker", "--output-dir", str(tmp_path / "out"), "--wait-s", "2"],
-                          env={**kedro_env(), "SLURM_NODEID": "1"}, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and time.time() - started < 30
-    assert f"no launch from node 0 appeared in {tmp_path / 'out' / 'nodes'} within 2 s (--wait-s)" in proc.stderr
-
-
-def beating(node_dir: Path, stop: threading.Event) -> None:
-    beat = 0
-    while not stop.is_set():
-        beat += 1
-        (node_dir / "node-0.json").write_text(json.dumps({"node": 0, "host": "h0", "pid": 1, "beat": beat,
-                                                          "state": "running", "message": "", "ranks": [0]}))
-        time.sleep(0.5)
+    proc = subprocess.run([FOOD_MULTIDS, "node-worker", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                           "--wait-s", "5"], env={**kedro_env(), "SLURM_NODEID": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and time.time() - started < 60, proc.stderr[-3000:]
+    assert f"cannot reach node 0's store at 127.0.0.1:{port} within 5 s (--wait-s)" in proc.stderr, proc.stderr[-3000:]
+    bare = {k: v for k, v in kedro_env().items() if not k.startswith(("PET_", "MASTER_", "NODE_RANK", "SLURM_"))}
+    proc = subprocess.run([FOOD_MULTIDS, "node-worker"], env=bare, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "no node rank: pass --node-rank" in proc.stderr and "no master address: pass --master-addr" in proc.stderr
 
 
 @pytest.mark.multinode
-def test_a_node_that_cannot_reach_the_master_fails_after_the_join_timeout(tmp_path, base_params):
-    # Node 0 is alive (its heartbeat runs here) but nothing listens at the master address: as behind a
-    # firewall. The worker's rank keeps trying to connect until the join timeout stops it.
-    board = tmp_path / "out" / "nodes"
-    node_dir = board / "launch-1"
-    node_dir.mkdir(parents=True)
-    (node_dir / "hostfile").write_text("node-0 slots=1\nnode-1 slots=1\n")
-    spec = tmp_path / "spec.json"
-    params = {**base_params, "training": {**base_params["training"], "device": "cpu"}}
-    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(tmp_path), "model_dir": str(tmp_path)}))
-    port = free_port()
-    post = {"state": "open", "id": "launch-1", "session": "s", "posted_by": "h0", "project_root": "",
-            "plan": {"num_nodes": 2, "procs_per_node": 1, "master_addr": "127.0.0.1", "master_port": port},
-            "cmd_tail": ["--module", "food_multids.inference.worker", "--spec", str(spec)],
-            "timeouts": {"join_timeout_s": 8, "lost_after_s": 60}}
-    stop = threading.Event()
-    thread = threading.Thread(target=beating, args=(node_dir, stop), daemon=True)
-    thread.start()
-    (board / "board.json").write_text(json.dumps(post))
+def test_node_zero_refuses_a_second_worker_for_a_rank_and_names_a_node_that_never_came(base_params):
+    from food_multids.runtime.node_zero import Session
+
+    port = free_ports()
+    nodes = {"launch": "torchrun", "num_nodes": 3, "master_addr": "127.0.0.1", "join_timeout_s": 20}
+    params = {**base_params, "training": {**base_params["training"], "master_port": port, "nodes": nodes}}
+    session = Session(ProjectConfig.from_params(params, check_files=False))
     try:
-        started = time.time()
-        proc = subprocess.run([FOOD_MULTIDS, "node-worker", "--output-dir", str(tmp_path / "out"), "--node-rank", "1",
-                               "--wait-s", "30"], env=kedro_env(), capture_output=True, text=True, timeout=120)
+        first = start_worker(REPO, port, env={"PET_NODE_RANK": "1", "PET_MASTER_ADDR": "127.0.0.1",
+                                              "PET_MASTER_PORT": str(port)})
+        deadline = time.time() + 60
+        while not session.store.check(["node/1"]):
+            assert time.time() < deadline and first.poll() is None, first.communicate()[0][-3000:]
+            time.sleep(0.1)
+        claim = json.loads(session.store.get("node/1"))
+        second = subprocess.run([FOOD_MULTIDS, "node-worker", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                                 "--master-port", str(port)], env=kedro_env(), capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 1
+        assert (f"node rank 1 is already taken in the run at 127.0.0.1:{port} by {claim['host']} (process "
+                f"{claim['pid']}): two workers were started as node 1") in second.stderr, second.stderr[-3000:]
+        with pytest.raises(NodeFailure, match=r"node\(s\) 2 never joined within 20 s \(training.nodes.join_timeout_s\)"):
+            session._await_claims()
+        session.finish(ok=True)
+        log, _ = first.communicate(timeout=60)
+        assert first.returncode == 0 and "node 0's run finished" in log, log[-3000:]
     finally:
-        stop.set()
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert (f"the process group at 127.0.0.1:{port} did not form within 8 s (training.nodes.join_timeout_s): "
-            f"rank(s) 0, 1 on node(s) 0, 1 did not join; node(s) 1 cannot connect to the master at 127.0.0.1:{port}: "
-            "check that node 0 (h0) is reachable from there on that port") in proc.stderr
-    assert time.time() - started < 60
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(spec) in " ".join(p.info["cmdline"] or [])]
+        if session.store is not None:
+            session.finish(ok=False)
 
 
 def test_the_node_plan_comes_from_settings_or_the_schedulers_environment(base_params, monkeypatch):
-    for name in ("NNODES", "SLURM_NNODES", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "SLURM_NODEID",
+    for name in ("PET_NNODES", "PET_MASTER_ADDR", "PET_MASTER_PORT", "PET_NODE_RANK",
+                 "NNODES", "SLURM_NNODES", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "SLURM_NODEID",
                  "JOB_COMPLETION_INDEX", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
         monkeypatch.delenv(name, raising=False)
 
     def plan(**nodes):
-        params = {**base_params, "training": {**base_params["training"], "nodes": {"launch": "per_node", **nodes}}}
+        params = {**base_params, "training": {**base_params["training"], "nodes": {"launch": "torchrun", **nodes}}}
         return resolve_plan(ProjectConfig.from_params(params, check_files=False), 4)
 
-    with pytest.raises(NodeFailure, match="training.nodes.num_nodes is not set and neither NNODES nor SLURM_NNODES"):
+    with pytest.raises(NodeFailure, match="training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES"):
         plan()
     monkeypatch.setenv("SLURM_NNODES", "3")
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
@@ -292,21 +335,23 @@ def test_the_node_plan_comes_from_settings_or_the_schedulers_environment(base_pa
     monkeypatch.setenv("SLURM_NODEID", "2")
     with pytest.raises(NodeFailure, match=r"this machine is node 2 \(SLURM_NODEID=2\), but `kedro run` runs on node 0"):
         plan()
-    params = {**base_params, "training": {**base_params["training"], "hostfile": "h", "nodes": {"launch": "per_node"}}}
-    with pytest.raises(ConfigError, match="params:training.hostfile must be null with training.nodes.launch: per_node"):
+    monkeypatch.setenv("PET_NODE_RANK", "0")  # torchrun's own variable first
+    monkeypatch.setenv("PET_MASTER_PORT", "29400")
+    assert plan().master_port == 29400 and plan().step_port(0) == 29401 and plan().step_port(3) == 29402
+    params = {**base_params, "training": {**base_params["training"], "hostfile": "h", "nodes": {"launch": "torchrun"}}}
+    with pytest.raises(ConfigError, match="params:training.hostfile must be null with training.nodes.launch: torchrun"):
         ProjectConfig.from_params(params, check_files=False)
 
 
 def test_the_readme_recipes_use_settings_and_flags_the_code_has(base_params):
     import yaml
 
-    from food_multids.runtime.nodes import NODE_RANK_VARS, NUM_NODES_VARS
+    from food_multids.runtime.nodes import MASTER_ADDR_VARS, MASTER_PORT_VARS, NODE_RANK_VARS, NUM_NODES_VARS
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("### Several machines", 1)[1].split("\n## ", 1)[0]
     recipes = re.findall(r"```(?:bash|yaml)\n(.*?)```", section, flags=re.S)
-    assert len(recipes) == 2
-    gpu_output_dir = yaml.safe_load((REPO / "conf/gpu/parameters.yml").read_text())["training"]["output_dir"]
+    assert len(recipes) == 3
 
     def recipe_config(recipe: str) -> ProjectConfig:
         (overrides,) = re.findall(r"kedro run --env gpu --params (\S+)", recipe)
@@ -320,14 +365,25 @@ def test_the_readme_recipes_use_settings_and_flags_the_code_has(base_params):
             section_[last] = yaml.safe_load(value)
         return ProjectConfig.from_params(params, check_files=False)  # raises on an unknown key or a bad value
 
-    slurm, kubernetes = recipes
+    slurm, kubernetes, pytorchjob = recipes
     cfg = recipe_config(slurm)  # Kedro in the batch script, exec'd so that the time-limit signal reaches it
     assert cfg.training.launch_mode() == "slurm" and cfg.training.resume_from_checkpoint == "auto"
     assert "#SBATCH --signal=B:TERM@" in slurm and "exec .venv/bin/kedro run" in slurm and "node-worker" not in slurm
     cfg = recipe_config(kubernetes)
     assert '[ "$JOB_COMPLETION_INDEX" = 0 ]' in kubernetes and "JOB_COMPLETION_INDEX" in NODE_RANK_VARS
-    assert cfg.training.launch_mode() == "per_node" and cfg.training.resume_from_checkpoint == "auto"
-    assert re.findall(r"food-multids node-worker --output-dir (\S+)", kubernetes) == [gpu_output_dir]
-    assert "NNODES" in kubernetes and "NNODES" in NUM_NODES_VARS and "SLURM_NNODES" in NUM_NODES_VARS
+    assert cfg.training.launch_mode() == "torchrun" and cfg.training.resume_from_checkpoint == "auto"
+    assert "exec .venv/bin/food-multids node-worker" in kubernetes
+    for name in ("NNODES", "MASTER_ADDR", "MASTER_PORT"):  # what the Job's pods are given, read by both sides
+        assert f"{{name: {name}," in kubernetes and name in (*NUM_NODES_VARS, *MASTER_ADDR_VARS, *MASTER_PORT_VARS)
+    # A PyTorchJob: the operator sets the PET_* variables, which node 0 and the worker read first.
+    job = yaml.safe_load(pytorchjob)
+    master, worker = (job["spec"]["pytorchReplicaSpecs"][k]["template"]["spec"]["containers"][0]["command"]
+                      for k in ("Master", "Worker"))
+    (overrides,) = [master[i + 1] for i, arg in enumerate(master) if arg == "--params"]
+    cfg = recipe_config(f"kedro run --env gpu --params {overrides}")
+    assert master[:3] == [".venv/bin/kedro", "run", "--env"] and cfg.training.launch_mode() == "torchrun"
+    assert worker == [".venv/bin/food-multids", "node-worker"]
+    assert (NODE_RANK_VARS[0], NUM_NODES_VARS[0], MASTER_ADDR_VARS[0], MASTER_PORT_VARS[0]) == \
+        ("PET_NODE_RANK", "PET_NNODES", "PET_MASTER_ADDR", "PET_MASTER_PORT")
     help_text = subprocess.run([FOOD_MULTIDS, "node-worker", "--help"], capture_output=True, text=True).stdout
-    assert all(flag in help_text for flag in ("--output-dir", "--node-rank", "--wait-s"))
+    assert all(flag in help_text for flag in ("--node-rank", "--master-addr", "--master-port", "--nnodes", "--wait-s"))

@@ -62,9 +62,10 @@ def test_preflight_says_when_srun_or_the_node_count_is_missing(base_params, demo
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("SLURM_NNODES", raising=False)
     monkeypatch.delenv("NNODES", raising=False)
+    monkeypatch.delenv("PET_NNODES", raising=False)
     plan = RunPlan(env="local", node_names={"train_deepspeed"}, free_inputs=[])
     found = check_run(plan, params, lambda name: True, {}, lambda name: None)
-    assert any("training.nodes.num_nodes is not set and neither NNODES nor SLURM_NNODES" in p for p in found.problems)
+    assert any("training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES" in p for p in found.problems)
     monkeypatch.setenv("SLURM_NNODES", "2")
     found = check_run(plan, params, lambda name: True, {}, lambda name: None)
     assert any("launch is slurm but `srun` is not on PATH" in p for p in found.problems), found.problems

@@ -297,11 +297,12 @@ class EmaSettings:
 class NodeSettings:
     """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
 
-    launch: Literal["auto", "ssh", "slurm", "per_node"] = "auto"   # slurm: each step an `srun ... torchrun` job step
-    num_nodes: int | None = None        # per_node: else NNODES or SLURM_NNODES from the environment
-    master_addr: str | None = None      # per_node: else MASTER_ADDR, SLURM's first node, this machine's name
-    join_timeout_s: float = 600.0       # per_node: a node or rank that has not joined by then fails the run
-    lost_after_s: float = 120.0         # per_node: a node silent this long is lost (above NFS's attribute cache)
+    launch: Literal["auto", "ssh", "slurm", "torchrun", "per_node"] = "auto"  # slurm: each step an srun job step;
+    # torchrun: node 0's kedro + `food-multids node-worker` elsewhere; per_node: torchrun's old name (one release)
+    num_nodes: int | None = None        # slurm/torchrun: else PET_NNODES, NNODES or SLURM_NNODES
+    master_addr: str | None = None      # else PET_MASTER_ADDR, MASTER_ADDR, SLURM's first node, this machine's name
+    join_timeout_s: float = 600.0       # torchrun: a node that has not joined by then fails the run
+    lost_after_s: float = 120.0         # torchrun: a node whose heartbeat in node 0's store stops this long is lost
 
     def validate(self, problems: _Problems, hostfile: str | None, path: str = "training.nodes") -> None:
         if isinstance(self.num_nodes, int) and self.num_nodes < 1:
@@ -313,14 +314,16 @@ class NodeSettings:
         if self.launch == "ssh" and not hostfile:
             problems.add(f"{path}.launch", "is ssh but training.hostfile is not set: name the DeepSpeed hostfile "
                                            "(one `host slots=N` line per machine)")
-        if self.launch == "per_node" and hostfile:
-            problems.add("training.hostfile", "must be null with training.nodes.launch: per_node (each node starts "
-                                              "its own processes; the node list comes from training.nodes)")
+        if self.launch in ("torchrun", "per_node", "slurm") and hostfile:
+            problems.add("training.hostfile", f"must be null with training.nodes.launch: {self.launch} (each node "
+                                              "starts its own processes; the node list comes from training.nodes)")
 
-    def mode(self, hostfile: str | None) -> Literal["single", "ssh", "slurm", "per_node"]:
+    def mode(self, hostfile: str | None) -> Literal["single", "ssh", "slurm", "torchrun"]:
         """single (this machine), ssh (DeepSpeed's hostfile + pdsh), slurm (job steps of the allocation that runs
-        Kedro) or per_node (every node starts its own)."""
-        if self.launch in ("per_node", "slurm"):
+        Kedro) or torchrun (every node starts its own torchrun per step; per_node is its old name)."""
+        if self.launch == "per_node":
+            return "torchrun"
+        if self.launch in ("torchrun", "slurm"):
             return self.launch
         return "ssh" if self.launch == "ssh" or hostfile else "single"
 
@@ -503,7 +506,7 @@ class TrainConfig:
         if isinstance(self.nodes, NodeSettings):
             self.nodes.validate(problems, self.hostfile)
 
-    def launch_mode(self) -> Literal["single", "ssh", "slurm", "per_node"]:
+    def launch_mode(self) -> Literal["single", "ssh", "slurm", "torchrun"]:
         return self.nodes.mode(self.hostfile)
 
     def best_metric_greater_is_better(self) -> bool:

@@ -44,15 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     describe.add_argument("model", help="as `predict` takes it: best, best:<version>, a folder, "
                                         "models:/<name>/<version|latest>, runs:/<run id>/model")
     predict_cli.add_parser(sub)
-    node = sub.add_parser("node-worker", help="a node other than node 0 of a training.nodes.launch: per_node run: "
-                                              "join node 0's launches until its run ends")
-    node.add_argument("--output-dir", type=Path, required=True,
-                      help="node 0's training.output_dir, on storage every node shares at the same path")
+    node = sub.add_parser("node-worker", help="a node other than node 0 of a training.nodes.launch: torchrun run: "
+                                              "run node 0's steps through torchrun until its run ends")
     node.add_argument("--node-rank", type=int, default=None,
-                      help="this node's rank, 1..N-1 (default: NODE_RANK, SLURM_NODEID or JOB_COMPLETION_INDEX)")
+                      help="this node's rank, 1..N-1 (default: PET_NODE_RANK, NODE_RANK, SLURM_NODEID or "
+                           "JOB_COMPLETION_INDEX)")
+    node.add_argument("--master-addr", default=None,
+                      help="node 0's address, where its kedro run holds the run's store (default: PET_MASTER_ADDR, "
+                           "MASTER_ADDR, SLURM's first node)")
+    node.add_argument("--master-port", type=int, default=None,
+                      help="node 0's training.master_port (default: PET_MASTER_PORT, MASTER_PORT, else 29500); "
+                           "the steps use the next two ports too")
+    node.add_argument("--nnodes", type=int, default=None,
+                      help="the number of nodes, checked against node 0's (default: PET_NNODES, NNODES, SLURM_NNODES)")
     node.add_argument("--wait-s", type=float, default=3600.0,
-                      help="give up when no launch from node 0 appears for this long (default 3600: node 0 "
-                           "prepares the data first)")
+                      help="give up when node 0 is not reachable, or starts no step, for this long (default 3600: "
+                           "node 0 prepares the data first)")
+    node.add_argument("--output-dir", type=Path, default=None, help=argparse.SUPPRESS)  # per_node's, ignored
     for command, pipeline in PIPELINE_COMMANDS.items():
         run = sub.add_parser(command, help=f"`kedro run --pipelines {pipeline}` with a YAML file's parameters "
                                            "layered over conf/base (the original trainer's --config)")
@@ -146,20 +154,23 @@ def describe_model(spec: str, root: Path) -> str:
 
 
 def run_node_worker(args: argparse.Namespace) -> int:
-    from food_multids.config.paths import resolve_path
-    from food_multids.helpers.interrupts import RunInterrupted, raise_on_signals
-    from food_multids.runtime.node_worker import resolve_node_rank, serve_launches
+    from food_multids.runtime.node_worker import resolve_settings, serve
     from food_multids.runtime.nodes import NodeFailure
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    log = logging.getLogger(__name__)
+    if args.output_dir is not None:
+        log.warning("node-worker: --output-dir is no longer used (node 0 is found at --master-addr/--master-port, "
+                    "not through files); drop it")
     try:
-        # SIGTERM (a scheduler cancelling the job) reaches this node's ranks as it would under kedro run.
-        with raise_on_signals():
-            serve_launches(resolve_path(str(args.output_dir)), resolve_node_rank(args.node_rank), args.wait_s)
-    except (NodeFailure, RunInterrupted) as exc:
-        logging.getLogger(__name__).error("node-worker: %s", exc)
+        # SIGTERM (a scheduler cancelling the job) reaches this node's ranks once, as it would under kedro run.
+        message = serve(resolve_settings(args.node_rank, args.master_addr, args.master_port, args.nnodes,
+                                         args.wait_s))
+    except NodeFailure as exc:
+        log.error("node-worker: %s", exc)
         return 1
+    log.info("node-worker: %s", message)
     return 0
 
 

@@ -13,7 +13,7 @@ import click
 from kedro.framework.hooks import hook_impl
 
 from food_multids.helpers.interrupts import RunInterrupted, raise_on_signals
-from food_multids.runtime.nodes import finish_sessions
+from food_multids.runtime.node_zero import finish_session
 
 logger = logging.getLogger(__name__)
 # Written by the train pipeline in the same session as best_model, so they share its version string.
@@ -235,7 +235,7 @@ class ProjectHooks:
                 describe_run(self._run_id, run_params, {n.name for n in pipeline.nodes}, catalog)
             except Exception as exc:  # naming is a courtesy: never the reason a run does not start
                 logger.warning("Could not name or link MLflow run %s: %s", self._run_id, exc)
-        announce_per_node_run(catalog)
+        open_node_session(catalog)
         self._run_scope = contextlib.ExitStack()
         if self._run_id and "train_deepspeed" in {n.name for n in pipeline.nodes}:
             self._run_scope.callback(start_system_metrics(self._run_id))
@@ -244,7 +244,7 @@ class ProjectHooks:
     @hook_impl(tryfirst=True)  # before other hooks can raise past it
     def after_pipeline_run(self, pipeline) -> None:
         self._close_run_scope()
-        finish_sessions(ok=True)  # a per_node run's workers exit
+        finish_session(ok=True)  # a torchrun run's node workers exit
         if self._context is not None:
             from food_multids.framework.run_summary import report_run_results
 
@@ -254,7 +254,7 @@ class ProjectHooks:
     @hook_impl(trylast=True)  # after kedro-mlflow has ended the run as FAILED
     def on_pipeline_error(self, error: Exception) -> None:
         self._close_run_scope()
-        finish_sessions(ok=False, message=f"{type(error).__name__}: {error}")
+        finish_session(ok=False, message=f"{type(error).__name__}: {error}")
         if isinstance(error, user_error_types()):
             raise NodeError(str(error)) from None  # after kedro-mlflow has marked the run FAILED
         if isinstance(error, RunInterrupted) and self._run_id:
@@ -271,17 +271,18 @@ class ProjectHooks:
             self._run_scope = None
 
 
-def announce_per_node_run(catalog) -> None:
-    """A per_node run tells the node workers it started (and replaces a crashed run's left-over launch)."""
+def open_node_session(catalog) -> None:
+    """A torchrun run opens node 0's store before its first node: the node workers claim their ranks there
+    while Kedro prepares the data."""
     from food_multids.config import ConfigError, ProjectConfig
-    from food_multids.runtime.nodes import board_dir, open_session
+    from food_multids.runtime.node_zero import open_session
 
     try:
         cfg = ProjectConfig.from_params(catalog.load("parameters"), check_files=False)
     except ConfigError:  # the preflight hook has reported it
         return
-    if cfg.training.launch_mode() == "per_node":
-        open_session(board_dir(cfg))
+    if cfg.training.launch_mode() == "torchrun":
+        open_session(cfg)
 
 
 def start_system_metrics(run_id: str):

@@ -104,15 +104,19 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
         found.problems.extend(check_lora_targets(cfg.model))
     if cfg is not None and "ingest_images" in plan.node_names:
         found.problems.extend(check_predict_inputs(cfg.predict))
-    if cfg is not None and cfg.training.launch_mode() in ("per_node", "slurm"):
+    if cfg is not None and cfg.training.launch_mode() in ("torchrun", "slurm"):
         found.problems.extend(check_node_plan(cfg))
+    if cfg is not None and cfg.training.nodes.launch == "per_node":
+        found.warnings.append("params:training.nodes.launch: per_node is now called torchrun (the same node workers, "
+                              "now started per step through torchrun and node 0's store, not files); per_node goes "
+                              "in the next release")
     for name, path in plan.output_paths.items():
         found.problems.extend(check_writable_dir(path, f"the catalog dataset '{name}' ({path})"))
     return found
 
 
 def check_node_plan(cfg: ProjectConfig) -> list[str]:
-    """A per_node run knows its node count and runs on node 0 (nodes.resolve_plan's own checks)."""
+    """A multi-node run knows its node count and runs on node 0 (nodes.resolve_plan's own checks)."""
     from food_multids.runtime.nodes import NodeFailure, resolve_plan
 
     try:
@@ -121,7 +125,7 @@ def check_node_plan(cfg: ProjectConfig) -> list[str]:
         return [f"params:training.nodes: {exc}"]
     if cfg.training.launch_mode() == "slurm" and shutil.which("srun") is None:
         return ["params:training.nodes.launch is slurm but `srun` is not on PATH: run `kedro run` inside the "
-                "allocation (the sbatch script; README 'Several machines'), or use launch: per_node"]
+                "allocation (the sbatch script; README 'Several machines'), or use launch: torchrun"]
     return []
 
 

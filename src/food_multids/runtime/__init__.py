@@ -1,3 +1,4 @@
 """What training and evaluation both run on: devices and the process group (device.py), the DeepSpeed
-launcher (launch.py), several machines without ssh (nodes.py, node_worker.py), crash-safe files (files.py)
+launcher and SLURM job steps (launch.py), several machines on torchrun (nodes.py, node_zero.py,
+node_worker.py), crash-safe files (files.py)
 and the scoring loop (scoring.py). It imports nothing from training/, evaluation/ or pipelines/."""

@@ -1,5 +1,5 @@
-"""The DeepSpeed launcher's path: a leaf module (the single-machine launch and each node's share of a
-per_node launch both need it; neither imports the other for it)."""
+"""The launchers' paths: a leaf module (the single-machine launch, a SLURM job step and each node's torchrun
+all need one; none imports the others for it)."""
 
 from __future__ import annotations
 
@@ -12,4 +12,11 @@ def deepspeed_launcher() -> str:
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
     if launcher is None:
         raise FileNotFoundError("the `deepspeed` launcher is not on PATH; install deepspeed in this environment")
+    return launcher
+
+
+def torchrun_launcher() -> str:
+    launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if launcher is None:
+        raise FileNotFoundError("`torchrun` (installed with torch) is not on PATH")
     return launcher

@@ -8,7 +8,7 @@ import socket
 import torch
 
 from food_multids.config import ProjectConfig
-from food_multids.runtime.nodes import exit_with_supervisor, mark_joined
+from food_multids.runtime.nodes import exit_with_supervisor
 
 
 def resolve_device(cfg: ProjectConfig) -> torch.device:
@@ -54,11 +54,10 @@ def init_distributed(device: torch.device, master_port: int | None = None) -> tu
                     "MASTER_PORT": str(master_port or _free_port())}
         added = [k for k in defaults if k not in os.environ]
         os.environ.update({k: defaults[k] for k in added})
-        exit_with_supervisor()  # a per_node rank does not outlive kedro / the node worker that started it
+        exit_with_supervisor()  # a torchrun rank does not outlive kedro / the node worker that started it
         if device.type == "cpu":
             skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        mark_joined(dist.get_rank())  # a per_node launch's supervisors wait for every rank's mark
         # A single in-process run made these up; child processes (the DeepSpeed launcher, tests'
         # subprocesses) must not inherit a port that this process is now listening on.
         for key in added:

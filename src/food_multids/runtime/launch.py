@@ -3,7 +3,9 @@
 The parent writes the inputs (parquet) and the resolved parameters to a launch folder, starts
 `deepspeed --num_gpus N [--hostfile F] --module <worker>`, and reads back rank 0's result file.
 Training (training/launcher.py), the full evaluation (pipelines/full_eval) and predict all launch this
-way. With `training.nodes.launch: per_node` the parent is node 0 of several (runtime/nodes.py).
+way. With `training.nodes.launch: slurm` each launch is a job step (`srun ... torchrun`); with `torchrun` the
+parent is node 0 of several and starts `torchrun --node-rank 0` (runtime/nodes.py, node_zero.py). One
+machine stays on `deepspeed --num_gpus` (its launcher also runs the hostfile/ssh mode).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from food_multids.config import ProjectConfig
 from food_multids.config.paths import find_project_root, resolve_path
 from food_multids.helpers.interrupts import RunInterrupted
-from food_multids.runtime.commands import deepspeed_launcher  # noqa: F401 - the launch's public name too
+from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -95,9 +96,7 @@ def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
     if srun is None:
         raise FileNotFoundError("training.nodes.launch is slurm but `srun` is not on PATH: run Kedro inside the "
                                 "allocation (in the sbatch script), see README 'Several machines'")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        raise FileNotFoundError("`torchrun` (installed with torch) is not on PATH")
+    torchrun = torchrun_launcher()
     return [srun, f"--nodes={plan.num_nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             f"--job-name=food_multids-{step}",
             "bash", "-c", 'export PET_NODE_RANK="$SLURM_NODEID"; exec "$@"', "food_multids-step",
@@ -127,12 +126,11 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
     env = launcher_env(str(find_project_root()))
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
-    if cfg.training.launch_mode() == "per_node":
-        from food_multids.runtime import node_supervisor, nodes
+    if cfg.training.launch_mode() == "torchrun":
+        from food_multids.runtime import node_zero, nodes
 
         try:
-            node_supervisor.run_node_zero(cfg, nodes.resolve_plan(cfg, world), ["--module", module, "--spec", str(spec)],
-                                          env)
+            node_zero.run_node_zero(cfg, nodes.resolve_plan(cfg, world), module, str(spec), env)
         except nodes.NodeFailure as exc:
             raise RuntimeError(f"multi-node launch failed: {exc}") from None
         return

@@ -1,94 +1,267 @@
-"""`food-multids node-worker`: a node other than node 0 of a per_node run (see runtime/nodes.py).
+"""`food-multids node-worker`: a node other than node 0 of a `training.nodes.launch: torchrun` run (nodes.py).
 
-It waits for node 0's launches on the board in `<training.output_dir>/nodes/`, joins each one through
-the DeepSpeed launcher with its own node rank, and exits when node 0's run ends: 0 if it succeeded,
-1 if it failed, was lost, or nothing came within `--wait-s`.
+It connects to the store node 0's `kedro run` holds at the master address and port, claims its node rank
+there, beats a heartbeat every second, and runs each of node 0's steps as `torchrun --node-rank K` until
+node 0's result arrives: exit 0 if the run succeeded, 1 if it failed, node 0 was lost, or nothing came.
+Its settings come from flags or from the variables torchrun itself reads (PET_NODE_RANK, PET_MASTER_ADDR,
+PET_MASTER_PORT, PET_NNODES), then NODE_RANK / MASTER_ADDR / MASTER_PORT, SLURM's and an Indexed Job's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 from food_multids.config.paths import find_project_root
 from food_multids.runtime.launch import launcher_env
-from food_multids.runtime.node_supervisor import NodeSupervisor
-from food_multids.runtime.nodes import BOARD, NodeFailure, NodePlan, env_node_rank, read_json
+from food_multids.runtime.node_zero import torchrun_argv
+from food_multids.runtime.nodes import (
+    BEAT_S,
+    DEFAULT_PORT,
+    MASTER_ADDR_VARS,
+    MASTER_PORT_VARS,
+    NUM_NODES_VARS,
+    SUPERVISOR_ENV,
+    NodeFailure,
+    NodePlan,
+    _as_int,
+    _from_env,
+    connect_store,
+    die_with_parent,
+    env_node_rank,
+    ranks_text,
+    read_record,
+    slurm_first_host,
+    stop_tree,
+)
 
 logger = logging.getLogger(__name__)
-POLL_S = 1.0
+POLL_S = 0.5
+CONNECT_TRY_S = 10.0
+DEFAULT_LOST_AFTER_S = 120.0  # before node 0's first step says its own training.nodes.lost_after_s
 
 
-def resolve_node_rank(explicit: int | None) -> int:
-    if explicit is not None:
-        return explicit
-    found = env_node_rank()
-    if found is None:
-        raise NodeFailure("no node rank: pass --node-rank, or set NODE_RANK (SLURM sets SLURM_NODEID, a Kubernetes "
-                          "Indexed Job JOB_COMPLETION_INDEX)")
-    return found[0]
+@dataclass(frozen=True)
+class WorkerSettings:
+    node_rank: int
+    master_addr: str
+    master_port: int
+    num_nodes: int | None
+    wait_s: float
 
 
-def serve_launches(output_dir: Path, node_rank: int, wait_s: float) -> None:
-    """Join node 0's launches until its run ends; raise NodeFailure on any failure or timeout."""
-    if node_rank < 1:
-        raise NodeFailure(f"node rank {node_rank}: node 0 runs `kedro run` itself; workers are nodes 1, 2, ...")
-    board = output_dir / "nodes"
-    initial = read_json(board / BOARD)  # what a finished earlier run left: not this run's end
-    joined_sessions: set[str] = set()
-    seen: set[str] = set()
-    deadline = time.monotonic() + wait_s
-    logger.info("Node %d: waiting for node 0's launches in %s", node_rank, board)
-    while True:
-        record = read_json(board / BOARD)
-        if record and record.get("state") == "finished" and (
-                record.get("session") in joined_sessions or record != initial):
-            if record.get("ok"):
-                logger.info("Node %d: node 0's run finished", node_rank)
-                return
-            raise NodeFailure(f"node 0's run failed: {record.get('message') or 'see its log'}")
-        if record and record.get("state") == "open" and record["id"] not in seen:
-            seen.add(record["id"])
-            if _poster_alive(board / record["id"], record["timeouts"]["lost_after_s"]):
-                _join(board / record["id"], record, node_rank)
-                joined_sessions.add(record["session"])
-                deadline = time.monotonic() + wait_s
-            else:
-                logger.warning("Ignoring launch %s: node 0 is not running it (it ended, or was left over from an "
-                               "earlier run)", record["id"])
-        if time.monotonic() > deadline:
-            raise NodeFailure(
-                f"no launch from node 0 appeared in {board} within {wait_s:.0f} s (--wait-s): is `kedro run` running "
-                "on node 0 with training.nodes.launch: per_node and this training.output_dir, on storage both "
-                "nodes share?" if not joined_sessions else
-                f"node 0 posted no further launch and did not finish within {wait_s:.0f} s (--wait-s)")
-        time.sleep(POLL_S)
+def resolve_settings(node_rank: int | None, master_addr: str | None, master_port: int | None,
+                     num_nodes: int | None, wait_s: float) -> WorkerSettings:
+    """Flags first, then the variables torchrun reads, then the schedulers'. All problems at once."""
+    problems = []
+    if node_rank is None:
+        found = env_node_rank()
+        if found is None:
+            problems.append("no node rank: pass --node-rank, or set PET_NODE_RANK or NODE_RANK (SLURM sets "
+                            "SLURM_NODEID, a Kubernetes Indexed Job JOB_COMPLETION_INDEX)")
+        else:
+            node_rank = found[0]
+    if node_rank is not None and node_rank < 1:
+        problems.append(f"node rank {node_rank}: node 0 runs `kedro run` itself; workers are nodes 1, 2, ...")
+    if master_addr is None:
+        found = _from_env(MASTER_ADDR_VARS)
+        master_addr = found[1] if found else slurm_first_host()
+        if master_addr is None:
+            problems.append("no master address: pass --master-addr (node 0's host name or address), or set "
+                            "PET_MASTER_ADDR or MASTER_ADDR")
+    if master_port is None:
+        found = _from_env(MASTER_PORT_VARS)
+        master_port = _as_int(*found) if found else DEFAULT_PORT
+    if num_nodes is None:
+        found = _from_env(NUM_NODES_VARS)
+        num_nodes = _as_int(*found) if found else None
+    if problems:
+        raise NodeFailure("; ".join(problems))
+    return WorkerSettings(node_rank, master_addr, master_port, num_nodes, wait_s)
 
 
-def _poster_alive(node_dir: Path, within_s: float) -> bool:
-    """Node 0's heartbeat for this launch changes within `within_s` (usually a second; longer where a network
-    file system caches what it reads); a left-over post's never does."""
-    first = read_json(node_dir / "node-0.json")
-    end = time.monotonic() + within_s
-    while time.monotonic() < end:
-        time.sleep(POLL_S / 2)
-        now = read_json(node_dir / "node-0.json")
-        if now and now.get("state") in ("done", "failed", "stopped"):
-            return False
-        if now and (first is None or now["beat"] != first["beat"]):
-            return True
-    return False
+class NodeWorker:
+    def __init__(self, settings: WorkerSettings):
+        self.s = settings
+        self.where = f"{settings.master_addr}:{settings.master_port}"
+        self.host = socket.gethostname()
+        self.lost_after_s = DEFAULT_LOST_AFTER_S
+        self.signum: int | None = None
+        self.node0: dict = {}
+        self.procs_per_node = 1
+        self._stop = threading.Event()
+
+    # ---- joining -----------------------------------------------------------------------------------------
+    def _connect(self):
+        """Node 0's store; it may start after this worker (node 0 prepares the data first): retry until wait_s."""
+        deadline = time.monotonic() + self.s.wait_s
+        while True:
+            try:
+                return connect_store(self.s.master_addr, self.s.master_port, min(CONNECT_TRY_S, self.s.wait_s))
+            except Exception:
+                if time.monotonic() >= deadline or self.signum is not None:
+                    raise NodeFailure(
+                        f"cannot reach node 0's store at {self.where} within {self.s.wait_s:.0f} s (--wait-s): is "
+                        "`kedro run` running on node 0 with training.nodes.launch: torchrun and this master address "
+                        "and port (training.nodes.master_addr, training.master_port), and is the port reachable from "
+                        "here?") from None
+
+    def _claim(self, store) -> None:
+        me = json.dumps({"host": self.host, "pid": os.getpid()})
+        got = store.compare_set(f"node/{self.s.node_rank}", "", me)
+        got = got.decode() if isinstance(got, bytes) else got
+        if got != me:
+            other = json.loads(got)
+            raise NodeFailure(f"node rank {self.s.node_rank} is already taken in the run at {self.where} by "
+                              f"{other['host']} (process {other['pid']}): two workers were started as node "
+                              f"{self.s.node_rank}; give each node its own --node-rank / PET_NODE_RANK")
+        self.node0 = json.loads(store.get("node/0"))
+
+    def _beat_loop(self) -> None:
+        try:
+            store = connect_store(self.s.master_addr, self.s.master_port, 30.0)
+            while not self._stop.wait(BEAT_S):
+                store.add(f"beat/{self.s.node_rank}", 1)
+        except Exception:  # node 0's store is gone: the main loop finds out and says so
+            return
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def serve(self) -> str:
+        """Run node 0's steps until its result; return its final message (raise NodeFailure if it failed)."""
+        store = self._connect()
+        self._claim(store)
+        logger.info("Node %d: joined node 0 (%s) at %s", self.s.node_rank, self.node0.get("host"), self.where)
+        beat = threading.Thread(target=self._beat_loop, name="node-heartbeat", daemon=True)
+        beat.start()
+        self.watch = _Node0Watch(store)
+        try:
+            index = 0
+            while True:
+                record = self._next_record(store, index)
+                if record["kind"] == "finish":
+                    store.set(f"bye/{self.s.node_rank}", "1")
+                    if record["ok"]:
+                        return "node 0's run finished"
+                    raise NodeFailure(f"node 0's run failed: {record['message'] or 'see its log'}")
+                self._run_step(store, index, record)
+                index += 1
+        finally:
+            self._stop.set()
+
+    def _next_record(self, store, index: int) -> dict:
+        deadline = time.monotonic() + self.s.wait_s
+        while True:
+            record = self._guarded(lambda: read_record(store, f"step/{index}"))
+            if record is not None:
+                return record
+            if self.signum is not None:
+                raise NodeFailure(f"stopped by {signal.Signals(self.signum).name} while waiting for node 0's next step")
+            self._check_node0()
+            if time.monotonic() > deadline:
+                raise NodeFailure(f"node 0 started no further step and did not finish within {self.s.wait_s:.0f} s "
+                                  "(--wait-s)")
+            time.sleep(POLL_S)
+
+    def _guarded(self, call):
+        try:
+            return call()
+        except NodeFailure:
+            raise
+        except Exception:  # the connection to node 0's store broke: node 0's kedro run is gone
+            raise NodeFailure(self._lost_node0("its store at " + self.where + " stopped answering")) from None
+
+    def _check_node0(self) -> None:
+        silent = self._guarded(self.watch.silent_for)
+        if silent > self.lost_after_s:
+            raise NodeFailure(self._lost_node0(f"no heartbeat for {silent:.0f} s"))
+
+    def _lost_node0(self, why: str) -> str:
+        ranks = ranks_text(list(range(self.procs_per_node)))
+        return (f"lost rank(s) {ranks} on node 0 (host {self.node0.get('host', '?')}, kedro process "
+                f"{self.node0.get('pid', '?')}): {why}. Its run was killed or its machine went down; this node's "
+                "processes stopped. Resume with training.resume_from_checkpoint: auto")
+
+    def _run_step(self, store, index: int, record: dict) -> None:
+        plan = NodePlan(record["num_nodes"], record["procs_per_node"], self.s.master_addr, self.s.master_port)
+        self.procs_per_node, self.lost_after_s = plan.procs_per_node, record["timeouts"]["lost_after_s"]
+        if self.s.node_rank >= plan.num_nodes or (self.s.num_nodes not in (None, plan.num_nodes)):
+            message = (f"this is node {self.s.node_rank} of {self.s.num_nodes or '?'} (--nnodes / PET_NNODES), but node "
+                       f"0's run has {plan.num_nodes} nodes (0..{plan.num_nodes - 1}): check training.nodes.num_nodes")
+            store.set(f"status/{index}/{self.s.node_rank}", json.dumps({"state": "failed", "message": message}))
+            raise NodeFailure(message)
+        cmd = torchrun_argv(plan, self.s.node_rank, index, max(record["timeouts"]["join_timeout_s"], 60), record["module"],
+                            record["spec"])
+        logger.info("Node %d: step %d (ranks %s): %s", self.s.node_rank, index,
+                    ranks_text(plan.ranks_of(self.s.node_rank)), " ".join(cmd))
+        root = record.get("project_root") or ""
+        env = {**launcher_env(root if root and os.path.isdir(root) else str(find_project_root())),
+               SUPERVISOR_ENV: str(os.getpid())}
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
+        forwarded = False
+        try:
+            while (code := proc.poll()) is None:
+                if self.signum is not None and not forwarded:
+                    proc.send_signal(self.signum)  # torchrun passes it once to each rank: they agree on a step
+                    forwarded = True
+                if not forwarded:
+                    self._check_node0()
+                time.sleep(POLL_S)
+        except BaseException:
+            stop_tree(proc)
+            raise
+        if self.signum is not None:
+            message = f"stopped by {signal.Signals(self.signum).name}"
+            self._set_status(store, index, "stopped", message)
+            raise NodeFailure(f"{message}: this node's ranks stopped at the step all ranks agreed on")
+        if code != 0:
+            message = f"torchrun on node {self.s.node_rank} exited with code {code} (see the rank logs there)"
+            self._set_status(store, index, "failed", message)
+            self._check_node0()  # a failure caused by node 0's end is reported as that
+            raise NodeFailure(message)
+        self._set_status(store, index, "done", "")
+        logger.info("Node %d: step %d done", self.s.node_rank, index)
+
+    def _set_status(self, store, index: int, state: str, message: str) -> None:
+        try:
+            store.set(f"status/{index}/{self.s.node_rank}", json.dumps({"state": state, "message": message}))
+        except Exception:  # node 0 is gone; the caller says what happened
+            pass
 
 
-def _join(node_dir: Path, record: dict, node_rank: int) -> None:
-    plan = NodePlan(**record["plan"])
-    if node_rank >= plan.num_nodes:
-        raise NodeFailure(f"this is node {node_rank}, but node 0's launch {record['id']} has {plan.num_nodes} nodes "
-                          f"(0..{plan.num_nodes - 1}): check training.nodes.num_nodes / NNODES / SLURM_NNODES")
-    supervisor = NodeSupervisor(node_dir, record, node_rank)
-    env = launcher_env(record["project_root"] or str(find_project_root()))
-    logger.info("Node %d: joining launch %s (%d nodes x %d processes, master %s:%d)", node_rank, record["id"],
-                plan.num_nodes, plan.procs_per_node, plan.master_addr, plan.master_port)
-    supervisor.run(env)
-    logger.info("Node %d: launch %s done", node_rank, record["id"])
+class _Node0Watch:
+    """How long node 0's heartbeat counter in the store has not changed (this machine's clock only)."""
+
+    def __init__(self, store):
+        self.store, self.last, self.changed = store, None, time.monotonic()
+
+    def silent_for(self) -> float:
+        beat = self.store.add("beat/0", 0)
+        now = time.monotonic()
+        if beat != self.last:
+            self.last, self.changed = beat, now
+        return now - self.changed
+
+
+def serve(settings: WorkerSettings) -> str:
+    """Run as node `settings.node_rank` until node 0's run ends; SIGTERM/SIGINT go once to this node's ranks."""
+    worker = NodeWorker(settings)
+
+    def on_signal(signum, _frame) -> None:
+        if worker.signum is None:
+            logger.warning("Node %d: %s: passing it to this node's ranks once", settings.node_rank,
+                           signal.Signals(signum).name)
+        worker.signum = signum
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return worker.serve()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -1,62 +1,55 @@
-"""Several machines without ssh between them (`training.nodes.launch: per_node`), as SLURM and Kubernetes run jobs.
+"""Several machines on the engines people already run: what every node agrees on, and the store they meet in.
 
-Every node starts a process of its own: node 0 runs `kedro run` (data nodes once, then each multi-process
-step), the others run `food-multids node-worker`. They meet in `<training.output_dir>/nodes/`, which must be
-on storage every node sees at the same path:
+`training.nodes.launch: slurm`: Kedro runs in the batch script on the first node and each multi-process
+step is a job step (`srun ... torchrun`, launch.py): SLURM starts, signals and ends every node's share.
 
-  nodes/board.json            node 0's run: started (session), a launch open (join it) or closed, finished
-  nodes/<launch id>/hostfile  the DeepSpeed hostfile of the launch (names only: no ssh is used)
-  nodes/<launch id>/node-K.json
-                              node K's heartbeat (a counter written every second) and its state
-  nodes/<launch id>/joined-rank-R
-                              written by rank R once it is in the process group
-
-Each node starts `deepspeed --no_ssh --node_rank K --hostfile ... --master_addr A --master_port P` over
-the same launch folder, and watches the others: a node that never shows up, a rank that cannot join
-within `join_timeout_s`, or a node whose heartbeat stops for `lost_after_s` stops the run on every node
-with a message naming the nodes and ranks, instead of a collective that waits forever. Heartbeats are
-compared by their counter against this machine's own clock, so the nodes' clocks need not agree.
-This module: the plan, the board and the ranks' side; node_supervisor.py: one node's share of a launch;
-node_worker.py: the `food-multids node-worker` loop.
+`training.nodes.launch: torchrun` (Kubernetes Indexed Job, PyTorchJob/TrainJob, bare machines): node 0 runs
+`kedro run`, every other node runs `food-multids node-worker`. Kedro holds a small c10d TCPStore at the
+master address and port for the whole run (node_zero.py). Each worker connects to it, claims its node rank
+(a second process for the same rank is refused, by name), counts a heartbeat there every second, and
+waits for node 0's steps: each step is one record in the store (module, spec, processes per node, port),
+which every node runs as `torchrun --node-rank K` with torchrun's static rendezvous on the step's port
+(the master port + 1 or + 2, alternating, so that no node attaches to the previous step's store). A
+final record carries node 0's result; the workers exit 0 or 1 with it (node_worker.py). Nothing on the
+shared file system carries coordination or liveness; the launch folders hold the steps' inputs only.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from food_multids.config import ProjectConfig
-from food_multids.runtime.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-BOARD = "board.json"
-NODE_DIR_ENV = "FOOD_MULTIDS_NODE_DIR"  # set for the ranks of a per_node launch: where they report joining
 SUPERVISOR_ENV = "FOOD_MULTIDS_SUPERVISOR_PID"  # the process the ranks die with (kedro or the node worker)
 DEFAULT_PORT = 29500
 BEAT_S = 1.0
-KEEP_LAUNCHES = 4  # launch folders kept on the board besides the current one (a few hundred bytes each)
-# Environment variables a scheduler sets, most specific first: torchrun's names, SLURM's, a Kubernetes
-# Indexed Job's completion index (the pod's place in the job).
-NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID", "JOB_COMPLETION_INDEX")
-NUM_NODES_VARS = ("NNODES", "SLURM_NNODES")
+STORE_PREFIX = "food_multids"
+# Environment variables a scheduler sets, most specific first: torchrun's own (PET_*, as a PyTorchJob sets
+# them), the plain names, SLURM's, a Kubernetes Indexed Job's completion index (the pod's place in the job).
+NODE_RANK_VARS = ("PET_NODE_RANK", "NODE_RANK", "SLURM_NODEID", "JOB_COMPLETION_INDEX")
+NUM_NODES_VARS = ("PET_NNODES", "NNODES", "SLURM_NNODES")
+MASTER_ADDR_VARS = ("PET_MASTER_ADDR", "MASTER_ADDR")
+MASTER_PORT_VARS = ("PET_MASTER_PORT", "MASTER_PORT")
 
 
 class NodeFailure(RuntimeError):
-    """A per_node launch failed: a node never came, was lost, or its processes failed."""
+    """A multi-node launch failed: a node never came, was lost, or its processes failed."""
 
 
 @dataclass(frozen=True)
 class NodePlan:
-    """What every node of a launch agrees on; node 0 works it out and posts it."""
+    """What every node of a launch agrees on; node 0 works it out and hands it to the others in the store."""
 
     num_nodes: int
     procs_per_node: int
@@ -69,9 +62,9 @@ class NodePlan:
     def node_of(self, rank: int) -> int:
         return rank // self.procs_per_node
 
-    def hostfile_text(self) -> str:
-        # DeepSpeed's launcher reads the node list from a hostfile; with --no_ssh the names only order them.
-        return "".join(f"node-{k} slots={self.procs_per_node}\n" for k in range(self.num_nodes))
+    def step_port(self, index: int) -> int:
+        """torchrun's rendezvous port of node 0's step `index` (0, 1, ...): the master port is the run's store."""
+        return self.master_port + 1 + index % 2
 
 
 def _from_env(names: tuple[str, ...]) -> tuple[str, str] | None:
@@ -114,73 +107,31 @@ def resolve_plan(cfg: ProjectConfig, procs_per_node: int) -> NodePlan:
     if num_nodes is None:
         found = _from_env(NUM_NODES_VARS)
         if found is None:
-            problems.append("training.nodes.num_nodes is not set and neither NNODES nor SLURM_NNODES is in the "
-                            "environment: say how many nodes take part")
+            problems.append("training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES is in "
+                            "the environment: say how many nodes take part")
         else:
             num_nodes = _as_int(*found)
     here = env_node_rank()
     if here is not None and here[0] != 0:
         problems.append(f"this machine is node {here[0]} ({here[1]}={here[0]}), but `kedro run` runs on node 0 only: "
-                        "run `food-multids node-worker --output-dir <training.output_dir>` on the other nodes")
-    master_addr = nodes.master_addr or os.environ.get("MASTER_ADDR") or slurm_first_host() or socket.gethostname()
-    port = cfg.training.master_port or _as_int("MASTER_PORT", os.environ.get("MASTER_PORT") or str(DEFAULT_PORT))
+                        "run `food-multids node-worker` on the other nodes")
+    found = _from_env(MASTER_ADDR_VARS)
+    master_addr = nodes.master_addr or (found and found[1]) or slurm_first_host() or socket.gethostname()
+    found = _from_env(MASTER_PORT_VARS)
+    port = cfg.training.master_port or (_as_int(*found) if found else DEFAULT_PORT)
     if problems:
         raise NodeFailure("; ".join(problems))
     return NodePlan(num_nodes, procs_per_node, master_addr, port)
 
 
-def board_dir(cfg: ProjectConfig) -> Path:
-    return cfg.training.resolved_output_dir() / "nodes"
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file another node writes (atomically); None while it does not exist yet."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):  # not there yet, a stale NFS handle, a half-copied file: next time
-        return None
-
-
-# The board this Kedro run announced itself on, and its session id (hooks.py opens and finishes it).
-_session: dict = {"id": None, "board": None}
-
-
-def open_session(board: Path) -> None:
-    """Announce node 0's run before its first node: a worker then knows a run is on, and a launch left
-    over from a crashed earlier run is replaced."""
-    board.mkdir(parents=True, exist_ok=True)
-    _session.update(id=uuid.uuid4().hex[:12], board=board)
-    write_json_atomic(board / BOARD, {"state": "session", "session": _session["id"], "started_at": time.time()})
-
-
-def session_id(board: Path) -> str:
-    if _session["board"] != board:  # a launch outside a Kedro run (a script calling the nodes)
-        open_session(board)
-    return _session["id"]
-
-
-def finish_sessions(ok: bool, message: str = "") -> None:
-    """Tell the node workers that node 0's run ended (they exit, 0 if it succeeded)."""
-    if _session["board"] is not None:
-        write_json_atomic(_session["board"] / BOARD, {"state": "finished", "session": _session["id"], "ok": ok,
-                                                      "message": message[:2000], "finished_at": time.time()})
-    _session.update(id=None, board=None)
-
-
-def mark_joined(rank: int) -> None:
-    """Called by each rank right after it joined the process group (see device.init_distributed)."""
-    folder = os.environ.get(NODE_DIR_ENV)
-    if folder:
-        (Path(folder) / f"joined-rank-{rank}").write_text(str(os.getpid()))
-
-
 def exit_with_supervisor(poll_s: float = 2.0) -> None:
     """In a rank: a daemon thread that ends this process once its node's supervisor is gone.
 
-    The launcher runs in a session of its own (so that a lost node can be stopped as a whole), so a
-    supervisor killed outright (SIGKILL, out of memory) would otherwise leave its ranks training, and
-    writing checkpoints, behind the back of whoever restarts the run. DeepSpeed's launcher then stops the
-    node's other ranks, as for any rank that fails.
+    The node's torchrun gets SIGTERM when its starter dies (die_with_parent), but a SIGTERM makes ranks
+    finish the step they agree on first, and a torchrun killed outright leaves its ranks behind: this
+    watch ends them within seconds, so that a supervisor killed outright (SIGKILL, out of memory) never
+    leaves ranks training, and writing checkpoints, behind the back of whoever restarts the run. torchrun
+    then stops the node's other ranks, as for any rank that fails.
     """
     import threading
 
@@ -203,3 +154,62 @@ def exit_with_supervisor(poll_s: float = 2.0) -> None:
     threading.Thread(target=watch, name="exit-with-supervisor", daemon=True).start()
 
 
+def connect_store(host: str, port: int, timeout_s: float, *, is_master: bool = False):
+    """The run's c10d TCPStore (node 0 holds it: `is_master`), under the project's key prefix. Its calls
+    time out after `timeout_s`; a client connecting to a master that is not there yet retries that long."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    store = TCPStore(host, port, is_master=is_master, wait_for_workers=False,
+                     timeout=datetime.timedelta(seconds=timeout_s))
+    return PrefixStore(STORE_PREFIX, store)
+
+
+def read_record(store, key: str) -> dict | None:
+    """A JSON record another node set, or None while it is not there (never blocks)."""
+    if not store.check([key]):
+        return None
+    return json.loads(store.get(key))
+
+
+def die_with_parent(signum: int = signal.SIGTERM):
+    """A preexec_fn: the child (a node's torchrun agent) gets `signum` when the process that started it dies,
+    however it dies (SIGKILL, out of memory), and stops its ranks; they never train on unwatched. prctl is
+    looked up here, in the parent: between fork and exec the child only calls it (no dlopen, no lock)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, int(signum))
+
+    return set_pdeathsig
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
+    """End a launcher and every process under it: SIGTERM once (its ranks stop at an agreed step), then
+    SIGKILL to whatever is left after `grace_s`."""
+    import psutil
+
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    if grace_s > 0 and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    for p in [*family, psutil.Process(proc.pid) if proc.poll() is None else None]:
+        if p is None:
+            continue
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def ranks_text(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
