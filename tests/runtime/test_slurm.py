@@ -1,6 +1,8 @@
 """training.nodes.launch: slurm, each multi-process step a job step (`srun ... torchrun`) of the allocation
-Kedro runs in. No SLURM cluster runs on these machines: tests/runtime/fake_slurm/srun stands in for srun
-(N copies of the task here with SLURM_NODEID set, signals forwarded, -K semantics); torchrun is real."""
+Kedro runs in. Two nodes need a cluster: tests/runtime/fake_slurm/ stands in for srun (N copies of the task
+here with SLURM_NODEID set, -K semantics, SIGTERM to srun SIGKILLs the tasks as real srun does), squeue
+and scancel (a signal to a step's tasks); torchrun is real. test_real_slurm.py runs one node through a
+real slurmctld/slurmd."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def with_fake_srun(env: dict) -> dict:
 def slurm_env(log: Path) -> dict:
     # Compared bit for bit with a one-machine run: one thread per process (reduction order).
     return with_fake_srun({**kedro_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FAKE_SRUN_LOG": str(log),
+                           "FAKE_SLURM_STATE": str(log.with_name("fake_slurm_state")),
                            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": "0"})
 
 
@@ -97,7 +100,8 @@ def test_two_slurm_nodes_train_like_one_machine_with_two_processes_with_no_coord
 @pytest.mark.threads_pinned
 def test_the_time_limit_signal_stops_every_node_with_a_checkpoint_and_auto_resume_finishes(project_copy, tmp_path):
     # `#SBATCH --signal=B:TERM@120` signals the batch shell, which `exec`s kedro: SIGTERM reaches Kedro, which
-    # stops the job step (srun forwards it to torchrun, torchrun to the ranks); the ranks agree on a step.
+    # passes it to the job step's tasks on both nodes (scancel --signal=TERM <job>.<step>; SIGTERM to srun would
+    # SIGKILL them), torchrun to the ranks; the ranks agree on a step and save.
     log = tmp_path / "srun.log"
     params = (f"training.max_steps=120,training.logging_steps=4,training.eval_steps=120,training.save_steps=8,"
               f"training.device=cpu,training.resume_from_checkpoint=auto,{slurm(free_port())}")
@@ -115,6 +119,7 @@ def test_the_time_limit_signal_stops_every_node_with_a_checkpoint_and_auto_resum
     assert stopped, output[-4000:]
     stopped_at = int(stopped.group(1))
     assert complete_checkpoints(out_dir)[-1] == (stopped_at, Path(stopped.group(2))) and 8 <= stopped_at < 120
+    assert "Passed SIGTERM to SLURM job step 4242.0: its ranks stop" in output, output[-4000:]
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out_dir) in " ".join(p.info["cmdline"] or [])]
     resumed = kedro(project_copy, "--pipelines", "train", "--params", params, env=slurm_env(log))
     out = resumed.stdout + resumed.stderr

@@ -105,6 +105,31 @@ def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
             "-m", module, "--spec", str(spec)]
 
 
+def stop_slurm_step(proc: subprocess.Popen, job_name: str, signum: int) -> None:
+    """Pass a signal to every task of the running job step, on every node: `scancel --signal=TERM <job>.<step>`
+    (slurmstepd delivers it; torchrun passes it once to each rank, which agree on a step, save and stop).
+    Not to srun itself: srun answers SIGTERM with "forcing job termination" and SIGKILLs the tasks, which
+    would lose everything since the last checkpoint. Without squeue/scancel (or the step not registered
+    yet), srun gets the signal after all."""
+    name = signal.Signals(signum).name.removeprefix("SIG")
+    job = os.environ.get("SLURM_JOB_ID")
+    squeue, scancel = shutil.which("squeue"), shutil.which("scancel")
+    steps: list[str] = []
+    if job and squeue and scancel:
+        listed = subprocess.run([squeue, "--steps", f"--jobs={job}", "--noheader", "--format=%i %j"],
+                                capture_output=True, text=True, check=False)
+        steps = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:] == [job_name]]
+    for step_id in steps:
+        subprocess.run([scancel, f"--signal={name}", step_id], capture_output=True, check=False)
+    if steps:
+        logger.warning("Passed SIG%s to SLURM job step %s: its ranks stop at the next agreed step with a checkpoint",
+                       name, ", ".join(steps))
+    else:
+        logger.warning("Could not find the SLURM job step %s of job %s (squeue/scancel): SIG%s to srun, which ends "
+                       "the step without a checkpoint", job_name, job, name)
+        proc.send_signal(signum)
+
+
 def launcher_env(project_root: str) -> dict:
     """This process's environment for the DeepSpeed launcher: without the rank variables a scheduler (or an
     outer launcher) may have set, which the launcher sets for each rank itself."""
@@ -150,11 +175,20 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
     proc = subprocess.Popen(cmd, env=env)
     try:
         proc.wait()
-    except (RunInterrupted, KeyboardInterrupt):
-        # The launcher passes SIGTERM to every rank, which stop at their next agreed step with a
-        # checkpoint (it kills ranks that take longer than 30 s).
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if cfg.training.launch_mode() == "slurm":
+                stop_slurm_step(proc, f"food_multids-{step}", signum)
+            else:
+                # The launcher passes SIGTERM to every rank, which stop at their next agreed step with a
+                # checkpoint (it kills ranks that take longer than 30 s).
+                proc.send_signal(signal.SIGTERM)
+            proc.wait()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         raise
     if proc.returncode != 0:
         what = "the SLURM job step" if cfg.training.launch_mode() == "slurm" else "the DeepSpeed launcher"
