@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
@@ -129,3 +130,53 @@ def test_bad_rows_found_by_a_node_end_the_run_in_one_message_without_a_traceback
     assert "non-integer label: label 'x' is a string" in output and "missing.png" in output
     assert output.count("2 bad input row(s)") == 1  # once: not also in Kedro's node-failure log line
     assert "Traceback" not in output and "Repeat the previous command" not in output
+
+
+def launched_processes(out_dir: Path) -> list:
+    """Processes still working for the run in `out_dir` (the launcher and its ranks name the launch folder)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if str(out_dir / "launch") in " ".join(p.info["cmdline"] or [])]
+
+
+LONG_TWO_PROCESSES = "training.save_steps=10,training.num_processes=2,training.max_steps=3000,training.eval_steps=3000"
+
+
+@pytest.mark.e2e
+def test_ctrl_c_in_the_terminal_stops_two_processes_at_one_step_with_its_checkpoint_and_leaves_no_rank(project_copy):
+    # A terminal's Ctrl-C signals the whole foreground process group. Kedro passes it to the ranks once (they
+    # are in a session of their own: a rank signalled twice would stop at once, without its checkpoint).
+    out_dir = project_copy / "data/06_models/train_output"
+    proc = subprocess.Popen([KEDRO, "run", "--pipelines", "train", "--params", LONG_TWO_PROCESSES], cwd=project_copy,
+                            env=kedro_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not complete_checkpoints(out_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, output[-3000:]
+    stopped = re.search(r"training stopped by SIGINT at step (\d+) of 3000; resumable checkpoint ([^;\s]+)", output)
+    assert stopped, output[-4000:]
+    assert complete_checkpoints(out_dir)[-1] == (int(stopped.group(1)), Path(stopped.group(2)))
+    assert not launched_processes(out_dir)
+    client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("food_multids").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+@pytest.mark.e2e
+def test_ranks_do_not_outlive_a_kedro_killed_outright(project_copy):
+    out_dir = project_copy / "data/06_models/train_output"
+    proc = subprocess.Popen([KEDRO, "run", "--pipelines", "train", "--params", LONG_TWO_PROCESSES], cwd=project_copy,
+                            env=kedro_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not complete_checkpoints(out_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert launched_processes(out_dir)
+    proc.kill()  # out of memory, say
+    proc.wait()
+    killed_at = time.time()
+    while launched_processes(out_dir) and time.time() - killed_at < 15:
+        time.sleep(0.5)
+    assert not launched_processes(out_dir), f"ranks still running {time.time() - killed_at:.0f} s after kedro was killed"

@@ -1,4 +1,4 @@
-"""Entry point of each full-evaluation process started by the DeepSpeed launcher (several GPUs)."""
+"""Entry point of each full-evaluation process started by a launcher (several GPUs)."""
 
 from __future__ import annotations
 

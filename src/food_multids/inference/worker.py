@@ -1,4 +1,4 @@
-"""Entry point of each predict process started by the DeepSpeed launcher (several GPUs): each rank
+"""Entry point of each predict process started by a launcher (several GPUs): each rank
 predicts its shard of the records, rank 0 gathers the rows and writes the predictions table."""
 
 from __future__ import annotations

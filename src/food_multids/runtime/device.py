@@ -58,7 +58,7 @@ def init_distributed(device: torch.device, master_port: int | None = None) -> tu
         if device.type == "cpu":
             skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        # A single in-process run made these up; child processes (the DeepSpeed launcher, tests'
+        # A single in-process run made these up; child processes (a launcher, tests'
         # subprocesses) must not inherit a port that this process is now listening on.
         for key in added:
             if key != "LOCAL_RANK":

@@ -1,11 +1,13 @@
-"""Several processes under the DeepSpeed launcher: the launch folder, the command, the worker's side.
+"""Several processes under a launcher: the launch folder, the command, the worker's side.
 
 The parent writes the inputs (parquet) and the resolved parameters to a launch folder, starts
-`deepspeed --num_gpus N [--hostfile F] --module <worker>`, and reads back rank 0's result file.
+`torchrun --standalone --nproc-per-node N -m <worker>` (with a hostfile: `deepspeed --num_gpus N --hostfile F
+--module <worker>`), and reads back rank 0's result file.
 Training (training/launcher.py), the full evaluation (pipelines/full_eval) and predict all launch this
 way. With `training.nodes.launch: slurm` each launch is a job step (`srun ... torchrun`); with `torchrun` the
 parent is node 0 of several and starts `torchrun --node-rank 0` (runtime/nodes.py, node_zero.py). One
-machine stays on `deepspeed --num_gpus` (its launcher also runs the hostfile/ssh mode).
+machine runs on torchrun too; only the hostfile/ssh mode keeps DeepSpeed's launcher (it reaches the other
+machines by ssh/pdsh).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from food_multids.config import ProjectConfig
 from food_multids.config.paths import find_project_root, resolve_path
 from food_multids.helpers.interrupts import RunInterrupted
 from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
+from food_multids.runtime.nodes import STOP_GRACE_S, SUPERVISOR_ENV, die_with_parent
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -34,7 +37,7 @@ RESULT_FILE = "result.json"
 
 @dataclass
 class WorkerContext:
-    """What a process started by the DeepSpeed launcher needs: its rank, the config and the launch folder."""
+    """What a process started by a launcher needs: its rank, the config and the launch folder."""
 
     rank: int
     cfg: ProjectConfig
@@ -73,17 +76,24 @@ def world_size_for(num_processes: int | None, device: str) -> int:
 
 
 def uses_launcher(cfg: ProjectConfig, world: int) -> bool:
-    """Several processes, or other machines: the DeepSpeed launcher starts them (else this process works)."""
+    """Several processes, or other machines: a launcher starts them (else this process works)."""
     return world > 1 or cfg.training.launch_mode() != "single"
 
 
 def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
-    cmd = [deepspeed_launcher(), "--num_gpus", str(world)]
-    if cfg.training.hostfile:
-        cmd += ["--hostfile", str(resolve_path(cfg.training.hostfile))]
+    """This machine's processes: `torchrun --standalone` (it passes SIGTERM/SIGINT once to each rank and waits
+    for them); with a hostfile (launch: ssh) DeepSpeed's launcher, which reaches the other machines by ssh."""
+    if cfg.training.launch_mode() == "ssh":
+        cmd = [deepspeed_launcher(), "--num_gpus", str(world), "--hostfile", str(resolve_path(cfg.training.hostfile))]
+        if cfg.training.master_port:
+            cmd += ["--master_port", str(cfg.training.master_port)]
+        return cmd + ["--module", module, "--spec", str(spec)]
+    cmd = [torchrun_launcher(), f"--nproc-per-node={world}", "--max-restarts=0", f"--shutdown-timeout={STOP_GRACE_S}"]
     if cfg.training.master_port:
-        cmd += ["--master_port", str(cfg.training.master_port)]
-    return cmd + ["--module", module, "--spec", str(spec)]
+        cmd += ["--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={cfg.training.master_port}"]
+    else:
+        cmd += ["--standalone"]  # a free port of its own: two runs on one machine do not collide
+    return cmd + ["-m", module, "--spec", str(spec)]
 
 
 def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
@@ -130,25 +140,28 @@ def stop_slurm_step(proc: subprocess.Popen, job_name: str, signum: int) -> None:
         proc.send_signal(signum)
 
 
-def launcher_env(project_root: str) -> dict:
-    """This process's environment for the DeepSpeed launcher: without the rank variables a scheduler (or an
-    outer launcher) may have set, which the launcher sets for each rank itself."""
+def launcher_env(project_root: str, procs: int = 1) -> dict:
+    """This process's environment for a launcher: without the rank variables a scheduler (or an outer
+    launcher) may have set, which the launcher sets for each rank itself. Without OMP_NUM_THREADS, each of
+    `procs` ranks gets its share of this machine's cores (torchrun would give each one thread)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(FOOD_MULTIDS_PROJECT_ROOT=project_root, PYTHONUNBUFFERED="1")
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, procs)))
     return env
 
 
 def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict, frames: dict[str, pd.DataFrame],
                      module: str, run_id: str | None = None, tracking_uri: str | None = None,
                      extra: dict | None = None) -> None:
-    """Write the inputs to `launch`, run `module` under the DeepSpeed launcher, fail loudly if any rank fails."""
+    """Write the inputs to `launch`, run `module` under a launcher, fail loudly if any rank fails."""
     launch.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
         frame.to_parquet(launch / f"{name}.parquet")
     (launch / RESULT_FILE).unlink(missing_ok=True)
     spec = launch / "spec.json"
     spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch), **(extra or {})}, default=str))
-    env = launcher_env(str(find_project_root()))
+    env = launcher_env(str(find_project_root()), world)
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
     if cfg.training.launch_mode() == "torchrun":
@@ -172,7 +185,14 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
     else:
         cmd = launcher_command(cfg, world, spec, module)
         logger.info("Starting %d processes: %s", world, " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env)
+    # A session of its own: Ctrl-C in the terminal reaches Kedro alone, which passes it on once (a rank that
+    # got it twice, from the terminal and its launcher, would stop at once, without its checkpoint). The
+    # launcher dies with Kedro, and on this machine the ranks watch Kedro too: none trains on unwatched.
+    # (Not through srun or ssh: Kedro's process id means nothing on the other machines.)
+    if cfg.training.launch_mode() == "single":
+        env = {**env, SUPERVISOR_ENV: str(os.getpid())}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
     try:
         proc.wait()
     except (RunInterrupted, KeyboardInterrupt) as exc:
@@ -182,15 +202,15 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
             if cfg.training.launch_mode() == "slurm":
                 stop_slurm_step(proc, f"food_multids-{step}", signum)
             else:
-                # The launcher passes SIGTERM to every rank, which stop at their next agreed step with a
-                # checkpoint (it kills ranks that take longer than 30 s).
-                proc.send_signal(signal.SIGTERM)
+                # torchrun passes the signal once to every rank, which stop at their next agreed step with a
+                # checkpoint (it kills ranks still running after STOP_GRACE_S).
+                proc.send_signal(signum)
             proc.wait()
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         raise
     if proc.returncode != 0:
-        what = "the SLURM job step" if cfg.training.launch_mode() == "slurm" else "the DeepSpeed launcher"
+        what = {"slurm": "the SLURM job step", "ssh": "the DeepSpeed launcher"}.get(cfg.training.launch_mode(), "torchrun")
         raise RuntimeError(f"{what} exited with code {proc.returncode} (command: {' '.join(cmd)}); "
                            "see the rank logs above")

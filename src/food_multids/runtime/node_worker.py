@@ -201,9 +201,9 @@ class NodeWorker:
         logger.info("Node %d: step %d (ranks %s): %s", self.s.node_rank, index,
                     ranks_text(plan.ranks_of(self.s.node_rank)), " ".join(cmd))
         root = record.get("project_root") or ""
-        env = {**launcher_env(root if root and os.path.isdir(root) else str(find_project_root())),
+        env = {**launcher_env(root if root and os.path.isdir(root) else str(find_project_root()), plan.procs_per_node),
                SUPERVISOR_ENV: str(os.getpid())}
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
         forwarded = False
         try:
             while (code := proc.poll()) is None:

@@ -24,6 +24,7 @@ from food_multids.helpers.interrupts import RunInterrupted
 from food_multids.runtime.commands import torchrun_launcher
 from food_multids.runtime.nodes import (
     BEAT_S,
+    STOP_GRACE_S,
     SUPERVISOR_ENV,
     NodeFailure,
     NodePlan,
@@ -36,7 +37,6 @@ from food_multids.runtime.nodes import (
 )
 
 logger = logging.getLogger(__name__)
-STOP_GRACE_S = 300.0  # a signal: how long the ranks get to agree on a step and save before they are killed
 BYE_WAIT_S = 10.0  # at the end: how long node 0 keeps the store up for the workers to read its result
 
 
@@ -46,7 +46,7 @@ def torchrun_argv(plan: NodePlan, node_rank: int, index: int, rdzv_timeout_s: fl
     return [torchrun_launcher(), f"--nnodes={plan.num_nodes}", f"--node-rank={node_rank}",
             f"--nproc-per-node={plan.procs_per_node}", f"--master-addr={plan.master_addr}",
             f"--master-port={plan.step_port(index)}", "--max-restarts=0", f"--rdzv-conf=timeout={int(rdzv_timeout_s)}",
-            f"--shutdown-timeout={int(STOP_GRACE_S)}", "-m", module, "--spec", spec]
+            f"--shutdown-timeout={STOP_GRACE_S}", "-m", module, "--spec", spec]
 
 
 class Session:
@@ -97,7 +97,7 @@ class Session:
         cmd = torchrun_argv(plan, 0, index, self.join_timeout_s, module, spec)
         logger.info("Step %d on %d node(s) x %d process(es): %s", index, plan.num_nodes, plan.procs_per_node,
                     " ".join(cmd))
-        proc = subprocess.Popen(cmd, env={**env, SUPERVISOR_ENV: str(os.getpid())},
+        proc = subprocess.Popen(cmd, env={**env, SUPERVISOR_ENV: str(os.getpid())}, start_new_session=True,
                                 preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
         try:
             while (code := proc.poll()) is None:
@@ -106,10 +106,10 @@ class Session:
                     stop_tree(proc)
                     raise NodeFailure(problem)
                 time.sleep(BEAT_S)
-        except (RunInterrupted, KeyboardInterrupt):
+        except (RunInterrupted, KeyboardInterrupt) as exc:
             # torchrun passes the signal once to each rank of this node; the workers do the same on theirs
             # (a scheduler signals every node). The ranks agree on a step, save and stop.
-            self._stop_gracefully(proc)
+            self._stop_gracefully(proc, getattr(exc, "signum", signal.SIGINT))
             raise
         except BaseException:
             stop_tree(proc)  # whatever went wrong here, no rank outlives its launcher
@@ -117,11 +117,11 @@ class Session:
         if code != 0:
             raise NodeFailure(self._diagnose(plan, index, claims, code))
 
-    def _stop_gracefully(self, proc: subprocess.Popen) -> None:
+    def _stop_gracefully(self, proc: subprocess.Popen, signum: int) -> None:
         old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signum)
             try:
                 proc.wait(timeout=STOP_GRACE_S + 30)
             except subprocess.TimeoutExpired:

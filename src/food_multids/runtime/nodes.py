@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 SUPERVISOR_ENV = "FOOD_MULTIDS_SUPERVISOR_PID"  # the process the ranks die with (kedro or the node worker)
 DEFAULT_PORT = 29500
 BEAT_S = 1.0
+STOP_GRACE_S = 300  # a signal: how long torchrun lets the ranks agree on a step and save before it kills them
 STORE_PREFIX = "food_multids"
 # Environment variables a scheduler sets, most specific first: torchrun's own (PET_*, as a PyTorchJob sets
 # them), the plain names, SLURM's, a Kubernetes Indexed Job's completion index (the pod's place in the job).

@@ -1,8 +1,8 @@
-"""Run training in this process (one device) or under the DeepSpeed launcher (several processes/hosts).
+"""Run training in this process (one device) or under a launcher (several processes/hosts).
 
 Kedro stays single-process: for several processes the train node writes its inputs and resolved
-parameters to <output_dir>/launch/, starts `deepspeed --num_gpus N [--hostfile F] --module
-food_multids.training.worker`, and reads back rank 0's result. MLFLOW_RUN_ID and MLFLOW_TRACKING_URI
+parameters to <output_dir>/launch/, starts them (runtime/launch.py: torchrun, a SLURM step, or DeepSpeed's
+launcher with a hostfile) on food_multids.training.worker, and reads back rank 0's result. MLFLOW_RUN_ID and MLFLOW_TRACKING_URI
 point rank 0 at the Kedro session's MLflow run.
 """
 
@@ -21,7 +21,7 @@ from food_multids.training.output_dir import OutputDirLock, check_writable
 
 def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_subset: pd.DataFrame,
                  full_eval: pd.DataFrame) -> TrainingResult:
-    """Train in this process or under the DeepSpeed launcher, owning training.output_dir throughout."""
+    """Train in this process or under a launcher, owning training.output_dir throughout."""
     output_dir = cfg.training.resolved_output_dir()
     check_writable(output_dir)
     with OutputDirLock(output_dir):

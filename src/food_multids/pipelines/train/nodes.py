@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def train_deepspeed(train_set: pd.DataFrame, eval_subset: pd.DataFrame, full_eval_set: pd.DataFrame,
                     parameters: dict) -> tuple[dict, dict]:
-    """Train with DeepSpeed (in this process, or under the DeepSpeed launcher for several processes).
+    """Train with DeepSpeed (in this process, or under a launcher for several processes).
 
     Writes checkpoints and the best model under training.output_dir (the one node with file side
     effects); returns the training history (per-step train/eval metrics) and the checkpoint manifest.
