@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from food_multids.config import ConfigError, ProjectConfig
-from food_multids.runtime.nodes import NodeFailure, resolve_plan
+from food_multids.runtime.nodes import NodeFailure, NodePlan, resolve_plan
 from food_multids.training.checkpoint import complete_checkpoints
 from tests.conftest import free_port, kedro, kedro_env
 
@@ -303,12 +303,21 @@ def test_node_zero_refuses_a_second_worker_for_a_rank_and_names_a_node_that_neve
                                 timeout=60)
         assert second.returncode == 1
         assert (f"node rank 1 is already taken in the run at 127.0.0.1:{port} by {claim['host']} (process "
-                f"{claim['pid']}): two workers were started as node 1") in second.stderr, second.stderr[-3000:]
+                f"{claim['pid']}): another worker was started as node 1") in second.stderr, second.stderr[-3000:]
+        beyond = subprocess.run([FOOD_MULTIDS, "node-worker", "--node-rank", "5", "--master-addr", "127.0.0.1",
+                                 "--master-port", str(port)], env=kedro_env(), capture_output=True, text=True,
+                                timeout=60)
+        assert beyond.returncode == 1
+        assert "this is node 5, but node 0's run has 3 nodes (0..2)" in beyond.stderr, beyond.stderr[-3000:]
+        # Node 2 never comes: the step fails before its record is published, and node 0's result goes where
+        # node 1 waits (the record of step 0), not one past it.
+        plan = NodePlan(3, 1, "127.0.0.1", port)
         with pytest.raises(NodeFailure, match=r"node\(s\) 2 never joined within 20 s \(training.nodes.join_timeout_s\)"):
-            session._await_claims()
-        session.finish(ok=True)
+            session.run_step(plan, "food_multids.training.worker", "/nowhere/spec.json", {})
+        session.finish(ok=False, message="RuntimeError: multi-node launch failed: node(s) 2 never joined")
         log, _ = first.communicate(timeout=60)
-        assert first.returncode == 0 and "node 0's run finished" in log, log[-3000:]
+        assert first.returncode == 1, log[-3000:]
+        assert "node 0's run failed: RuntimeError: multi-node launch failed: node(s) 2 never joined" in log, log[-3000:]
     finally:
         if session.store is not None:
             session.finish(ok=False)
@@ -387,3 +396,49 @@ def test_the_readme_recipes_use_settings_and_flags_the_code_has(base_params):
         ("PET_NODE_RANK", "PET_NNODES", "PET_MASTER_ADDR", "PET_MASTER_PORT")
     help_text = subprocess.run([FOOD_MULTIDS, "node-worker", "--help"], capture_output=True, text=True).stdout
     assert all(flag in help_text for flag in ("--node-rank", "--master-addr", "--master-port", "--nnodes", "--wait-s"))
+
+
+def test_the_torchrun_commands_from_the_plan_and_the_settings(base_params, monkeypatch):
+    from food_multids.runtime.launch import launcher_command
+    from food_multids.runtime.node_zero import torchrun_argv
+
+    plan = NodePlan(num_nodes=4, procs_per_node=8, master_addr="10.0.0.5", master_port=29500)
+    cmd = torchrun_argv(plan, 3, 5, 600, "food_multids.training.worker", "/shared/launch/spec.json")
+    assert cmd[0].endswith("torchrun")
+    # Step 5 is odd: port + 2 (even steps + 1): never the previous step's rendezvous, never the run's store.
+    assert cmd[1:] == ["--nnodes=4", "--node-rank=3", "--nproc-per-node=8", "--master-addr=10.0.0.5",
+                       "--master-port=29502", "--max-restarts=0", "--rdzv-backend=static", "--rdzv-conf=timeout=600", "--shutdown-timeout=300",
+                       "-m", "food_multids.training.worker", "--spec", "/shared/launch/spec.json"]
+
+    def config(**training):
+        return ProjectConfig.from_params({**base_params, "training": {**base_params["training"], **training}},
+                                         check_files=False)
+
+    spec = Path("/shared/launch/spec.json")
+    one = launcher_command(config(), 2, spec)
+    assert one[0].endswith("torchrun") and one[1:] == ["--nproc-per-node=2", "--max-restarts=0", "--shutdown-timeout=300",
+                                                       "--standalone", "-m", "food_multids.training.worker", "--spec",
+                                                       str(spec)]
+    pinned = launcher_command(config(master_port=29600), 2, spec)
+    assert pinned[4:8] == ["--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", "--master-port=29600"]
+    monkeypatch.chdir(REPO)
+    ssh = launcher_command(config(hostfile="conf/gpu/hostfile"), 8, spec)
+    assert ssh[0].endswith("deepspeed") and ssh[1:4] == ["--num_gpus", "8", "--hostfile"]
+    assert ssh[-4:] == ["--module", "food_multids.training.worker", "--spec", str(spec)]
+
+
+@pytest.mark.slow
+def test_a_launcher_gets_sigterm_when_the_process_that_started_it_is_killed_outright(tmp_path):
+    # The launcher side of "no rank trains on unwatched": PR_SET_PDEATHSIG, without the ranks' own watch.
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "import signal, subprocess, time\n"
+        "from food_multids.runtime.nodes import die_with_parent\n"
+        "child = subprocess.Popen(['sleep', '120'], preexec_fn=die_with_parent(signal.SIGTERM))\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(starter.stdout.readline()))
+    assert child.is_running() and child.name() == "sleep"
+    starter.kill()
+    starter.wait()
+    gone, _ = psutil.wait_procs([child], timeout=10)
+    assert gone, "the launcher outlived the process that started it"

@@ -55,7 +55,7 @@ def test_the_job_step_command_from_the_plan(monkeypatch, tmp_path):
     # Each task takes its node rank from SLURM_NODEID (torchrun reads PET_NODE_RANK as --node-rank).
     assert cmd[5:torchrun] == ["bash", "-c", 'export PET_NODE_RANK="$SLURM_NODEID"; exec "$@"', "food_multids-step"]
     assert cmd[torchrun + 1:] == ["--nnodes=4", "--nproc-per-node=8", "--master-addr=gpu-node-01", "--master-port=29511",
-                                  "--max-restarts=0", "-m", "food_multids.training.worker", "--spec",
+                                  "--max-restarts=0", "--shutdown-timeout=300", "-m", "food_multids.training.worker", "--spec",
                                   str(tmp_path / "spec.json")]
 
 

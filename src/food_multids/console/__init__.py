@@ -154,6 +154,10 @@ def describe_model(spec: str, root: Path) -> str:
 
 
 def run_node_worker(args: argparse.Namespace) -> int:
+    import os
+
+    # c10d's C++ warnings (a dump of frames when node 0's store goes away) would bury the one-line message.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from food_multids.runtime.node_worker import resolve_settings, serve
     from food_multids.runtime.nodes import NodeFailure
 
@@ -167,7 +171,7 @@ def run_node_worker(args: argparse.Namespace) -> int:
         # SIGTERM (a scheduler cancelling the job) reaches this node's ranks once, as it would under kedro run.
         message = serve(resolve_settings(args.node_rank, args.master_addr, args.master_port, args.nnodes,
                                          args.wait_s))
-    except NodeFailure as exc:
+    except (NodeFailure, FileNotFoundError) as exc:
         log.error("node-worker: %s", exc)
         return 1
     log.info("node-worker: %s", message)

@@ -148,6 +148,10 @@ class PreflightHooks:
             logger.warning("\n%s\n!! %s\n%s", "!" * 100, warning, "!" * 100)
         if found.problems:
             raise PreflightError(found.problems, env, conf_source)
+        if plan.node_names & LAUNCHING_NODES:
+            problem = open_node_session(params)
+            if problem:
+                raise PreflightError([problem], env, conf_source)
 
 
 def pin_companions(catalog, conf_catalog: dict, load_versions: dict, save_version: str, project_path: Path) -> None:
@@ -235,7 +239,6 @@ class ProjectHooks:
                 describe_run(self._run_id, run_params, {n.name for n in pipeline.nodes}, catalog)
             except Exception as exc:  # naming is a courtesy: never the reason a run does not start
                 logger.warning("Could not name or link MLflow run %s: %s", self._run_id, exc)
-        open_node_session(catalog)
         self._run_scope = contextlib.ExitStack()
         if self._run_id and "train_deepspeed" in {n.name for n in pipeline.nodes}:
             self._run_scope.callback(start_system_metrics(self._run_id))
@@ -271,18 +274,24 @@ class ProjectHooks:
             self._run_scope = None
 
 
-def open_node_session(catalog) -> None:
-    """A torchrun run opens node 0's store before its first node: the node workers claim their ranks there
-    while Kedro prepares the data."""
-    from food_multids.config import ConfigError, ProjectConfig
-    from food_multids.runtime.node_zero import open_session
+LAUNCHING_NODES = {"train_deepspeed", "rerank_candidates", "full_evaluate", "predict"}  # may start several processes
 
+
+def open_node_session(params: dict) -> str | None:
+    """A torchrun run opens node 0's store before its first node (and before MLflow starts a run): the node
+    workers claim their ranks there while Kedro prepares the data. Returns the problem, if it cannot."""
+    from food_multids.config import ProjectConfig
+    from food_multids.runtime.node_zero import open_session
+    from food_multids.runtime.nodes import NodeFailure
+
+    cfg = ProjectConfig.from_params(params, check_files=False)
+    if cfg.training.launch_mode() != "torchrun":
+        return None
     try:
-        cfg = ProjectConfig.from_params(catalog.load("parameters"), check_files=False)
-    except ConfigError:  # the preflight hook has reported it
-        return
-    if cfg.training.launch_mode() == "torchrun":
         open_session(cfg)
+    except NodeFailure as exc:
+        return f"params:training.nodes: {exc}"
+    return None
 
 
 def start_system_metrics(run_id: str):

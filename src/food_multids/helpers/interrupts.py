@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,14 @@ def raise_on_signals() -> Iterator[None]:
 class StopFlag:
     """Set by SIGINT/SIGTERM while active; the training loop polls `signum` (a plain attribute read)."""
 
+    # The same signal again within this many seconds is the same request, delivered twice: a SLURM step
+    # signalled with `scancel --signal` reaches a rank from slurmstepd (proctrack/linuxproc signals the
+    # whole step) and again from torchrun, which forwards it. Only a later one means "stop at once".
+    REPEAT_WINDOW_S = 3.0
+
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._at = 0.0
         self._previous: dict[int, object] = {}
 
     @contextlib.contextmanager
@@ -74,6 +81,8 @@ class StopFlag:
             yield self
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.signum == signum and time.monotonic() - self._at < self.REPEAT_WINDOW_S:
+            return  # one request, delivered twice
         if self.signum is not None:  # second signal: behave as before training started
             previous = self._previous.get(signum)
             if callable(previous):
@@ -82,6 +91,6 @@ class StopFlag:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
-        self.signum = signum
+        self.signum, self._at = signum, time.monotonic()
         logger.warning("Received %s: stopping after this optimizer step and saving a checkpoint "
                        "(send it again to stop at once)", signal.Signals(signum).name)

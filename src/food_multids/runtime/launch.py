@@ -100,8 +100,8 @@ def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
     """One job step of the allocation Kedro runs in: srun starts one task per node (--kill-on-bad-exit: a
     failed node ends the step on every node), each task a torchrun agent for its node's processes, its
     node rank from SLURM_NODEID (torchrun reads PET_NODE_RANK as --node-rank), the master on the first node.
-    srun forwards SIGTERM/SIGINT to the tasks, torchrun to the ranks, which stop at an agreed step with a
-    checkpoint."""
+    A signal reaches the tasks through scancel (stop_slurm_step), torchrun passes it to the ranks, which stop
+    at an agreed step with a checkpoint; torchrun kills them after STOP_GRACE_S."""
     srun = shutil.which("srun")
     if srun is None:
         raise FileNotFoundError("training.nodes.launch is slurm but `srun` is not on PATH: run Kedro inside the "
@@ -112,7 +112,7 @@ def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
             "bash", "-c", 'export PET_NODE_RANK="$SLURM_NODEID"; exec "$@"', "food_multids-step",
             torchrun, f"--nnodes={plan.num_nodes}", f"--nproc-per-node={plan.procs_per_node}",
             f"--master-addr={plan.master_addr}", f"--master-port={plan.master_port}", "--max-restarts=0",
-            "-m", module, "--spec", str(spec)]
+            f"--shutdown-timeout={STOP_GRACE_S}", "-m", module, "--spec", str(spec)]
 
 
 def stop_slurm_step(proc: subprocess.Popen, job_name: str, signum: int) -> None:
@@ -125,12 +125,15 @@ def stop_slurm_step(proc: subprocess.Popen, job_name: str, signum: int) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     squeue, scancel = shutil.which("squeue"), shutil.which("scancel")
     steps: list[str] = []
-    if job and squeue and scancel:
-        listed = subprocess.run([squeue, "--steps", f"--jobs={job}", "--noheader", "--format=%i %j"],
-                                capture_output=True, text=True, check=False)
-        steps = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:] == [job_name]]
-    for step_id in steps:
-        subprocess.run([scancel, f"--signal={name}", step_id], capture_output=True, check=False)
+    try:
+        if job and squeue and scancel:
+            listed = subprocess.run([squeue, "--steps", f"--jobs={job}", "--noheader", "--format=%i %j"],
+                                    capture_output=True, text=True, check=False, timeout=30)
+            steps = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:] == [job_name]]
+        steps = [step_id for step_id in steps if subprocess.run(
+            [scancel, f"--signal={name}", step_id], capture_output=True, check=False, timeout=30).returncode == 0]
+    except subprocess.TimeoutExpired:  # slurmctld does not answer: srun, at least, ends the step
+        steps = []
     if steps:
         logger.warning("Passed SIG%s to SLURM job step %s: its ranks stop at the next agreed step with a checkpoint",
                        name, ", ".join(steps))
@@ -144,7 +147,10 @@ def launcher_env(project_root: str, procs: int = 1) -> dict:
     """This process's environment for a launcher: without the rank variables a scheduler (or an outer
     launcher) may have set, which the launcher sets for each rank itself. Without OMP_NUM_THREADS, each of
     `procs` ranks gets its share of this machine's cores (torchrun would give each one thread)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    # PET_* too: torchrun takes any flag it is not given from them (PET_RDZV_ENDPOINT would move the
+    # rendezvous onto node 0's store port); each command here gives torchrun what it needs.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") and not k.startswith("PET_")}
     env.update(FOOD_MULTIDS_PROJECT_ROOT=project_root, PYTHONUNBUFFERED="1")
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, procs)))

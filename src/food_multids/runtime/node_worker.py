@@ -87,6 +87,9 @@ def resolve_settings(node_rank: int | None, master_addr: str | None, master_port
     return WorkerSettings(node_rank, master_addr, master_port, num_nodes, wait_s)
 
 
+WORKER_MODULES = ("food_multids.training.worker", "food_multids.evaluation.worker", "food_multids.inference.worker")
+
+
 class NodeWorker:
     def __init__(self, settings: WorkerSettings):
         self.s = settings
@@ -96,6 +99,8 @@ class NodeWorker:
         self.signum: int | None = None
         self.node0: dict = {}
         self.procs_per_node = 1
+        self.proc: subprocess.Popen | None = None  # this node's torchrun, while a step runs
+        self.node0_seen = time.monotonic()  # when node 0's heartbeat last moved (set by the heartbeat thread)
         self._stop = threading.Event()
 
     # ---- joining -----------------------------------------------------------------------------------------
@@ -106,7 +111,10 @@ class NodeWorker:
             try:
                 return connect_store(self.s.master_addr, self.s.master_port, min(CONNECT_TRY_S, self.s.wait_s))
             except Exception:
-                if time.monotonic() >= deadline or self.signum is not None:
+                if self.signum is not None:
+                    raise NodeFailure(f"stopped by {signal.Signals(self.signum).name} before node 0's store at "
+                                      f"{self.where} answered") from None
+                if time.monotonic() >= deadline:
                     raise NodeFailure(
                         f"cannot reach node 0's store at {self.where} within {self.s.wait_s:.0f} s (--wait-s): is "
                         "`kedro run` running on node 0 with training.nodes.launch: torchrun and this master address "
@@ -120,53 +128,89 @@ class NodeWorker:
         if got != me:
             other = json.loads(got)
             raise NodeFailure(f"node rank {self.s.node_rank} is already taken in the run at {self.where} by "
-                              f"{other['host']} (process {other['pid']}): two workers were started as node "
-                              f"{self.s.node_rank}; give each node its own --node-rank / PET_NODE_RANK")
+                              f"{other['host']} (process {other['pid']}): another worker was started as node "
+                              f"{self.s.node_rank} (give each node its own --node-rank / PET_NODE_RANK), or this "
+                              "node's worker was restarted during node 0's run (restart the whole run: "
+                              "training.resume_from_checkpoint: auto continues it)")
         self.node0 = json.loads(store.get("node/0"))
+        num_nodes = self.node0.get("num_nodes")
+        if num_nodes is not None and (self.s.node_rank >= num_nodes or self.s.num_nodes not in (None, num_nodes)):
+            message = (f"this is node {self.s.node_rank}" + (f" of {self.s.num_nodes} (--nnodes / PET_NNODES)"
+                                                             if self.s.num_nodes else "") +
+                       f", but node 0's run has {num_nodes} nodes (0..{num_nodes - 1}): check training.nodes.num_nodes, "
+                       "the node ranks and --nnodes")
+            store.set(f"gone/{self.s.node_rank}", json.dumps({"message": message}))
+            raise NodeFailure(message)
 
-    def _beat_loop(self) -> None:
+    def _heartbeat(self) -> None:
+        """This node's beat, and node 0's observed, once a second, on a connection of its own: a store call that
+        hangs (node 0's machine frozen or cut off) stalls only this thread, which the watchdog then sees."""
         try:
             store = connect_store(self.s.master_addr, self.s.master_port, 30.0)
+            last = None
             while not self._stop.wait(BEAT_S):
                 store.add(f"beat/{self.s.node_rank}", 1)
-        except Exception:  # node 0's store is gone: the main loop finds out and says so
+                beat = store.add("beat/0", 0)
+                if beat != last:
+                    last, self.node0_seen = beat, time.monotonic()
+        except Exception:  # node 0's store is gone: the watchdog or the main loop says so
             return
+
+    def _watchdog(self) -> None:
+        """Without touching the store: node 0's heartbeat has not moved for lost_after_s, whatever the main loop
+        is blocked in. Stop this node's ranks and exit with the message."""
+        while not self._stop.wait(BEAT_S):
+            silent = time.monotonic() - self.node0_seen
+            if silent > self.lost_after_s:
+                logger.error("node-worker: %s", self._lost_node0(f"no heartbeat for {silent:.0f} s"))
+                if self.proc is not None:
+                    stop_tree(self.proc)
+                os._exit(1)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def serve(self) -> str:
         """Run node 0's steps until its result; return its final message (raise NodeFailure if it failed)."""
         store = self._connect()
-        self._claim(store)
+        self._guarded(lambda: self._claim(store))
         logger.info("Node %d: joined node 0 (%s) at %s", self.s.node_rank, self.node0.get("host"), self.where)
-        beat = threading.Thread(target=self._beat_loop, name="node-heartbeat", daemon=True)
-        beat.start()
-        self.watch = _Node0Watch(store)
+        for target, name in ((self._heartbeat, "node-heartbeat"), (self._watchdog, "node-0-watchdog")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+        index = 0
         try:
-            index = 0
             while True:
                 record = self._next_record(store, index)
                 if record["kind"] == "finish":
-                    store.set(f"bye/{self.s.node_rank}", "1")
-                    if record["ok"]:
-                        return "node 0's run finished"
-                    raise NodeFailure(f"node 0's run failed: {record['message'] or 'see its log'}")
+                    return self._finished(store, record)
                 self._run_step(store, index, record)
                 index += 1
+        except NodeFailure as exc:
+            self._leave(store, str(exc))
+            raise
         finally:
             self._stop.set()
 
+    def _finished(self, store, record: dict) -> str:
+        self._guarded(lambda: store.set(f"bye/{self.s.node_rank}", "1"))
+        if record["ok"]:
+            return "node 0's run finished"
+        raise NodeFailure(f"node 0's run failed: {record['message'] or 'see its log'}")
+
+    def _leave(self, store, message: str) -> None:
+        """Tell node 0 why this node left (it names it at its next step instead of waiting for a heartbeat)."""
+        try:
+            if not store.check([f"gone/{self.s.node_rank}"]):
+                store.set(f"gone/{self.s.node_rank}", json.dumps({"message": message}))
+        except Exception:  # node 0 is gone too
+            pass
+
     def _next_record(self, store, index: int) -> dict:
-        deadline = time.monotonic() + self.s.wait_s
+        """Node 0's next record. No deadline while node 0's heartbeat moves: it may evaluate for hours."""
         while True:
             record = self._guarded(lambda: read_record(store, f"step/{index}"))
             if record is not None:
                 return record
             if self.signum is not None:
                 raise NodeFailure(f"stopped by {signal.Signals(self.signum).name} while waiting for node 0's next step")
-            self._check_node0()
-            if time.monotonic() > deadline:
-                raise NodeFailure(f"node 0 started no further step and did not finish within {self.s.wait_s:.0f} s "
-                                  "(--wait-s)")
             time.sleep(POLL_S)
 
     def _guarded(self, call):
@@ -177,11 +221,6 @@ class NodeWorker:
         except Exception:  # the connection to node 0's store broke: node 0's kedro run is gone
             raise NodeFailure(self._lost_node0("its store at " + self.where + " stopped answering")) from None
 
-    def _check_node0(self) -> None:
-        silent = self._guarded(self.watch.silent_for)
-        if silent > self.lost_after_s:
-            raise NodeFailure(self._lost_node0(f"no heartbeat for {silent:.0f} s"))
-
     def _lost_node0(self, why: str) -> str:
         ranks = ranks_text(list(range(self.procs_per_node)))
         return (f"lost rank(s) {ranks} on node 0 (host {self.node0.get('host', '?')}, kedro process "
@@ -191,19 +230,22 @@ class NodeWorker:
     def _run_step(self, store, index: int, record: dict) -> None:
         plan = NodePlan(record["num_nodes"], record["procs_per_node"], self.s.master_addr, self.s.master_port)
         self.procs_per_node, self.lost_after_s = plan.procs_per_node, record["timeouts"]["lost_after_s"]
-        if self.s.node_rank >= plan.num_nodes or (self.s.num_nodes not in (None, plan.num_nodes)):
-            message = (f"this is node {self.s.node_rank} of {self.s.num_nodes or '?'} (--nnodes / PET_NNODES), but node "
-                       f"0's run has {plan.num_nodes} nodes (0..{plan.num_nodes - 1}): check training.nodes.num_nodes")
-            store.set(f"status/{index}/{self.s.node_rank}", json.dumps({"state": "failed", "message": message}))
+        spec = record["spec"]
+        if record["module"] not in WORKER_MODULES or not spec.endswith("/spec.json") or not os.path.isfile(spec):
+            message = (f"node 0's step {index} names module {record['module']!r} with spec {spec!r}: not one of this "
+                       f"project's workers, or the spec is not on this node (is training.output_dir on storage every "
+                       "node shares at the same path?)")
+            self._set_status(store, index, "failed", message)
             raise NodeFailure(message)
-        cmd = torchrun_argv(plan, self.s.node_rank, index, max(record["timeouts"]["join_timeout_s"], 60), record["module"],
-                            record["spec"])
+        cmd = torchrun_argv(plan, self.s.node_rank, index, max(record["timeouts"]["join_timeout_s"], 60),
+                            record["module"], spec)
         logger.info("Node %d: step %d (ranks %s): %s", self.s.node_rank, index,
                     ranks_text(plan.ranks_of(self.s.node_rank)), " ".join(cmd))
         root = record.get("project_root") or ""
         env = {**launcher_env(root if root and os.path.isdir(root) else str(find_project_root()), plan.procs_per_node),
                SUPERVISOR_ENV: str(os.getpid())}
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
+        self.proc = proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                            preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
         forwarded = False
         try:
             while (code := proc.poll()) is None:
@@ -211,11 +253,13 @@ class NodeWorker:
                     proc.send_signal(self.signum)  # torchrun passes it once to each rank: they agree on a step
                     forwarded = True
                 if not forwarded:
-                    self._check_node0()
+                    self._guarded(lambda: store.check(["node/0"]))  # node 0's kedro still holds the store
                 time.sleep(POLL_S)
         except BaseException:
             stop_tree(proc)
             raise
+        finally:
+            self.proc = None
         if self.signum is not None:
             message = f"stopped by {signal.Signals(self.signum).name}"
             self._set_status(store, index, "stopped", message)
@@ -223,7 +267,13 @@ class NodeWorker:
         if code != 0:
             message = f"torchrun on node {self.s.node_rank} exited with code {code} (see the rank logs there)"
             self._set_status(store, index, "failed", message)
-            self._check_node0()  # a failure caused by node 0's end is reported as that
+            # Node 0's own account comes as its next record (a failure there ends this node's ranks too).
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                record = self._guarded(lambda: read_record(store, f"step/{index + 1}"))
+                if record is not None and record["kind"] == "finish":
+                    self._finished(store, record)  # raises with node 0's message
+                time.sleep(POLL_S)
             raise NodeFailure(message)
         self._set_status(store, index, "done", "")
         logger.info("Node %d: step %d done", self.s.node_rank, index)
@@ -233,20 +283,6 @@ class NodeWorker:
             store.set(f"status/{index}/{self.s.node_rank}", json.dumps({"state": state, "message": message}))
         except Exception:  # node 0 is gone; the caller says what happened
             pass
-
-
-class _Node0Watch:
-    """How long node 0's heartbeat counter in the store has not changed (this machine's clock only)."""
-
-    def __init__(self, store):
-        self.store, self.last, self.changed = store, None, time.monotonic()
-
-    def silent_for(self) -> float:
-        beat = self.store.add("beat/0", 0)
-        now = time.monotonic()
-        if beat != self.last:
-            self.last, self.changed = beat, now
-        return now - self.changed
 
 
 def serve(settings: WorkerSettings) -> str:

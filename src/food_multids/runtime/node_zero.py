@@ -45,7 +45,8 @@ def torchrun_argv(plan: NodePlan, node_rank: int, index: int, rdzv_timeout_s: fl
     """One node's torchrun agent for node 0's step `index`: static rendezvous at the step's port."""
     return [torchrun_launcher(), f"--nnodes={plan.num_nodes}", f"--node-rank={node_rank}",
             f"--nproc-per-node={plan.procs_per_node}", f"--master-addr={plan.master_addr}",
-            f"--master-port={plan.step_port(index)}", "--max-restarts=0", f"--rdzv-conf=timeout={int(rdzv_timeout_s)}",
+            f"--master-port={plan.step_port(index)}", "--max-restarts=0", "--rdzv-backend=static",
+            f"--rdzv-conf=timeout={int(rdzv_timeout_s)}",
             f"--shutdown-timeout={STOP_GRACE_S}", "-m", module, "--spec", spec]
 
 
@@ -65,7 +66,7 @@ class Session:
             raise NodeFailure(f"could not open the run's store at {self.master_addr}:{self.master_port}: {exc} "
                               "(training.nodes.master_addr, training.master_port)") from None
         self.host = socket.gethostname()
-        self.store.set("node/0", json.dumps({"host": self.host, "pid": os.getpid()}))
+        self.store.set("node/0", json.dumps({"host": self.host, "pid": os.getpid(), "num_nodes": self.num_nodes}))
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beat_loop, name="node-0-heartbeat", daemon=True)
         self._beat.start()
@@ -87,14 +88,15 @@ class Session:
         if plan.num_nodes != self.num_nodes:
             raise NodeFailure(f"this step asks for {plan.num_nodes} nodes but the run's store was opened for "
                               f"{self.num_nodes}")
-        index, self.index = self.index, self.index + 1
+        index = self.index  # the record the workers wait for; it moves on only once a record is there
         claims = self._await_claims()
+        cmd = torchrun_argv(plan, 0, index, self.join_timeout_s, module, spec)
         self.store.set(f"step/{index}", json.dumps({
             "kind": "step", "module": module, "spec": spec, "num_nodes": plan.num_nodes,
             "procs_per_node": plan.procs_per_node, "port": plan.step_port(index),
             "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""),
             "timeouts": {"join_timeout_s": self.join_timeout_s, "lost_after_s": self.lost_after_s}}))
-        cmd = torchrun_argv(plan, 0, index, self.join_timeout_s, module, spec)
+        self.index += 1
         logger.info("Step %d on %d node(s) x %d process(es): %s", index, plan.num_nodes, plan.procs_per_node,
                     " ".join(cmd))
         proc = subprocess.Popen(cmd, env={**env, SUPERVISOR_ENV: str(os.getpid())}, start_new_session=True,
@@ -142,7 +144,17 @@ class Session:
                     if record is not None:
                         claims[node] = record
             missing = [n for n in range(1, self.num_nodes) if n not in claims]
+            for node in claims:
+                left = read_record(self.store, f"gone/{node}")
+                if left is not None:
+                    raise NodeFailure(f"node {node} ({claims[node]['host']}) left the run: {left['message']}")
             if not missing:
+                self._refresh()
+                now = time.monotonic()
+                silent = [n for n in claims if now - self.seen[n][1] > self.lost_after_s]
+                if silent:
+                    raise NodeFailure(self._lost(NodePlan(self.num_nodes, 1, self.master_addr, self.master_port),
+                                                 silent, claims, now, ranks=False))
                 return claims
             if time.monotonic() - self.opened > self.join_timeout_s:
                 raise NodeFailure(
@@ -173,9 +185,10 @@ class Session:
                 return self._lost(plan, [node], claims, now)
         return None
 
-    def _lost(self, plan: NodePlan, nodes: list[int], claims: dict[int, dict], now: float) -> str:
-        parts = [f"rank(s) {ranks_text(plan.ranks_of(n))} on node {n} (host {claims[n]['host']}, node process "
-                 f"{claims[n]['pid']}): no heartbeat for {now - self.seen[n][1]:.0f} s" for n in nodes]
+    def _lost(self, plan: NodePlan, nodes: list[int], claims: dict[int, dict], now: float, ranks: bool = True) -> str:
+        parts = [(f"rank(s) {ranks_text(plan.ranks_of(n))} on " if ranks else "") + f"node {n} (host "
+                 f"{claims[n]['host']}, node process {claims[n]['pid']}): no heartbeat for {now - self.seen[n][1]:.0f} s"
+                 for n in nodes]
         return ("lost " + "; ".join(parts) + ". Their processes stopped without reporting an error: the machine "
                 "went down, was disconnected, or its processes were killed. Resume with "
                 "training.resume_from_checkpoint: auto once every node is back")

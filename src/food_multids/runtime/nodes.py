@@ -180,9 +180,12 @@ def die_with_parent(signum: int = signal.SIGTERM):
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
+    parent = os.getpid()
 
     def set_pdeathsig() -> None:
         prctl(pr_set_pdeathsig, int(signum))
+        if os.getppid() != parent:  # the parent died between fork and prctl: the signal will never come
+            os.kill(os.getpid(), signum)
 
     return set_pdeathsig
 
