@@ -76,8 +76,10 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_marks_the_run_killed(proj
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]  # a shell's code for SIGINT, as schedulers read a stopped job
     assert "training stopped by SIGINT at step" in output, output[-3000:]
+    assert "Traceback" not in output and "failed with error" not in output, output[-3000:]
+    assert output.rstrip().splitlines()[-1].startswith("Error: training stopped by SIGINT at step"), output[-3000:]
     assert not (out_dir / "FINISHED.json").exists()
     client = MlflowClient(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("food_multids").experiment_id])
@@ -155,7 +157,9 @@ def test_ctrl_c_in_the_terminal_stops_two_processes_at_one_step_with_its_checkpo
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]
+    # The ranks stop at the agreed step and exit 0, so torchrun reports no failure of its own: one message.
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-4000:]
     stopped = re.search(r"training stopped by SIGINT at step (\d+) of 3000; resumable checkpoint ([^;\s]+)", output)
     assert stopped, output[-4000:]
     assert complete_checkpoints(out_dir)[-1] == (int(stopped.group(1)), Path(stopped.group(2)))

@@ -48,15 +48,26 @@ class NodeError(click.ClickException):
     """One of `user_error_types`, raised by a node: click prints `Error: <message>` and exits 1."""
 
 
+class StoppedBySignal(click.ClickException):
+    """The run was stopped on purpose (Ctrl-C, SIGTERM): click prints `Error: <message>`, and the exit code is
+    a shell's for that signal (130, 143), as schedulers expect of a stopped job."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.exit_code = 128 + int(getattr(error, "signum", 15))
+
+
 class _UserErrorFilter(logging.Filter):
     """Drops Kedro's 'Node ... failed with error' and 'Repeat the previous command' records while one of our
-    own errors is being handled (both are logged inside the except block that caught it): the run's last
+    own errors (or a stop by a signal) is being handled (both are logged inside the except block that caught it): the run's last
     line says it once, and repeating the command cannot help before the data or settings change."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         import sys
 
         error = sys.exc_info()[1]
+        if isinstance(error, RunInterrupted):  # while stopping, our own lines (what was signalled) still count
+            return not record.name.startswith("kedro")
         return error is None or not isinstance(error, user_error_types())
 
 
@@ -260,13 +271,15 @@ class ProjectHooks:
         finish_session(ok=False, message=f"{type(error).__name__}: {error}")
         if isinstance(error, user_error_types()):
             raise NodeError(str(error)) from None  # after kedro-mlflow has marked the run FAILED
-        if isinstance(error, RunInterrupted) and self._run_id:
-            import mlflow
-            from mlflow.tracking import MlflowClient
+        if isinstance(error, RunInterrupted):
+            if self._run_id:
+                import mlflow
+                from mlflow.tracking import MlflowClient
 
-            # A run stopped on purpose (Ctrl-C, a cluster's pre-emption) is KILLED, not FAILED or FINISHED.
-            MlflowClient(mlflow.get_tracking_uri()).set_terminated(self._run_id, "KILLED")
-            logger.warning("MLflow run %s marked KILLED: %s", self._run_id, error)
+                # A run stopped on purpose (Ctrl-C, a cluster's pre-emption) is KILLED, not FAILED or FINISHED.
+                MlflowClient(mlflow.get_tracking_uri()).set_terminated(self._run_id, "KILLED")
+                logger.warning("MLflow run %s marked KILLED", self._run_id)
+            raise StoppedBySignal(error) from None  # the message once, no traceback, exit 128 + the signal
 
     def _close_run_scope(self) -> None:
         if self._run_scope is not None:

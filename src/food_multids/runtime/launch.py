@@ -27,9 +27,9 @@ import torch
 
 from food_multids.config import ProjectConfig
 from food_multids.config.paths import find_project_root, resolve_path
-from food_multids.helpers.interrupts import RunInterrupted
+from food_multids.helpers.interrupts import RunInterrupted, TrainingInterrupted
 from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
-from food_multids.runtime.nodes import STOP_GRACE_S, SUPERVISOR_ENV, die_with_parent
+from food_multids.runtime.nodes import STOP_GRACE_S, SUPERVISOR_ENV, die_with_parent, signal_ranks, stop_tree
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -115,6 +115,17 @@ def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
             f"--shutdown-timeout={STOP_GRACE_S}", "-m", module, "--spec", str(spec)]
 
 
+def raise_if_interrupted(launch: Path) -> None:
+    """Rank 0's result says the ranks stopped at an agreed step on a signal: raise that here, with its
+    message (the step and the checkpoint to resume from)."""
+    try:
+        result = json.loads((launch / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(result, dict) and "interrupted" in result:
+        raise TrainingInterrupted(result.get("signum", signal.SIGTERM), result["interrupted"])
+
+
 def stop_slurm_step(proc: subprocess.Popen, job_name: str, signum: int) -> None:
     """Pass a signal to every task of the running job step, on every node: `scancel --signal=TERM <job>.<step>`
     (slurmstepd delivers it; torchrun passes it once to each rank, which agree on a step, save and stop).
@@ -177,6 +188,10 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
             node_zero.run_node_zero(cfg, nodes.resolve_plan(cfg, world), module, str(spec), env)
         except nodes.NodeFailure as exc:
             raise RuntimeError(f"multi-node launch failed: {exc}") from None
+        except RunInterrupted:
+            raise_if_interrupted(launch)
+            raise
+        raise_if_interrupted(launch)
         return
     if cfg.training.launch_mode() == "slurm":
         from food_multids.runtime import nodes
@@ -207,15 +222,21 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
         try:
             if cfg.training.launch_mode() == "slurm":
                 stop_slurm_step(proc, f"food_multids-{step}", signum)
+            elif cfg.training.launch_mode() == "ssh":
+                proc.send_signal(signum)  # DeepSpeed's runner signals pdsh and runs its kill command
             else:
-                # torchrun passes the signal once to every rank, which stop at their next agreed step with a
-                # checkpoint (it kills ranks still running after STOP_GRACE_S).
-                proc.send_signal(signum)
-            proc.wait()
+                signal_ranks(proc, signum)  # they stop at their next agreed step with a checkpoint
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                logger.error("The ranks did not stop within %d s of the signal: killed", STOP_GRACE_S)
+                stop_tree(proc)
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+        raise_if_interrupted(launch)
         raise
+    raise_if_interrupted(launch)  # a signal reached only the ranks (a scheduler's, or on another node)
     if proc.returncode != 0:
         what = {"slurm": "the SLURM job step", "ssh": "the DeepSpeed launcher"}.get(cfg.training.launch_mode(), "torchrun")
         raise RuntimeError(f"{what} exited with code {proc.returncode} (command: {' '.join(cmd)}); "

@@ -38,6 +38,7 @@ from food_multids.runtime.nodes import (
     env_node_rank,
     ranks_text,
     read_record,
+    signal_ranks,
     slurm_first_host,
     stop_tree,
 )
@@ -250,7 +251,7 @@ class NodeWorker:
         try:
             while (code := proc.poll()) is None:
                 if self.signum is not None and not forwarded:
-                    proc.send_signal(self.signum)  # torchrun passes it once to each rank: they agree on a step
+                    signal_ranks(proc, self.signum)  # once to each rank: they agree on a step and save
                     forwarded = True
                 if not forwarded:
                     self._guarded(lambda: store.check(["node/0"]))  # node 0's kedro still holds the store

@@ -33,6 +33,7 @@ from food_multids.runtime.nodes import (
     ranks_text,
     read_record,
     resolve_plan,
+    signal_ranks,
     stop_tree,
 )
 
@@ -123,9 +124,9 @@ class Session:
         old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             if proc.poll() is None:
-                proc.send_signal(signum)
+                signal_ranks(proc, signum)
             try:
-                proc.wait(timeout=STOP_GRACE_S + 30)
+                proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
             stop_tree(proc)

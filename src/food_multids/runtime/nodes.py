@@ -215,5 +215,24 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
     proc.wait()
 
 
+def signal_ranks(proc: subprocess.Popen, signum: int) -> None:
+    """A signal once to each rank of a torchrun agent (its children), not to the agent: the ranks stop at an
+    agreed step with their checkpoint and exit 0, and torchrun ends quietly instead of reporting its own
+    signal with a traceback. The agent itself gets it only while it has no ranks (still starting)."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+        return
+    for rank in ranks:
+        try:
+            rank.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+    if not ranks and proc.poll() is None:
+        proc.send_signal(signum)
+
+
 def ranks_text(ranks: list[int]) -> str:
     return ", ".join(str(r) for r in ranks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from food_multids.helpers.interrupts import TrainingInterrupted
 from food_multids.runtime.device import finish_distributed
 from food_multids.runtime.files import write_json_atomic
 from food_multids.runtime.launch import RESULT_FILE, worker_context
@@ -14,7 +15,15 @@ def main(argv: list[str] | None = None) -> None:
     ctx = worker_context(argv)
     trainer = Trainer(ctx.cfg, ctx.frame("train"), ctx.frame("eval_subset"), ctx.frame("full_eval"),
                       os.environ.get("MLFLOW_RUN_ID") or None, os.environ.get("MLFLOW_TRACKING_URI") or None)
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except TrainingInterrupted as exc:
+        # Every rank stopped at the same agreed step, with its checkpoint: a planned end, told to the parent
+        # in the result (which raises it there), exit 0, so that no launcher prints a failure of its own.
+        if trainer.is_main:
+            write_json_atomic(ctx.launch / RESULT_FILE, {"interrupted": str(exc), "signum": int(exc.signum)})
+        finish_distributed()
+        return
     if trainer.is_main:
         write_json_atomic(ctx.launch / RESULT_FILE, {"history": result.history, "manifest": result.manifest})
     finish_distributed()
