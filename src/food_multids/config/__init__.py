@@ -26,6 +26,7 @@ PILLOW_BOMB_LIMIT = 2 * (1024 * 1024 * 1024 // 4 // 3)  # Pillow's Image.MAX_IMA
 TOP_LEVEL_KEYS = ("model", "data", "datasets", "training", "deepspeed", "evaluation", "tracking", "predict")
 # tracking.report_to values (Hugging Face's names) and the package each needs
 TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
+DEMO_ENVS = ("base", "local")  # the Kedro envs that mean the demo: the default registered name, no model warning
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from food_multids.config import (
+    DEMO_ENVS,
     ConfigError,
     ModelConfig,
     ProjectConfig,
@@ -29,7 +30,6 @@ from food_multids.config.paths import resolve_path
 from food_multids.model.backbones import SUPPORTED as SUPPORTED_MODEL_TYPES
 
 DEMO_MODEL = ModelConfig.__dataclass_fields__["name_or_path"].default
-DEMO_ENVS = ("base", "local")
 # Which pipeline to suggest for a catalog dataset a run reads: train before data (it runs the data
 # nodes too, and what needs data outputs needs a trained model as well), then full_eval.
 MAKERS = ("train", "full_eval", "data")

@@ -22,7 +22,7 @@ from pathlib import Path
 from kedro.io import DataCatalog, MemoryDataset
 
 from food_multids.catalog import LoadedModelDataset
-from food_multids.config import ConfigError, PredictConfig
+from food_multids.config import DEMO_ENVS, ConfigError, PredictConfig
 from food_multids.inference.batching import MicroBatcher, QueueFull
 from food_multids.inference.inputs import BadRequest
 
@@ -202,7 +202,6 @@ def _requirements() -> list[str]:
     return found
 
 
-DEMO_ENVS = ("base", "local")
 TAG = "food_multids."  # prefix of the registered versions' tags
 
 
