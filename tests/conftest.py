@@ -106,7 +106,7 @@ def two_datasets(tmp_path) -> dict:
                  "val_jsonl_list": [str(tmp_path / "alpha/val.jsonl"), str(tmp_path / "beta/val.jsonl")]},
         "datasets": {"dataset_configs": {"alpha": {"num_classes": 3, "eval_ratio": 0.5},
                                          "beta": {"num_classes": 5, "eval_ratio": 0.25}}},
-        "training": {"seed": 7},
+        "training": {"seed": 7, "shuffle": True},
     }
 
 
@@ -221,3 +221,21 @@ def small_mount(tmp_path):
     yield mount
     for target in mounts:
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def parameter_feeds(parameters: dict) -> dict:
+    """What Kedro's context feeds a run's catalog from the parameters: `parameters` and a `params:a.b` entry
+    for every key at every depth, as MemoryDatasets (for pipelines run on an in-memory catalog)."""
+    from kedro.io import MemoryDataset
+
+    feeds = {"parameters": MemoryDataset(parameters)}
+
+    def add(prefix: str, value) -> None:
+        feeds[f"params:{prefix}"] = MemoryDataset(value)
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{prefix}.{key}", inner)
+
+    for key, value in parameters.items():
+        add(key, value)
+    return feeds

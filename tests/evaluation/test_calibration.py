@@ -100,12 +100,10 @@ def test_a_calibrated_model_predicts_the_same_probabilities_on_every_path_and_re
     from food_multids.inference.model import load_model, run_model
     from food_multids.inference.predict import predict_records
     from food_multids.model.classifier import ClassifierMeta
-    from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+    from food_multids.pipelines.data.nodes import run_data_nodes
 
     torch.set_num_threads(1)
-    train, val, _, _ = ingest_jsonl(demo_params)
-    _, val_set, _ = merge_and_tag(train, val, demo_params)
-    _, full = split_eval_subsets(val_set, demo_params)
+    *_, full = run_data_nodes(demo_params)
     cfg = ProjectConfig.from_params(demo_params, check_files=False)
     fitted = calibrate_model(cfg, classifier_dir, full)
     meta = ClassifierMeta.from_json((classifier_dir / "classifier.json").read_text())

@@ -7,7 +7,7 @@ Used by the tests that kill a training process or need a process of their own.
 import json
 import sys
 
-from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.train.nodes import train_deepspeed
 
 
@@ -16,9 +16,7 @@ def main(params_file: str, result_file: str) -> None:
 
     logging.basicConfig(level=logging.INFO)
     params = json.loads(open(params_file).read())
-    train, val, _, _ = ingest_jsonl(params)
-    train_set, val_set, _ = merge_and_tag(train, val, params)
-    subset, full = split_eval_subsets(val_set, params)
+    train_set, _, subset, full = run_data_nodes(params)
     history, manifest = train_deepspeed(train_set, subset, full, params)
     with open(result_file, "w") as fh:
         json.dump({"history": history, "manifest": manifest}, fh)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.train.nodes import train_deepspeed
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.output_dir import LOCK_FILE, OutputDirError, OutputDirLock
@@ -32,9 +32,8 @@ def data(base_params, demo_root):
     p = copy.deepcopy(base_params)
     p["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
     p["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
-    train, val, _, _ = ingest_jsonl(p)
-    train_set, val_set, _ = merge_and_tag(train, val, p)
-    return (train_set, *split_eval_subsets(val_set, p))
+    train_set, _, subset, full = run_data_nodes(p)
+    return train_set, subset, full
 
 
 def hold_lock(directory: Path) -> subprocess.Popen:

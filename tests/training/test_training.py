@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.train.nodes import select_best, train_deepspeed
 from food_multids.training.checkpoint import complete_checkpoints
 from tests.conftest import make_separable_dataset
@@ -28,9 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def data_nodes(params):
-    train, val, _, _ = ingest_jsonl(params)
-    train_set, val_set, _ = merge_and_tag(train, val, params)
-    subset, full = split_eval_subsets(val_set, params)
+    train_set, _, subset, full = run_data_nodes(params)
     return train_set, subset, full
 
 

@@ -226,8 +226,8 @@ class Session:
             self.store.set(f"step/{self.index}", json.dumps({"kind": "finish", "ok": ok, "message": message[:2000]}))
             deadline = time.monotonic() + BYE_WAIT_S
             waiting = [n for n in range(1, self.num_nodes) if self.store.check([f"node/{n}"])]
-            while waiting and time.monotonic() < deadline:
-                waiting = [n for n in waiting if not self.store.check([f"bye/{n}"])]
+            while waiting and time.monotonic() < deadline:  # a worker that left (gone/K) reads nothing more
+                waiting = [n for n in waiting if not self.store.check([f"bye/{n}"]) and not self.store.check([f"gone/{n}"])]
                 time.sleep(0.1)
         finally:
             self._stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from food_multids.helpers.interrupts import TrainingInterrupted
 from food_multids.runtime.device import finish_distributed
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingInterrupted as exc:
         # Every rank stopped at the same agreed step, with its checkpoint: a planned end, told to the parent
         # in the result (which raises it there), exit 0, so that no launcher prints a failure of its own.
+        # The signal may still be on its way to a rank that stopped because another rank got it first (the
+        # ranks agree at a logging step): from here on it must not kill this rank in the middle of the
+        # shutdown, which the others wait for.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         if trainer.is_main:
             write_json_atomic(ctx.launch / RESULT_FILE, {"interrupted": str(exc), "signum": int(exc.signum)})
         finish_distributed()

@@ -6,14 +6,15 @@ import sys
 
 import pandas as pd
 import pytest
-from kedro.io import DataCatalog, MemoryDataset
+from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 
 from food_multids.pipelines.data import create_pipeline
+from tests.conftest import parameter_feeds
 
 
 def test_data_pipeline_slice_runs_on_an_in_memory_catalog(two_datasets):
-    catalog = DataCatalog({"parameters": MemoryDataset(two_datasets)})
+    catalog = DataCatalog(parameter_feeds(two_datasets))
     SequentialRunner().run(create_pipeline(), catalog)
     subset, full = catalog.load("eval_subset"), catalog.load("full_eval_set")
     stats = catalog.load("dataset_stats")
@@ -38,3 +39,11 @@ def test_kedro_run_data_pipeline_writes_versioned_parquet(project_copy):
     assert subset.groupby("dataset_name", observed=True).size().to_dict() == {"digits": 50, "shapes": 80}
     assert (project_copy / "mlflow.db").is_file()
     assert "Dataset mix:" in proc.stdout + proc.stderr
+
+
+def test_the_data_nodes_take_their_own_parameter_sections_not_the_whole_config():
+    # kedro-viz then draws each node's real parameters; preflight checks the whole config before any node.
+    inputs = {n.name: set(n.inputs) for n in create_pipeline().nodes}
+    assert all("parameters" not in names for names in inputs.values()), inputs
+    assert inputs["ingest_jsonl"] == {"params:data", "params:datasets", "params:model.num_labels"}
+    assert inputs["merge_and_tag"] >= {"params:training.seed", "params:training.shuffle"}

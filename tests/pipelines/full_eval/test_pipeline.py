@@ -12,7 +12,7 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.full_eval import create_pipeline
 from tests.conftest import BIN, KEDRO, latest
 
@@ -21,9 +21,7 @@ def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir,
     params = copy.deepcopy(base_params)
     params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
-    train, val, _, _ = ingest_jsonl(params)
-    _, val_set, _ = merge_and_tag(train, val, params)
-    _, full = split_eval_subsets(val_set, params)
+    *_, full = run_data_nodes(params)
     catalog = DataCatalog({"parameters": MemoryDataset(params), "best_model": MemoryDataset(classifier_dir),
                            "full_eval_set": MemoryDataset(full),
                            # as select_best describes this model (the test model records no run or step)
@@ -60,9 +58,7 @@ def test_full_evaluate_shards_across_two_processes(base_params, demo_root, class
     params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
     params["training"].update(output_dir=str(tmp_path / "out"), device="cpu")
-    train, val, _, _ = ingest_jsonl(params)
-    _, val_set, _ = merge_and_tag(train, val, params)
-    _, full = split_eval_subsets(val_set, params)
+    *_, full = run_data_nodes(params)
     from food_multids.evaluation.calibration import write_calibration
     from food_multids.pipelines.full_eval.nodes import full_evaluate
 
@@ -238,9 +234,7 @@ def test_images_failing_at_load_are_counted_per_dataset_and_top_k_skips_small_la
     params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
     params["evaluation"]["top_k"] = 10  # digits has 10 classes: its top-10 accuracy would be 1.0 by construction
-    train, val, _, _ = ingest_jsonl(params)
-    _, val_set, _ = merge_and_tag(train, val, params)
-    _, full = split_eval_subsets(val_set, params)
+    *_, full = run_data_nodes(params)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # passed ingest once, damaged since
     full = full.copy()

@@ -12,7 +12,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from food_multids.data.records import RecordError
-from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.full_eval.nodes import full_evaluate
 from food_multids.pipelines.predict import create_pipeline
 from tests.conftest import write_image, write_jsonl
@@ -38,9 +38,7 @@ def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, 
     params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
     params["training"]["device"] = "cpu"
-    train, val, _, _ = ingest_jsonl(params)
-    _, val_set, _ = merge_and_tag(train, val, params)
-    _, full = split_eval_subsets(val_set, params)
+    *_, full = run_data_nodes(params)
     _, evaluated, _ = full_evaluate(classifier_dir, full, params)
     # The same images, unlabelled, in the same order, as a user's JSONL file.
     rows = [{"image": str(r.image), "dataset_name": str(r.dataset_name)} for r in full.itertuples()]
