@@ -190,21 +190,15 @@ def die_with_parent(signum: int = signal.SIGTERM):
     return set_pdeathsig
 
 
-def stop_tree(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
-    """End a launcher and every process under it: SIGTERM once (its ranks stop at an agreed step), then
-    SIGKILL to whatever is left after `grace_s`."""
+def stop_tree(proc: subprocess.Popen) -> None:
+    """End a launcher and every process under it at once (SIGKILL): after a failure, or past the grace a
+    signal gave the ranks (the graceful part is signal_ranks and the caller's wait)."""
     import psutil
 
     try:
         family = [*psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
-    if grace_s > 0 and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     for p in [*family, psutil.Process(proc.pid) if proc.poll() is None else None]:
         if p is None:
             continue
