@@ -24,6 +24,15 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_project_root_left_behind():
+    """A test that ran a Kedro session in this process (its hook sets the project root) leaves none to the next."""
+    yield
+    from food_multids.config.paths import use_project_root
+
+    use_project_root(None)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -33,7 +42,7 @@ def free_port() -> int:
 
 def kedro_env() -> dict:
     """This process's environment without what would tie a child `kedro` to this test's MLflow run or project."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FOOD_MULTIDS_PROJECT_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env.update(KEDRO_DISABLE_TELEMETRY="true", FOOD_MULTIDS_PROGRESS="never")
     return env
 
@@ -239,3 +248,14 @@ def parameter_feeds(parameters: dict) -> dict:
     for key, value in parameters.items():
         add(key, value)
     return feeds
+
+
+def node_sections(node, parameters: dict) -> dict:
+    """What Kedro passes a node that takes parameter sections (`params:model`, `params:training`, ...): the
+    sections of `parameters` named by the node function's arguments, as keyword arguments."""
+    import inspect
+
+    from food_multids.config import TOP_LEVEL_KEYS
+
+    names = [n for n in inspect.signature(node).parameters if n in TOP_LEVEL_KEYS]
+    return {name: parameters.get(name) for name in names}

@@ -66,7 +66,6 @@ def test_a_damaged_mlflow_store_is_one_line_naming_the_file(tmp_path, monkeypatc
     write_image(tmp_path / "a.png")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("FOOD_MULTIDS_PROJECT_ROOT", raising=False)
     capsys.readouterr()  # MLflow's own lines while the store was made
     assert main(["predict", "models:/food_multids/1", "a.png"]) == 2
     err = capsys.readouterr().err

@@ -199,7 +199,6 @@ def test_export_takes_best_and_best_version_as_predict_does(tiny_model_dir, tmp_
     for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
         shutil.copytree(folder, tmp_path / f"project/data/06_models/best_model/{version}/best_model")
     monkeypatch.chdir(tmp_path / "project")
-    monkeypatch.delenv("FOOD_MULTIDS_PROJECT_ROOT", raising=False)
     assert main(["export", "best", str(tmp_path / "newest"), "--merge"]) == 0
     assert main(["export", "best:2026-01-01T00.00.00.000Z", str(tmp_path / "first"), "--merge"]) == 0
     for out in ("newest", "first"):

@@ -19,7 +19,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from food_multids.config import ConfigError, ProjectConfig
+from food_multids.config import ConfigError, ProjectConfig, TrainConfig
 from food_multids.runtime.nodes import NodeFailure, NodePlan, resolve_plan
 from food_multids.training.checkpoint import complete_checkpoints
 from tests.conftest import free_port, kedro, kedro_env
@@ -289,7 +289,7 @@ def test_node_zero_refuses_a_second_worker_for_a_rank_and_names_a_node_that_neve
     port = free_ports()
     nodes = {"launch": "torchrun", "num_nodes": 3, "master_addr": "127.0.0.1", "join_timeout_s": 20}
     params = {**base_params, "training": {**base_params["training"], "master_port": port, "nodes": nodes}}
-    session = Session(ProjectConfig.from_params(params, check_files=False))
+    session = Session(ProjectConfig.from_params(params, check_files=False).training)
     try:
         first = start_worker(REPO, port, env={"PET_NODE_RANK": "1", "PET_MASTER_ADDR": "127.0.0.1",
                                               "PET_MASTER_PORT": str(port)})
@@ -331,7 +331,7 @@ def test_the_node_plan_comes_from_settings_or_the_schedulers_environment(base_pa
 
     def plan(**nodes):
         params = {**base_params, "training": {**base_params["training"], "nodes": {"launch": "torchrun", **nodes}}}
-        return resolve_plan(ProjectConfig.from_params(params, check_files=False), 4)
+        return resolve_plan(TrainConfig.from_section(params["training"]), 4)
 
     with pytest.raises(NodeFailure, match="training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES"):
         plan()
@@ -411,8 +411,7 @@ def test_the_torchrun_commands_from_the_plan_and_the_settings(base_params, monke
                        "-m", "food_multids.training.worker", "--spec", "/shared/launch/spec.json"]
 
     def config(**training):
-        return ProjectConfig.from_params({**base_params, "training": {**base_params["training"], **training}},
-                                         check_files=False)
+        return TrainConfig.from_section({**base_params["training"], **training})
 
     spec = Path("/shared/launch/spec.json")
     one = launcher_command(config(), 2, spec)

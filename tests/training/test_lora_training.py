@@ -15,7 +15,7 @@ import torch
 from food_multids.model.classifier import MultiDatasetClassifier
 from food_multids.pipelines.train.nodes import train_deepspeed
 from food_multids.training.checkpoint import complete_checkpoints
-from tests.conftest import make_separable_dataset
+from tests.conftest import make_separable_dataset, node_sections
 from tests.training.test_training import comparable, data_nodes, run_driver, start_and_signal
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_lora_learns_a_separable_set_and_saves_a_small_best_model(base_params, t
                                              "beta": {"num_classes": 6, "eval_ratio": 1.0}}
     params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", per_device_train_batch_size=9,
                               max_steps=60, logging_steps=20, eval_steps=30, save_steps=60, learning_rate=5e-3)
-    history, manifest = train_deepspeed(*data_nodes(params), params)
+    history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     evals = [r["metrics"] for r in history["records"] if r["kind"] == "eval"]
     assert evals[-1]["alpha_accuracy"] >= 0.9 and evals[-1]["beta_accuracy"] >= 0.9, evals[-1]  # chance 1/3, 1/6
     assert evals[-1]["overall_loss"] < 0.5 * math.log(6), evals[-1]
@@ -73,7 +73,7 @@ def test_lora_trains_in_two_gloo_processes(demo_params, tmp_path):
     params["model"].update(copy.deepcopy(LORA))
     params["training"].update(num_processes=2, max_steps=6, logging_steps=3, eval_steps=6, save_steps=6,
                               per_device_train_batch_size=4, device="cpu")
-    history, manifest = train_deepspeed(*data_nodes(params), params)
+    history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     assert manifest["world_size"] == 2
     evals = [r for r in history["records"] if r["kind"] == "eval"]
     assert evals and evals[-1]["metrics"]["overall_samples"] == 130.0
@@ -88,7 +88,7 @@ def test_lora_trains_under_zero3_with_gradient_checkpointing_and_batched_windows
     params["deepspeed"] = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
     params["training"].update(max_steps=6, logging_steps=3, eval_steps=6, save_steps=6, learning_rate=5e-3,
                               resume_from_checkpoint="auto")
-    history, manifest = train_deepspeed(*data_nodes(params), params)
+    history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     losses = [r["metrics"]["overall_loss"] for r in history["records"] if r["kind"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     best = Path(manifest["best"]["path"])

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.train.nodes import select_best, train_deepspeed
 from food_multids.training.checkpoint import complete_checkpoints
-from tests.conftest import make_separable_dataset
+from tests.conftest import make_separable_dataset, node_sections
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("driver.py")
@@ -42,7 +42,7 @@ def test_training_logs_per_dataset_metrics_tracks_the_best_and_prunes_checkpoint
                               best_model_selection="point")  # the strictly-better rule: best == max of the evals
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     with mlflow.start_run() as run:
-        history, manifest = train_deepspeed(*data_nodes(params), params)
+        history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     total = manifest["total_steps"]
     assert total == 44 * 4
@@ -90,7 +90,7 @@ def test_training_learns_a_separable_two_dataset_set(base_params, tiny_model_dir
                                              "beta": {"num_classes": 6, "eval_ratio": 1.0}}
     params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", per_device_train_batch_size=9,
                               max_steps=60, logging_steps=20, eval_steps=30, save_steps=60)
-    history, _ = train_deepspeed(*data_nodes(params), params)
+    history, _ = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     evals = [r["metrics"] for r in history["records"] if r["kind"] == "eval"]
     # Chance: 1/3 (alpha) and 1/6 (beta).
     assert evals[-1]["alpha_accuracy"] >= 0.9 and evals[-1]["beta_accuracy"] >= 0.9, evals[-1]
@@ -115,7 +115,7 @@ def test_each_training_loss_learns_and_logs_its_objective_beside_the_plain_loss(
     params["datasets"]["dataset_configs"] = {"alpha": {"num_classes": 3, "eval_ratio": 1.0}}
     params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", per_device_train_batch_size=8,
                               max_steps=60, logging_steps=20, eval_steps=60, save_steps=60, loss=loss)
-    history, _ = train_deepspeed(*data_nodes(params), params)
+    history, _ = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     windows = [r["metrics"] for r in history["records"] if r["kind"] == "train"]
     assert all("alpha_objective" in w and "overall_objective" in w for w in windows)
     assert windows[0]["alpha_objective"] != pytest.approx(windows[0]["alpha_loss"], rel=1e-3)  # another objective
@@ -138,7 +138,7 @@ def test_the_weight_average_is_what_evaluation_scores_and_the_best_model_saves(b
     params["training"].update(output_dir=str(tmp_path / "out"), progress_bar="never", per_device_train_batch_size=6,
                               max_steps=40, logging_steps=20, eval_steps=40, save_steps=40,
                               ema={"decay": 0.8, "start_step": 5})
-    history, manifest = train_deepspeed(*data_nodes(params), params)
+    history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     final = [r["metrics"] for r in history["records"] if r["kind"] == "eval"][-1]
     assert final["alpha_accuracy"] >= 0.9, final  # the average of a converging run still separates
     checkpoint = Path(manifest["checkpoints"][-1]["path"])
@@ -156,7 +156,7 @@ def test_minimised_metric_and_early_stopping(demo_params):
     params = demo_params
     params["training"].update(max_steps=60, logging_steps=5, eval_steps=5, save_steps=100, learning_rate=0.0,
                               metric_for_best_model="overall_loss", early_stopping_patience=2)
-    history, manifest = train_deepspeed(*data_nodes(params), params)
+    history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     evals = [(r["step"], r["metrics"]["overall_loss"]) for r in history["records"] if r["kind"] == "eval"]
     best = history["best"]
     assert best["greater_is_better"] is False and best["value"] == min(v for _, v in evals)
@@ -169,7 +169,7 @@ def test_fresh_subsets_draw_the_curve_and_the_paired_rule_compares_on_the_fixed_
     params = demo_params
     params["training"].update(max_steps=20, logging_steps=5, eval_steps=5, save_steps=100, learning_rate=5e-3,
                               eval_subset_strategy="fresh", best_model_selection="paired")
-    history, manifest = train_deepspeed(*data_nodes(params), params)
+    history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     evals = [r for r in history["records"] if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [5, 10, 15, 20] and all(r["subset"] == "fresh" for r in evals)
     assert evals[0]["reason"] == "first evaluation"
@@ -189,7 +189,7 @@ def test_one_process_trains_the_same_under_zero_stage_0_as_under_stage_2(demo_pa
         params["deepspeed"] = {"zero_optimization": {"stage": 2}}
         params["training"].update(max_steps=6, logging_steps=2, eval_steps=6, save_steps=6, device="cpu",
                                   single_process_zero_stage=stage, output_dir=str(tmp_path / f"stage{stage}"))
-        history, _ = train_deepspeed(*data_nodes(params), params)
+        history, _ = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
         runs.append([r["metrics"]["overall_loss"] for r in history["records"]])
         stages.append(re.findall(r"\(1 process\(es\), ZeRO-(\d)", caplog.text))
     assert stages == [["2"], ["0"]]  # the engine ran under the stage asked for
@@ -203,7 +203,7 @@ def test_unknown_best_metric_is_a_clear_error(demo_params):
     params = demo_params
     params["training"].update(max_steps=2, eval_steps=2, metric_for_best_model="food101_accuracy")
     with pytest.raises(ValueError, match="metric_for_best_model is 'food101_accuracy'.*digits_accuracy"):
-        train_deepspeed(*data_nodes(params), params)
+        train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(demo_params):
@@ -212,7 +212,7 @@ def test_non_finite_loss_stops_training_with_a_clear_error(demo_params):
     params["training"].update(max_steps=8, logging_steps=2, eval_steps=100, save_steps=100, learning_rate=1e30,
                               head_lr=1e30, vision_lr=1e30)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss .* up to step \d+.*check_grad_overflow"):
-        train_deepspeed(*data_nodes(params), params)
+        train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
 
 
 def run_driver(params, tmp_path, name, wait=True):
@@ -323,7 +323,7 @@ def test_two_processes_share_the_work_and_rank0_logs_once(demo_params, tmp_path)
                               per_device_train_batch_size=4, device="cpu")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     with mlflow.start_run() as run:
-        history, manifest = train_deepspeed(*data_nodes(params), params)
+        history, manifest = train_deepspeed(*data_nodes(params), **node_sections(train_deepspeed, params))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert manifest["world_size"] == 2
     samples = metric_history(client, run.info.run_id, "train_overall_samples")

@@ -195,6 +195,17 @@ def _build(cls: type, section: Any, path: str, problems: _Problems, skip: tuple[
         return None
 
 
+def _parse_alone(cls: type, section: Any, path: str, env: str | None) -> Any:
+    """One section parsed and validated on its own; ConfigError listing every problem."""
+    problems = _Problems()
+    out = _build(cls, section if section is not None else {}, path, problems)
+    if out is not None:
+        out.validate(problems)
+    if problems.items:
+        raise ConfigError(problems.items, env)
+    return out
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """`model.lora:` low-rank adapters (peft) on the Linear layers of the chosen backbone parts."""
@@ -507,6 +518,12 @@ class TrainConfig:
         if isinstance(self.nodes, NodeSettings):
             self.nodes.validate(problems, self.hostfile)
 
+    @classmethod
+    def from_section(cls, section: Any, env: str | None = None) -> TrainConfig:
+        """Parse `params:training` alone: what the launch of several processes (runtime/) and the predict node
+        read. The checks against other sections (metric names, loss weights) are from_params's."""
+        return _parse_alone(cls, section, "training", env)
+
     def launch_mode(self) -> Literal["single", "ssh", "slurm", "torchrun"]:
         return self.nodes.mode(self.hostfile)
 
@@ -655,13 +672,7 @@ class PredictConfig:
 
     @classmethod
     def _parse_section(cls, section: Any, env: str | None) -> PredictConfig:
-        problems = _Problems()
-        out = _build(cls, section if section is not None else {}, "predict", problems)
-        if out is not None:
-            out.validate(problems)
-        if problems.items:
-            raise ConfigError(problems.items, env)
-        return out
+        return _parse_alone(cls, section, "predict", env)
 
 
 _PARSED_PREDICT: dict[str, PredictConfig] = {}  # JSON of a predict section -> its (frozen) parse

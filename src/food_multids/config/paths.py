@@ -5,15 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+_USED: dict[str, Path | None] = {"root": None}  # this process's project root, once an entry point says it
+
+
+def use_project_root(path: str | os.PathLike | None) -> None:
+    """Resolve relative parameters against `path` in this process, whatever the current directory: called by
+    the entry points that know the root (the Kedro hook: the session's project_path; a rank: its launch
+    spec's). None: search again (tests)."""
+    _USED["root"] = Path(path).resolve() if path is not None else None
+
 
 def find_project_root(start: Path | None = None) -> Path:
-    """Nearest folder at or above `start` (default: cwd) whose pyproject.toml declares `[tool.kedro]`.
-
-    FOOD_MULTIDS_PROJECT_ROOT overrides the search (used by training subprocesses).
-    """
-    env = os.environ.get("FOOD_MULTIDS_PROJECT_ROOT")
-    if env:
-        return Path(env).resolve()
+    """The root an entry point set (use_project_root), else the nearest folder at or above `start` (default:
+    cwd) whose pyproject.toml declares `[tool.kedro]`."""
+    if start is None and _USED["root"] is not None:
+        return _USED["root"]
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         pyproject = folder / "pyproject.toml"

@@ -131,11 +131,11 @@ def evaluate_saved_model(cfg: ProjectConfig, parameters: dict, model_dir: Path, 
     rank 0 gathers the rows and writes them to <output_dir>/<launch_name>)."""
     from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
 
-    world = resolve_world_size(cfg)
-    if not uses_launcher(cfg, world):
+    world = resolve_world_size(cfg.training)
+    if not uses_launcher(cfg.training, world):
         return run_full_evaluation(cfg, model_dir, frame)
     launch = cfg.training.resolved_output_dir() / launch_name
-    launch_processes(cfg, world, launch, parameters, {"full_eval": frame}, "food_multids.evaluation.worker",
+    launch_processes(cfg.training, world, launch, parameters, {"full_eval": frame}, "food_multids.evaluation.worker",
                      extra={"model_dir": str(model_dir)})
     result = json.loads((launch / RESULT_FILE).read_text())
     return FullEvalResult(result["metrics"], pd.read_parquet(launch / "predictions.parquet"),

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 from pathlib import Path
 
 import click
 from kedro.framework.hooks import hook_impl
 
+from food_multids.config.paths import use_project_root
 from food_multids.helpers.interrupts import RunInterrupted, raise_on_signals
 from food_multids.runtime.node_zero import finish_session
 
@@ -219,9 +219,9 @@ class ProjectHooks:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
     def after_context_created(self, context) -> None:
-        # Nodes, training subprocesses and notebooks resolve relative parameters against this folder,
-        # whatever the current directory is.
-        os.environ["FOOD_MULTIDS_PROJECT_ROOT"] = str(context.project_path)
+        # Nodes, notebooks and (through their launch spec) the ranks resolve relative parameters against this
+        # folder, whatever the current directory is.
+        use_project_root(context.project_path)
         self._context = context
         quiet_instant_progress_bars()
         for name in ("kedro.pipeline.node", "kedro.runner"):
@@ -293,15 +293,15 @@ LAUNCHING_NODES = {"train_deepspeed", "rerank_candidates", "full_evaluate", "pre
 def open_node_session(params: dict) -> str | None:
     """A torchrun run opens node 0's store before its first node (and before MLflow starts a run): the node
     workers claim their ranks there while Kedro prepares the data. Returns the problem, if it cannot."""
-    from food_multids.config import ProjectConfig
+    from food_multids.config import TrainConfig
     from food_multids.runtime.node_zero import open_session
     from food_multids.runtime.nodes import NodeFailure
 
-    cfg = ProjectConfig.from_params(params, check_files=False)
-    if cfg.training.launch_mode() != "torchrun":
+    training = TrainConfig.from_section(params.get("training"))
+    if training.launch_mode() != "torchrun":
         return None
     try:
-        open_session(cfg)
+        open_session(training)
     except NodeFailure as exc:
         return f"params:training.nodes: {exc}"
     return None

@@ -120,7 +120,7 @@ def check_node_plan(cfg: ProjectConfig) -> list[str]:
     from food_multids.runtime.nodes import NodeFailure, resolve_plan
 
     try:
-        resolve_plan(cfg, 1)
+        resolve_plan(cfg.training, 1)
     except NodeFailure as exc:
         return [f"params:training.nodes: {exc}"]
     if cfg.training.launch_mode() == "slurm" and shutil.which("srun") is None:

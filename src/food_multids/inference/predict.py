@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from food_multids.config import PredictConfig, ProjectConfig
+from food_multids.config import PredictConfig, TrainConfig
 from food_multids.inference.model import LoadedModel, load_model, run_model
 from food_multids.runtime.device import resolve_device_name
 from food_multids.runtime.launch import launch_processes, uses_launcher, world_size_for
@@ -23,20 +23,20 @@ UNKNOWN = "unknown"  # prediction_name of an image below predict.reject_below ("
 PREDICTIONS_FILE = "image_predictions.parquet"  # what rank 0 of a multi-process predict writes
 
 
-def predict_with_processes(cfg: ProjectConfig, parameters: dict, model_dir: Path, records: pd.DataFrame
-                           ) -> pd.DataFrame:
+def predict_with_processes(predict: dict, training: dict, model_dir: Path, records: pd.DataFrame) -> pd.DataFrame:
     """The records through the model folder: in this process, or sharded over one process per GPU (as the
-    full evaluation is), rank 0 gathering the rows."""
-    settings = cfg.predict
+    full evaluation is), rank 0 gathering the rows. `predict`, `training`: the parameter sections (the
+    launch settings, progress bars and the launch folder are training's)."""
+    settings, launch_settings = PredictConfig.from_section(predict), TrainConfig.from_section(training)
     world = world_size_for(settings.num_processes, settings.device)
-    if not uses_launcher(cfg, world):
+    if not uses_launcher(launch_settings, world):
         loaded = load_model(model_dir, resolve_device_name(settings.device))
         return predict_records(loaded, records, top_k=settings.top_k, batch_size=settings.batch_size,
-                               workers=settings.dataloader_num_workers, progress_mode=cfg.training.progress_bar,
+                               workers=settings.dataloader_num_workers, progress_mode=launch_settings.progress_bar,
                                calibrated=settings.calibrated, reject_below=settings.reject_below)
-    launch = cfg.training.resolved_output_dir() / "launch_predict"
-    launch_processes(cfg, world, launch, parameters, {"predict": records}, "food_multids.inference.worker",
-                     extra={"model_dir": str(model_dir)})
+    launch = launch_settings.resolved_output_dir() / "launch_predict"
+    launch_processes(launch_settings, world, launch, {"predict": predict, "training": training},
+                     {"predict": records}, "food_multids.inference.worker", extra={"model_dir": str(model_dir)})
     return pd.read_parquet(launch / PREDICTIONS_FILE)
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from food_multids.config import ProjectConfig
-from food_multids.config.paths import find_project_root, resolve_path
+from food_multids.config import ProjectConfig, TrainConfig
+from food_multids.config.paths import find_project_root, resolve_path, use_project_root
 from food_multids.helpers.interrupts import RunInterrupted, TrainingInterrupted
 from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
 from food_multids.runtime.nodes import STOP_GRACE_S, SUPERVISOR_ENV, die_with_parent, signal_ranks, stop_tree
@@ -37,12 +37,18 @@ RESULT_FILE = "result.json"
 
 @dataclass
 class WorkerContext:
-    """What a process started by a launcher needs: its rank, the config and the launch folder."""
+    """What a process started by a launcher needs: its rank, the parameter sections its node took, the
+    launch folder."""
 
     rank: int
-    cfg: ProjectConfig
+    params: dict
     spec: dict
     launch: Path
+
+    @property
+    def cfg(self) -> ProjectConfig:
+        """The sections as one config (training and evaluation workers: their nodes take model, data, ...)."""
+        return ProjectConfig.from_params(self.params, check_files=False)
 
     def frame(self, name: str) -> pd.DataFrame:
         return pd.read_parquet(self.launch / f"{name}.parquet")
@@ -58,12 +64,14 @@ def worker_context(argv: list[str] | None = None) -> WorkerContext:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] rank{rank} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     spec = json.loads(args.spec.read_text())
-    cfg = ProjectConfig.from_params(spec["parameters"], check_files=False)
-    return WorkerContext(rank, cfg, spec, Path(spec["launch_dir"]))
+    root = spec.get("project_root")
+    if root and os.path.isdir(root):  # else (another machine, another path) the search from the current directory
+        use_project_root(root)
+    return WorkerContext(rank, spec["parameters"], spec, Path(spec["launch_dir"]))
 
 
-def resolve_world_size(cfg: ProjectConfig) -> int:
-    return world_size_for(cfg.training.num_processes, cfg.training.device)
+def resolve_world_size(training: TrainConfig) -> int:
+    return world_size_for(training.num_processes, training.device)
 
 
 def world_size_for(num_processes: int | None, device: str) -> int:
@@ -75,22 +83,22 @@ def world_size_for(num_processes: int | None, device: str) -> int:
     return 1
 
 
-def uses_launcher(cfg: ProjectConfig, world: int) -> bool:
+def uses_launcher(training: TrainConfig, world: int) -> bool:
     """Several processes, or other machines: a launcher starts them (else this process works)."""
-    return world > 1 or cfg.training.launch_mode() != "single"
+    return world > 1 or training.launch_mode() != "single"
 
 
-def launcher_command(cfg: ProjectConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
+def launcher_command(training: TrainConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
     """This machine's processes: `torchrun --standalone` (it passes SIGTERM/SIGINT once to each rank and waits
     for them); with a hostfile (launch: ssh) DeepSpeed's launcher, which reaches the other machines by ssh."""
-    if cfg.training.launch_mode() == "ssh":
-        cmd = [deepspeed_launcher(), "--num_gpus", str(world), "--hostfile", str(resolve_path(cfg.training.hostfile))]
-        if cfg.training.master_port:
-            cmd += ["--master_port", str(cfg.training.master_port)]
+    if training.launch_mode() == "ssh":
+        cmd = [deepspeed_launcher(), "--num_gpus", str(world), "--hostfile", str(resolve_path(training.hostfile))]
+        if training.master_port:
+            cmd += ["--master_port", str(training.master_port)]
         return cmd + ["--module", module, "--spec", str(spec)]
     cmd = [torchrun_launcher(), f"--nproc-per-node={world}", "--max-restarts=0", f"--shutdown-timeout={STOP_GRACE_S}"]
-    if cfg.training.master_port:
-        cmd += ["--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={cfg.training.master_port}"]
+    if training.master_port:
+        cmd += ["--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={training.master_port}"]
     else:
         cmd += ["--standalone"]  # a free port of its own: two runs on one machine do not collide
     return cmd + ["-m", module, "--spec", str(spec)]
@@ -154,7 +162,7 @@ def stop_slurm_step(proc: subprocess.Popen, job_name: str, signum: int) -> None:
         proc.send_signal(signum)
 
 
-def launcher_env(project_root: str, procs: int = 1) -> dict:
+def launcher_env(procs: int = 1) -> dict:
     """This process's environment for a launcher: without the rank variables a scheduler (or an outer
     launcher) may have set, which the launcher sets for each rank itself. Without OMP_NUM_THREADS, each of
     `procs` ranks gets its share of this machine's cores (torchrun would give each one thread)."""
@@ -162,30 +170,32 @@ def launcher_env(project_root: str, procs: int = 1) -> dict:
     # rendezvous onto node 0's store port); each command here gives torchrun what it needs.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") and not k.startswith("PET_")}
-    env.update(FOOD_MULTIDS_PROJECT_ROOT=project_root, PYTHONUNBUFFERED="1")
+    env["PYTHONUNBUFFERED"] = "1"
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, procs)))
     return env
 
 
-def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict, frames: dict[str, pd.DataFrame],
+def launch_processes(training: TrainConfig, world: int, launch: Path, params: dict, frames: dict[str, pd.DataFrame],
                      module: str, run_id: str | None = None, tracking_uri: str | None = None,
                      extra: dict | None = None) -> None:
-    """Write the inputs to `launch`, run `module` under a launcher, fail loudly if any rank fails."""
+    """Write the inputs to `launch`, run `module` under a launcher, fail loudly if any rank fails. `training`
+    holds the launch settings; `params` (the node's parameter sections) goes to the workers as it is."""
     launch.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
         frame.to_parquet(launch / f"{name}.parquet")
     (launch / RESULT_FILE).unlink(missing_ok=True)
     spec = launch / "spec.json"
-    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch), **(extra or {})}, default=str))
-    env = launcher_env(str(find_project_root()), world)
+    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch), "project_root": str(find_project_root()),
+                                **(extra or {})}, default=str))
+    env = launcher_env(world)
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
-    if cfg.training.launch_mode() == "torchrun":
+    if training.launch_mode() == "torchrun":
         from food_multids.runtime import node_zero, nodes
 
         try:
-            node_zero.run_node_zero(cfg, nodes.resolve_plan(cfg, world), module, str(spec), env)
+            node_zero.run_node_zero(training, nodes.resolve_plan(training, world), module, str(spec), env)
         except nodes.NodeFailure as exc:
             raise RuntimeError(f"multi-node launch failed: {exc}") from None
         except RunInterrupted:
@@ -193,24 +203,24 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
             raise
         raise_if_interrupted(launch)
         return
-    if cfg.training.launch_mode() == "slurm":
+    if training.launch_mode() == "slurm":
         from food_multids.runtime import nodes
 
         try:
-            plan = nodes.resolve_plan(cfg, world)
+            plan = nodes.resolve_plan(training, world)
         except nodes.NodeFailure as exc:
             raise RuntimeError(f"SLURM launch: {exc}") from None
         step = "train" if launch.name == "launch" else launch.name.removeprefix("launch_")  # eval, rerank, predict
         cmd = slurm_step_command(plan, spec, module, step)
         logger.info("Starting a SLURM job step: %d node(s) x %d process(es): %s", plan.num_nodes, world, " ".join(cmd))
     else:
-        cmd = launcher_command(cfg, world, spec, module)
+        cmd = launcher_command(training, world, spec, module)
         logger.info("Starting %d processes: %s", world, " ".join(cmd))
     # A session of its own: Ctrl-C in the terminal reaches Kedro alone, which passes it on once (a rank that
     # got it twice, from the terminal and its launcher, would stop at once, without its checkpoint). The
     # launcher dies with Kedro, and on this machine the ranks watch Kedro too: none trains on unwatched.
     # (Not through srun or ssh: Kedro's process id means nothing on the other machines.)
-    if cfg.training.launch_mode() == "single":
+    if training.launch_mode() == "single":
         env = {**env, SUPERVISOR_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
@@ -220,9 +230,9 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
         signum = getattr(exc, "signum", signal.SIGINT)
         old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            if cfg.training.launch_mode() == "slurm":
+            if training.launch_mode() == "slurm":
                 stop_slurm_step(proc, f"food_multids-{step}", signum)
-            elif cfg.training.launch_mode() == "ssh":
+            elif training.launch_mode() == "ssh":
                 proc.send_signal(signum)  # DeepSpeed's runner signals pdsh and runs its kill command
             else:
                 signal_ranks(proc, signum)  # they stop at their next agreed step with a checkpoint
@@ -238,6 +248,6 @@ def launch_processes(cfg: ProjectConfig, world: int, launch: Path, params: dict,
         raise
     raise_if_interrupted(launch)  # a signal reached only the ranks (a scheduler's, or on another node)
     if proc.returncode != 0:
-        what = {"slurm": "the SLURM job step", "ssh": "the DeepSpeed launcher"}.get(cfg.training.launch_mode(), "torchrun")
+        what = {"slurm": "the SLURM job step", "ssh": "the DeepSpeed launcher"}.get(training.launch_mode(), "torchrun")
         raise RuntimeError(f"{what} exited with code {proc.returncode} (command: {' '.join(cmd)}); "
                            "see the rank logs above")

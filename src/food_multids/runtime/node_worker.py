@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from food_multids.config.paths import find_project_root
 from food_multids.runtime.launch import launcher_env
 from food_multids.runtime.node_zero import torchrun_argv
 from food_multids.runtime.nodes import (
@@ -242,9 +241,7 @@ class NodeWorker:
                             record["module"], spec)
         logger.info("Node %d: step %d (ranks %s): %s", self.s.node_rank, index,
                     ranks_text(plan.ranks_of(self.s.node_rank)), " ".join(cmd))
-        root = record.get("project_root") or ""
-        env = {**launcher_env(root if root and os.path.isdir(root) else str(find_project_root()), plan.procs_per_node),
-               SUPERVISOR_ENV: str(os.getpid())}
+        env = {**launcher_env(plan.procs_per_node), SUPERVISOR_ENV: str(os.getpid())}
         self.proc = proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                                             preexec_fn=die_with_parent(signal.SIGTERM))  # noqa: PLW1509 - see die_with_parent
         forwarded = False

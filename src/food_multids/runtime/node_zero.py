@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 
-from food_multids.config import ProjectConfig
+from food_multids.config import TrainConfig
 from food_multids.helpers.interrupts import RunInterrupted
 from food_multids.runtime.commands import torchrun_launcher
 from food_multids.runtime.nodes import (
@@ -54,11 +54,11 @@ def torchrun_argv(plan: NodePlan, node_rank: int, index: int, rdzv_timeout_s: fl
 class Session:
     """The run's store on node 0 and the steps launched through it."""
 
-    def __init__(self, cfg: ProjectConfig):
-        plan = resolve_plan(cfg, 1)
+    def __init__(self, training: TrainConfig):
+        plan = resolve_plan(training, 1)
         self.num_nodes, self.master_addr, self.master_port = plan.num_nodes, plan.master_addr, plan.master_port
-        self.join_timeout_s = cfg.training.nodes.join_timeout_s
-        self.lost_after_s = cfg.training.nodes.lost_after_s
+        self.join_timeout_s = training.nodes.join_timeout_s
+        self.lost_after_s = training.nodes.lost_after_s
         self.opened = time.monotonic()
         self.index = 0
         try:
@@ -95,7 +95,6 @@ class Session:
         self.store.set(f"step/{index}", json.dumps({
             "kind": "step", "module": module, "spec": spec, "num_nodes": plan.num_nodes,
             "procs_per_node": plan.procs_per_node, "port": plan.step_port(index),
-            "project_root": env.get("FOOD_MULTIDS_PROJECT_ROOT", ""),
             "timeouts": {"join_timeout_s": self.join_timeout_s, "lost_after_s": self.lost_after_s}}))
         self.index += 1
         logger.info("Step %d on %d node(s) x %d process(es): %s", index, plan.num_nodes, plan.procs_per_node,
@@ -238,10 +237,10 @@ class Session:
 _session: dict[str, Session | None] = {"current": None}
 
 
-def open_session(cfg: ProjectConfig) -> Session:
+def open_session(training: TrainConfig) -> Session:
     """The run's store (a hook opens it before the first node, so workers can claim their ranks early)."""
     if _session["current"] is None:
-        _session["current"] = Session(cfg)
+        _session["current"] = Session(training)
     return _session["current"]
 
 
@@ -252,5 +251,5 @@ def finish_session(ok: bool, message: str = "") -> None:
         session.finish(ok, message)
 
 
-def run_node_zero(cfg: ProjectConfig, plan: NodePlan, module: str, spec: str, env: dict) -> None:
-    open_session(cfg).run_step(plan, module, spec, env)
+def run_node_zero(training: TrainConfig, plan: NodePlan, module: str, spec: str, env: dict) -> None:
+    open_session(training).run_step(plan, module, spec, env)

@@ -27,7 +27,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from food_multids.config import ProjectConfig
+from food_multids.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ def slurm_first_host() -> str | None:
     return names[0] if out.returncode == 0 and names else None
 
 
-def resolve_plan(cfg: ProjectConfig, procs_per_node: int) -> NodePlan:
+def resolve_plan(training: TrainConfig, procs_per_node: int) -> NodePlan:
     """Node count, master address and port: settings first, then the scheduler's environment (on node 0)."""
-    nodes = cfg.training.nodes
+    nodes = training.nodes
     problems = []
     num_nodes = nodes.num_nodes
     if num_nodes is None:
@@ -119,7 +119,7 @@ def resolve_plan(cfg: ProjectConfig, procs_per_node: int) -> NodePlan:
     found = _from_env(MASTER_ADDR_VARS)
     master_addr = nodes.master_addr or (found and found[1]) or slurm_first_host() or socket.gethostname()
     found = _from_env(MASTER_PORT_VARS)
-    port = cfg.training.master_port or (_as_int(*found) if found else DEFAULT_PORT)
+    port = training.master_port or (_as_int(*found) if found else DEFAULT_PORT)
     if problems:
         raise NodeFailure("; ".join(problems))
     return NodePlan(num_nodes, procs_per_node, master_addr, port)

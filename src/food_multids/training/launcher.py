@@ -30,13 +30,13 @@ def run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_sub
 
 def _run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_subset: pd.DataFrame,
                   full_eval: pd.DataFrame) -> TrainingResult:
-    world = resolve_world_size(cfg)
+    world = resolve_world_size(cfg.training)
     run_id, tracking_uri = active_run_target()
-    if not uses_launcher(cfg, world):
+    if not uses_launcher(cfg.training, world):
         return Trainer(cfg, train, eval_subset, full_eval, run_id, tracking_uri).run()
 
     launch = cfg.training.resolved_output_dir() / "launch"
-    launch_processes(cfg, world, launch, params, {"train": train, "eval_subset": eval_subset, "full_eval": full_eval},
+    launch_processes(cfg.training, world, launch, params, {"train": train, "eval_subset": eval_subset, "full_eval": full_eval},
                      "food_multids.training.worker", run_id, tracking_uri)
     result = json.loads((launch / RESULT_FILE).read_text())
     return TrainingResult(result["history"], result["manifest"])

@@ -28,7 +28,6 @@ def test_data_pipeline_slice_runs_on_an_in_memory_catalog(two_datasets):
 @pytest.mark.e2e
 def test_kedro_run_data_pipeline_writes_versioned_parquet(project_copy):
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
-    env.pop("FOOD_MULTIDS_PROJECT_ROOT", None)
     kedro = os.path.join(os.path.dirname(sys.executable), "kedro")
     proc = subprocess.run([kedro, "run", "--pipelines", "data"], cwd=project_copy, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -41,9 +40,15 @@ def test_kedro_run_data_pipeline_writes_versioned_parquet(project_copy):
     assert "Dataset mix:" in proc.stdout + proc.stderr
 
 
-def test_the_data_nodes_take_their_own_parameter_sections_not_the_whole_config():
+def test_every_node_takes_its_own_parameter_sections_not_the_whole_config():
     # kedro-viz then draws each node's real parameters; preflight checks the whole config before any node.
+    from food_multids.pipeline_registry import register_pipelines
+    from food_multids.pipelines.predict import create_serving_pipeline
+
+    every = [*[n for p in register_pipelines().values() for n in p.nodes], *create_serving_pipeline().nodes]
+    everywhere = {n.name: set(n.inputs) for n in every}
+    assert len(everywhere) == 13 and all("parameters" not in names for names in everywhere.values()), everywhere
+    assert "params:predict" not in everywhere["train_deepspeed"] and "params:model" not in everywhere["predict"]
     inputs = {n.name: set(n.inputs) for n in create_pipeline().nodes}
-    assert all("parameters" not in names for names in inputs.values()), inputs
     assert inputs["ingest_jsonl"] == {"params:data", "params:datasets", "params:model.num_labels"}
     assert inputs["merge_and_tag"] >= {"params:training.seed", "params:training.shuffle"}

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 
 import mlflow
@@ -14,7 +13,7 @@ from kedro.runner import SequentialRunner
 
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.full_eval import create_pipeline
-from tests.conftest import BIN, KEDRO, latest
+from tests.conftest import BIN, KEDRO, latest, node_sections, parameter_feeds
 
 
 def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir, classifier_dir, tmp_path):
@@ -22,7 +21,7 @@ def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir,
     params["data"]["train_jsonl_list"] = [str(demo_root / f"{d}/train.jsonl") for d in ("digits", "shapes")]
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
     *_, full = run_data_nodes(params)
-    catalog = DataCatalog({"parameters": MemoryDataset(params), "best_model": MemoryDataset(classifier_dir),
+    catalog = DataCatalog({**parameter_feeds(params), "best_model": MemoryDataset(classifier_dir),
                            "full_eval_set": MemoryDataset(full),
                            # as select_best describes this model (the test model records no run or step)
                            "best_model_info": MemoryDataset({"candidates": [{"step": 8, "full_value": 0.5}]})})
@@ -64,9 +63,9 @@ def test_full_evaluate_shards_across_two_processes(base_params, demo_root, class
 
     write_calibration(classifier_dir, {"temperature": {"digits": 2.0, "shapes": 0.5}, "seed": 0, "fraction": 0.3,
                                        "auto_reject_below": {"digits": 0.5, "shapes": 0.5}})
-    single, single_preds, _ = full_evaluate(classifier_dir, full, params)
+    single, single_preds, _ = full_evaluate(classifier_dir, full, **node_sections(full_evaluate, params))
     params["training"]["num_processes"] = 2
-    sharded, sharded_preds, conf = full_evaluate(classifier_dir, full, params)
+    sharded, sharded_preds, conf = full_evaluate(classifier_dir, full, **node_sections(full_evaluate, params))
     assert sharded["overall_samples"] == 260 and len(sharded_preds) == 260 and sharded_preds["sample_id"].is_unique
     for key in ("digits_accuracy", "shapes_loss", "overall_accuracy", "shapes_macro_f1", "digits_top5_accuracy",
                 "digits_ece", "shapes_ece_calibrated", "digits_nll_calibrated", "shapes_aurc"):
@@ -137,7 +136,6 @@ def test_the_inspection_notebook_runs_top_to_bottom(trained_demo):
 
     root, env, _ = trained_demo
     nb = nbformat.read(root / "notebooks/inspect_outputs.ipynb", as_version=4)
-    os.environ.pop("FOOD_MULTIDS_PROJECT_ROOT", None)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -207,7 +205,7 @@ def test_a_model_whose_label_spaces_differ_from_the_config_is_refused_before_eva
     with pytest.raises(ModelMismatchError, match=rf"the model {classifier_dir} was trained on the label spaces digits "
                                                  r"\(#0, 10 classes\), shapes \(#1, 40 classes\), but .* letters \(#1, 26 "
                                                  r"classes\).*--load-versions best_model:<version>"):
-        full_evaluate(classifier_dir, pd.DataFrame(), params)
+        full_evaluate(classifier_dir, pd.DataFrame(), **node_sections(full_evaluate, params))
 
 
 def test_the_report_names_the_model_that_was_evaluated_not_the_newest_info(classifier_dir, caplog):
@@ -240,7 +238,7 @@ def test_images_failing_at_load_are_counted_per_dataset_and_top_k_skips_small_la
     full = full.copy()
     full["image"] = full["image"].astype(object)
     full.loc[full.index[full["dataset_name"] == "digits"][:2], "image"] = str(bad)
-    metrics, preds, _ = full_evaluate(classifier_dir, full, params)
+    metrics, preds, _ = full_evaluate(classifier_dir, full, **node_sections(full_evaluate, params))
     assert metrics["digits_skipped_images"] == 2 and metrics["shapes_skipped_images"] == 0
     assert metrics["skipped_images"] == 2 and metrics["digits_samples"] == 98 and len(preds) == 258
     assert "shapes_top10_accuracy" in metrics and "digits_top10_accuracy" not in metrics

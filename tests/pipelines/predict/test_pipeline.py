@@ -15,7 +15,7 @@ from food_multids.data.records import RecordError
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.full_eval.nodes import full_evaluate
 from food_multids.pipelines.predict import create_pipeline
-from tests.conftest import write_image, write_jsonl
+from tests.conftest import node_sections, parameter_feeds, write_image, write_jsonl
 
 PREDICT = {"jsonl_list": [], "image_dir": None, "dataset_name": None, "model": None, "top_k": 5, "batch_size": 64,
            "dataloader_num_workers": 0, "device": "cpu", "num_processes": None, "on_bad_rows": "error",
@@ -26,8 +26,7 @@ BASE = yaml.safe_load((Path(__file__).resolve().parents[3] / "conf/base/paramete
 def run_predict(model_dir, predict: dict, output_dir: Path | None = None) -> DataCatalog:
     parameters = {**copy.deepcopy(BASE), "predict": predict}
     parameters["training"].update(progress_bar="never", output_dir=str(output_dir or model_dir.parent / "out"))
-    catalog = DataCatalog({"best_model": MemoryDataset(model_dir), "params:predict": MemoryDataset(predict),
-                           "parameters": MemoryDataset(parameters)})
+    catalog = DataCatalog({"best_model": MemoryDataset(model_dir), **parameter_feeds(parameters)})
     SequentialRunner().run(create_pipeline(), catalog)
     return catalog
 
@@ -39,7 +38,7 @@ def test_predict_gives_the_full_evaluations_top1_and_probabilities(base_params, 
     params["data"]["val_jsonl_list"] = [str(demo_root / f"{d}/val.jsonl") for d in ("digits", "shapes")]
     params["training"]["device"] = "cpu"
     *_, full = run_data_nodes(params)
-    _, evaluated, _ = full_evaluate(classifier_dir, full, params)
+    _, evaluated, _ = full_evaluate(classifier_dir, full, **node_sections(full_evaluate, params))
     # The same images, unlabelled, in the same order, as a user's JSONL file.
     rows = [{"image": str(r.image), "dataset_name": str(r.dataset_name)} for r in full.itertuples()]
     jsonl = write_jsonl(tmp_path / "new" / "images.jsonl", rows)

@@ -16,6 +16,9 @@ from food_multids.tracking import log_once
 
 logger = logging.getLogger(__name__)
 
+EVAL_SECTIONS = ("model", "data", "datasets", "training", "evaluation", "tracking")
+REPORT_SECTIONS = ("model", "data", "datasets", "training", "evaluation", "deepspeed")  # what its tables show
+
 
 def mlflow_active() -> bool:
     import mlflow
@@ -32,7 +35,8 @@ def _log_texts_to_mlflow(texts: dict[str, str]) -> None:
         mlflow.log_text(text, name)
 
 
-def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dict, best_model_info: dict | None = None
+def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, model: dict, data: dict, datasets: dict,
+                  training: dict, evaluation: dict, tracking: dict, best_model_info: dict | None = None
                   ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Evaluate the best model on every dataset's full validation set (masked as in training).
 
@@ -40,9 +44,11 @@ def full_evaluate(best_model: Path, full_eval_set: pd.DataFrame, parameters: dic
     the full-set scores of the re-ranked candidates when `best_model_info` describes this model), a
     predictions table (sample id, dataset, label, prediction, top-k, confidence) and sparse confusion counts.
     """
-    cfg = ProjectConfig.from_params(parameters, check_files=False)
+    sections = {"model": model, "data": data, "datasets": datasets, "training": training, "evaluation": evaluation,
+                "tracking": tracking}
+    cfg = ProjectConfig.from_params(sections, check_files=False)
     check_model_dir(cfg, Path(best_model))  # before starting any process
-    result = evaluate_saved_model(cfg, parameters, Path(best_model), full_eval_set)
+    result = evaluate_saved_model(cfg, sections, Path(best_model), full_eval_set)
     metrics, predictions, confusions = result.metrics, result.predictions, result.confusions
     info = read_model_info(Path(best_model))
     same_model = best_model_info and all(best_model_info.get(k) == info.get(k) for k in ("mlflow_run_id", "step"))
@@ -103,11 +109,13 @@ def _run_tag(active, run_id: str | None, key: str) -> str | None:
 
 
 def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame, confusions: pd.DataFrame,
-           dataset_stats: pd.DataFrame, best_model_info: dict, parameters: dict) -> tuple[str, str]:
+           dataset_stats: pd.DataFrame, best_model_info: dict, model: dict, data: dict, datasets: dict,
+           training: dict, evaluation: dict, deepspeed: dict | str) -> tuple[str, str]:
     """Self-contained HTML report and Markdown summary; both also logged to MLflow as artifacts."""
     import mlflow
 
-    cfg = ProjectConfig.from_params(parameters, check_files=False)
+    cfg = ProjectConfig.from_params({"model": model, "data": data, "datasets": datasets, "training": training,
+                                     "evaluation": evaluation, "deepspeed": deepspeed}, check_files=False)
     best = evaluated_model_info(eval_metrics, best_model_info)
     model_info = eval_metrics.get("model_info") or {}
     trained = trained_config(model_info)

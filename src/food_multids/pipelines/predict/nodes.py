@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from food_multids.config import PredictConfig, ProjectConfig
+from food_multids.config import PredictConfig
 from food_multids.config.paths import resolve_path
 from food_multids.inference.inputs import BadRequest, list_images, records_from_files, records_from_request
 from food_multids.inference.model import LoadedModel
@@ -33,10 +33,10 @@ def ingest_images(best_model: Path, predict: dict) -> tuple[pd.DataFrame, pd.Dat
     return records, rejected
 
 
-def predict(best_model: Path, predict_records: pd.DataFrame, parameters: dict) -> pd.DataFrame:
-    """Top-k classes, names and probabilities per record (one process per GPU when there are several)."""
-    cfg = ProjectConfig.from_params(parameters, check_files=False)
-    return predict_with_processes(cfg, parameters, Path(best_model), predict_records)
+def predict(best_model: Path, predict_records: pd.DataFrame, predict: dict, training: dict) -> pd.DataFrame:
+    """Top-k classes, names and probabilities per record (one process per GPU when there are several, launched
+    with training's settings: nodes, port, progress bars, the launch folder under its output_dir)."""
+    return predict_with_processes(predict, training, Path(best_model), predict_records)
 
 
 def predict_request(best_model: LoadedModel, served_records: pd.DataFrame, predict: dict) -> pd.DataFrame:

@@ -13,7 +13,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(ingest_images, inputs=["best_model", "params:predict"], outputs=["predict_records", "predict_rejected_rows"],
              name="ingest_images"),
-        Node(predict, inputs=["best_model", "predict_records", "parameters"], outputs="image_predictions",
+        Node(predict, inputs=["best_model", "predict_records", "params:predict", "params:training"],
+             outputs="image_predictions",
              name="predict"),
     ])
 

@@ -1,4 +1,7 @@
-"""Train nodes: train_deepspeed -> select_best."""
+"""Train nodes: train_deepspeed -> rerank_candidates -> select_best.
+
+Each node takes the parameter sections it reads (`params:model`, `params:training`, ...), the names in
+its *_SECTIONS tuple, parsed together by ProjectConfig.from_params; the whole-config checks ran in preflight."""
 
 from __future__ import annotations
 
@@ -15,20 +18,28 @@ from food_multids.training.launcher import run_training
 
 logger = logging.getLogger(__name__)
 
+TRAIN_SECTIONS = ("model", "data", "datasets", "training", "evaluation", "tracking", "deepspeed")
+RERANK_SECTIONS = ("model", "data", "datasets", "training", "evaluation", "tracking")
+SELECT_SECTIONS = ("model", "data", "datasets", "training", "evaluation")  # for evaluation.calibrate
 
-def train_deepspeed(train_set: pd.DataFrame, eval_subset: pd.DataFrame, full_eval_set: pd.DataFrame,
-                    parameters: dict) -> tuple[dict, dict]:
+
+def train_deepspeed(train_set: pd.DataFrame, eval_subset: pd.DataFrame, full_eval_set: pd.DataFrame, model: dict,
+                    data: dict, datasets: dict, training: dict, evaluation: dict, tracking: dict, deepspeed: dict | str
+                    ) -> tuple[dict, dict]:
     """Train with DeepSpeed (in this process, or under a launcher for several processes).
 
     Writes checkpoints and the best model under training.output_dir (the one node with file side
     effects); returns the training history (per-step train/eval metrics) and the checkpoint manifest.
     """
-    cfg = ProjectConfig.from_params(parameters, check_files=False)
-    result = run_training(cfg, parameters, train_set, eval_subset, full_eval_set)
+    sections = {"model": model, "data": data, "datasets": datasets, "training": training, "evaluation": evaluation,
+                "tracking": tracking, "deepspeed": deepspeed}
+    cfg = ProjectConfig.from_params(sections, check_files=False)
+    result = run_training(cfg, sections, train_set, eval_subset, full_eval_set)
     return result.history, result.manifest
 
 
-def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, parameters: dict) -> dict:
+def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, model: dict, data: dict,
+                      datasets: dict, training: dict, evaluation: dict, tracking: dict) -> dict:
     """Score each model training kept as a candidate (training.keep_top_k_checkpoints) on the full validation
     set, where the partial evaluation's noise is gone. One candidate: nothing to score."""
     from food_multids.evaluation.full import evaluate_saved_model
@@ -37,14 +48,16 @@ def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, pa
     candidates, key = best.get("candidates") or [], best.get("metric")
     if len(candidates) < 2:
         return {"metric": key, "candidates": candidates, "reranked": False}
-    cfg = ProjectConfig.from_params(parameters, check_files=False)
+    sections = {"model": model, "data": data, "datasets": datasets, "training": training, "evaluation": evaluation,
+                "tracking": tracking}
+    cfg = ProjectConfig.from_params(sections, check_files=False)
     scored = []
     evaluation_log = logging.getLogger("food_multids.evaluation.full")
     for candidate in candidates:
         level = evaluation_log.level  # each candidate's per-dataset lines: at DEBUG, one line per candidate here
         evaluation_log.setLevel(logging.WARNING)
         try:
-            metrics = evaluate_saved_model(cfg, parameters, Path(candidate["path"]), full_eval_set,
+            metrics = evaluate_saved_model(cfg, sections, Path(candidate["path"]), full_eval_set,
                                            "launch_rerank").metrics
         finally:
             evaluation_log.setLevel(level)
@@ -58,11 +71,14 @@ def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, pa
 
 
 def select_best(training_history: dict, checkpoint_manifest: dict, candidate_evals: dict | None = None,
-                full_eval_set: pd.DataFrame | None = None, parameters: dict | None = None) -> tuple[Path, dict]:
+                full_eval_set: pd.DataFrame | None = None, model: dict | None = None, data: dict | None = None,
+                datasets: dict | None = None, training: dict | None = None, evaluation: dict | None = None
+                ) -> tuple[Path, dict]:
     """The best model directory (saved as a versioned catalog dataset) and its description: the candidate
     with the best full-set metric when candidates were re-ranked, else the partial evaluation's best.
     With evaluation.calibrate, its temperatures are fitted first (evaluation/calibration.py), so the
-    catalog's copy, the registered model and every prediction carry them."""
+    catalog's copy, the registered model and every prediction carry them (without the sections and the
+    full set, as from a script: no calibration)."""
     best = checkpoint_manifest.get("best")
     if not best:
         raise ValueError("training produced no evaluated model: check training.eval_steps and max_steps")
@@ -87,8 +103,9 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
             "final_step": checkpoint_manifest.get("final_step"), "datasets": training_history.get("datasets"),
             "selected_by": how, "partial_best_step": best["step"], "full_value": chosen.get("full_value"),
             "best_model_reason": reason, "partial_best_reason": best.get("best_model_reason"), "candidates": candidates}
-    if parameters is not None and full_eval_set is not None:
-        cfg = ProjectConfig.from_params(parameters, check_files=False)
+    if model is not None and data is not None and full_eval_set is not None:
+        cfg = ProjectConfig.from_params({"model": model, "data": data, "datasets": datasets, "training": training,
+                                         "evaluation": evaluation}, check_files=False)
         if cfg.evaluation.calibrate:
             from food_multids.evaluation.calibration import calibrate_model
 

@@ -1,0 +1,47 @@
+"""The launch spec carries what a rank needs explicitly: the node's parameter sections and the project root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from food_multids.config import TrainConfig
+from food_multids.config.paths import find_project_root
+from food_multids.runtime.launch import worker_context
+
+
+def kedro_project(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text("[tool.kedro]\npackage_name = 'x'\n")
+    return folder
+
+
+def test_a_rank_resolves_relative_settings_against_the_root_its_launch_spec_names(tmp_path, monkeypatch):
+    project, elsewhere = kedro_project(tmp_path / "project"), kedro_project(tmp_path / "elsewhere")
+    monkeypatch.chdir(elsewhere)  # the rank's current directory is another project
+    spec = tmp_path / "spec.json"
+    sections = {"training": {"output_dir": "data/out"}}
+    spec.write_text(json.dumps({"parameters": sections, "launch_dir": str(tmp_path), "project_root": str(project)}))
+    ctx = worker_context(["--spec", str(spec)])
+    assert ctx.params == sections
+    assert TrainConfig.from_section(ctx.params["training"]).resolved_output_dir() == project / "data/out"
+    # Another machine without that path: the search from the current directory, as before.
+    spec.write_text(json.dumps({"parameters": sections, "launch_dir": str(tmp_path),
+                                "project_root": str(tmp_path / "not-here")}))
+    from food_multids.config.paths import use_project_root
+
+    use_project_root(None)
+    worker_context(["--spec", str(spec)])
+    assert find_project_root() == elsewhere
+
+
+def test_the_kedro_hook_sets_the_sessions_project_root_for_this_process(tmp_path, monkeypatch):
+    from food_multids.framework.hooks import ProjectHooks
+
+    project, elsewhere = kedro_project(tmp_path / "project"), kedro_project(tmp_path / "elsewhere")
+    monkeypatch.chdir(elsewhere)
+    assert find_project_root() == elsewhere
+    ProjectHooks().after_context_created(SimpleNamespace(project_path=project, config_loader={}))
+    assert find_project_root() == project
+    assert TrainConfig.from_section({"output_dir": "out"}).resolved_output_dir() == project / "out"
