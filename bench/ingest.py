@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+from food_multids.pipelines.data.nodes import run_data_nodes
 
 DATASETS = {"food101": 101, "food2k": 2000}
 
@@ -48,10 +48,8 @@ def params_for(files: dict, check: bool) -> dict:
 
 def time_nodes(params: dict) -> tuple[float, int]:
     t0 = time.perf_counter()
-    train, val, _rejected, _summary = ingest_jsonl(params)
-    train_set, val_set, _stats = merge_and_tag(train, val, params)
-    split_eval_subsets(val_set, params)
-    return time.perf_counter() - t0, len(train) + len(val)
+    train_set, val_set, _, _ = run_data_nodes(params)  # ingest_jsonl -> merge_and_tag -> split_eval_subsets
+    return time.perf_counter() - t0, len(train_set) + len(val_set)
 
 
 def stdlib_loop(files: dict) -> float:

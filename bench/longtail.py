@@ -83,15 +83,14 @@ def run(params: dict, settings: dict, seed: int) -> dict[str, float]:
     from food_multids.config import ProjectConfig
     from food_multids.evaluation.calibration import calibrate_model
     from food_multids.evaluation.full import run_full_evaluation
-    from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+    from food_multids.pipelines import node_sections
+    from food_multids.pipelines.data.nodes import run_data_nodes
     from food_multids.pipelines.train.nodes import train_deepspeed
 
     params = copy.deepcopy(params)
     params["training"].update(seed=seed, **copy.deepcopy(settings))
-    train, val, _, _ = ingest_jsonl(params)
-    train_set, val_set, _ = merge_and_tag(train, val, params)
-    subset, full = split_eval_subsets(val_set, params)
-    history, manifest = train_deepspeed(train_set, subset, full, params)
+    train_set, _, subset, full = run_data_nodes(params)
+    history, manifest = train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, params))
     cfg = ProjectConfig.from_params(params, check_files=False)
     best = Path(manifest["best"]["path"])
     calibrate_model(cfg, best, full)

@@ -28,18 +28,17 @@ def folder_mb(path: Path) -> float:
 
 
 def run(params: dict, out: Path) -> dict:
-    from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+    from food_multids.pipelines import node_sections
+    from food_multids.pipelines.data.nodes import run_data_nodes
     from food_multids.pipelines.full_eval.nodes import full_evaluate
     from food_multids.pipelines.train.nodes import train_deepspeed
 
     params = copy.deepcopy(params)
     params["training"].update(output_dir=str(out), progress_bar="never", num_train_epochs=EPOCHS)
-    train, val, _, _ = ingest_jsonl(params)
-    train_set, val_set, _ = merge_and_tag(train, val, params)
-    subset, full = split_eval_subsets(val_set, params)
-    history, manifest = train_deepspeed(train_set, subset, full, params)
+    train_set, _, subset, full = run_data_nodes(params)
+    history, manifest = train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, params))
     best = Path(manifest["best"]["path"])
-    metrics, _, _ = full_evaluate(best, full, params)
+    metrics, _, _ = full_evaluate(best, full, **node_sections(full_evaluate, params))
     info = json.loads((best / "training_info.json").read_text())
     speeds = [r["metrics"]["images_per_second"] for r in history["records"]
               if r["kind"] == "train" and "images_per_second" in r["metrics"]]

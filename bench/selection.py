@@ -59,26 +59,25 @@ def demo_params(out: Path) -> dict:
 def demo_truth(tmp: Path) -> tuple[pd.DataFrame, dict[int, np.ndarray], tuple, dict]:
     """Train the demo keeping every evaluated checkpoint, score each on the full validation set."""
     from food_multids.evaluation.full import run_full_evaluation
-    from food_multids.pipelines.data.nodes import ingest_jsonl, merge_and_tag, split_eval_subsets
+    from food_multids.pipelines import node_sections
+    from food_multids.pipelines.data.nodes import run_data_nodes
     from food_multids.pipelines.train.nodes import rerank_candidates, train_deepspeed
 
     costs = {}
     params = demo_params(tmp / "all")
-    train, val, _, _ = ingest_jsonl(params)
-    train_set, val_set, _ = merge_and_tag(train, val, params)
-    subset, full = split_eval_subsets(val_set, params)
+    train_set, _, subset, full = run_data_nodes(params)
     for k in (1, K, 1, K):  # (d) the price of keeping candidates (twice each: the first run also warms up)
         p = copy.deepcopy(params)
         p["training"].update(output_dir=str(tmp / f"k{k}"), keep_top_k_checkpoints=k, overwrite_output_dir=True)
         start = time.perf_counter()
-        _, manifest = train_deepspeed(train_set, subset, full, p)
+        _, manifest = train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, p))
         costs[f"train_k{k}_s"] = min(costs.get(f"train_k{k}_s", np.inf), time.perf_counter() - start)
         if k == K:
             start = time.perf_counter()
-            rerank_candidates(manifest, full, p)
+            rerank_candidates(manifest, full, **node_sections(rerank_candidates, p))
             costs["rerank_s"] = min(costs.get("rerank_s", np.inf), time.perf_counter() - start)
     params["training"]["keep_top_k_checkpoints"] = 10_000  # every evaluated model stays
-    _, manifest = train_deepspeed(train_set, subset, full, params)
+    _, manifest = train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, params))
     cfg = ProjectConfig.from_params(params, check_files=False)
     correct, one = {}, []
     for candidate in manifest["best"]["candidates"]:

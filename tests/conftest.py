@@ -249,13 +249,3 @@ def parameter_feeds(parameters: dict) -> dict:
         add(key, value)
     return feeds
 
-
-def node_sections(node, parameters: dict) -> dict:
-    """What Kedro passes a node that takes parameter sections (`params:model`, `params:training`, ...): the
-    sections of `parameters` named by the node function's arguments, as keyword arguments."""
-    import inspect
-
-    from food_multids.config import TOP_LEVEL_KEYS
-
-    names = [n for n in inspect.signature(node).parameters if n in TOP_LEVEL_KEYS]
-    return {name: parameters.get(name) for name in names}

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from food_multids.model.classifier import MultiDatasetClassifier
+from food_multids.pipelines import node_sections
 from food_multids.pipelines.train.nodes import train_deepspeed
 from food_multids.training.checkpoint import complete_checkpoints
-from tests.conftest import make_separable_dataset, node_sections
+from tests.conftest import make_separable_dataset
 from tests.training.test_training import comparable, data_nodes, run_driver, start_and_signal
 
 pytestmark = pytest.mark.slow

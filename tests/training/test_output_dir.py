@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from food_multids.pipelines import node_sections
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.train.nodes import train_deepspeed
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.output_dir import LOCK_FILE, OutputDirError, OutputDirLock
-from tests.conftest import node_sections
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from food_multids.pipelines import node_sections
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.train.nodes import select_best, train_deepspeed
 from food_multids.training.checkpoint import complete_checkpoints
-from tests.conftest import make_separable_dataset, node_sections
+from tests.conftest import make_separable_dataset
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("driver.py")

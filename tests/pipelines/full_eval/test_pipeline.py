@@ -11,9 +11,10 @@ import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from food_multids.pipelines import node_sections
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.full_eval import create_pipeline
-from tests.conftest import BIN, KEDRO, latest, node_sections, parameter_feeds
+from tests.conftest import BIN, KEDRO, latest, parameter_feeds
 
 
 def test_full_evaluate_on_the_tiny_model(base_params, demo_root, tiny_model_dir, classifier_dir, tmp_path):

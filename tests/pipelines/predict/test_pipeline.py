@@ -12,10 +12,11 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from food_multids.data.records import RecordError
+from food_multids.pipelines import node_sections
 from food_multids.pipelines.data.nodes import run_data_nodes
 from food_multids.pipelines.full_eval.nodes import full_evaluate
 from food_multids.pipelines.predict import create_pipeline
-from tests.conftest import node_sections, parameter_feeds, write_image, write_jsonl
+from tests.conftest import parameter_feeds, write_image, write_jsonl
 
 PREDICT = {"jsonl_list": [], "image_dir": None, "dataset_name": None, "model": None, "top_k": 5, "batch_size": 64,
            "dataloader_num_workers": 0, "device": "cpu", "num_processes": None, "on_bad_rows": "error",
