@@ -24,7 +24,7 @@ from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.data.tables import stratified_subset
 from food_multids.model.classifier import MultiDatasetClassifier
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 from food_multids.runtime.device import init_distributed
 from food_multids.runtime.scoring import evaluate
 

@@ -18,7 +18,7 @@ from food_multids.config import ModelConfig
 from food_multids.data.collator import create_collator
 from food_multids.model.backbones import SUPPORTED, family
 from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 from food_multids.model.tiny import build_tiny_model_dir
 from food_multids.runtime.scoring import MODEL_INPUTS
 

@@ -118,7 +118,7 @@ def build_model(cfg, device, size: str = SIZE):
     from food_multids.model.backbones import family
     from food_multids.model.backbones.qwen2_5_vl import config_3b, config_7b
     from food_multids.model.classifier import ClassifierMeta, LabelSpace, MultiDatasetClassifier
-    from food_multids.model.factory import resolve_dtype
+    from food_multids.model.loading import resolve_dtype
     from food_multids.model.tiny import build_tokenizer
 
     kind = family("qwen2_5_vl")

@@ -54,7 +54,7 @@ def bare_loop(steps: int, batch: int) -> float:
     from food_multids.data.collator import ClassificationCollator, ImageEncoder, PromptTokens
     from food_multids.data.dataset import RecordDataset
     from food_multids.model.classifier import ClassifierMeta, create_classifier, mask_logits
-    from food_multids.model.factory import load_tokenizer
+    from food_multids.model.loading import load_tokenizer
 
     params = yaml.safe_load((ROOT / "conf/base/parameters.yml").read_text())
     model_dir = ROOT / params["model"]["name_or_path"]

@@ -191,7 +191,7 @@ def classifier_dir(tiny_model_dir, tmp_path) -> Path:
     import torch
 
     from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
-    from food_multids.model.factory import load_tokenizer
+    from food_multids.model.loading import load_tokenizer
 
     torch.manual_seed(0)
     meta = ClassifierMeta(num_labels=40, pooling="image_mean",

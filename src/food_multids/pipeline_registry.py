@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from food_multids.pipelines import data, full_eval, predict, register, train
+from food_multids.pipelines import data, full_eval, predict, register, report, train
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     data_pipe = data.create_pipeline()
     train_pipe = data_pipe + train.create_pipeline() + register.create_pipeline()
     eval_pipe = full_eval.create_pipeline()
-    report_pipe = full_eval.create_report_pipeline()
+    report_pipe = report.create_pipeline()
     return {
         "data": data_pipe,
         "train": train_pipe,

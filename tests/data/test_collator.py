@@ -19,7 +19,7 @@ from food_multids.data.collator import (
     smart_resize,
 )
 from food_multids.data.dataset import RecordDataset, TooManyBadImages
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 from tests.conftest import write_image
 
 

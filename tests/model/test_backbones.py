@@ -13,7 +13,7 @@ from food_multids.data.collator import ImageEncoder
 from food_multids.framework.preflight import check_model_source
 from food_multids.model.backbones import SUPPORTED, UnsupportedBackboneError, family, family_of, model_type_of
 from food_multids.model.classifier import CLASSIFIER_FILE, MultiDatasetClassifier
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 from tests.model.test_classifier import make_batch, make_model
 
 

@@ -20,7 +20,7 @@ from food_multids.model.classifier import (
     mask_logits,
     pool_hidden,
 )
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 
 SPACES = {"a": LabelSpace(0, 3), "b": LabelSpace(1, 7)}
 

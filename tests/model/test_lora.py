@@ -22,7 +22,7 @@ from food_multids.model.classifier import (
     create_classifier,
 )
 from food_multids.model.export import export_merged
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 from food_multids.model.lora import BaseModelMismatch, apply_lora
 from food_multids.runtime.scoring import MODEL_INPUTS
 from tests.conftest import write_image

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from food_multids.config import ConfigError, ProjectConfig, TrainConfig
-from food_multids.runtime.nodes import NodeFailure, NodePlan, resolve_plan
+from food_multids.runtime.cluster import NodeFailure, NodePlan, resolve_plan
 from food_multids.training.checkpoint import complete_checkpoints
 from tests.conftest import free_port, kedro, kedro_env
 
@@ -355,7 +355,12 @@ def test_the_node_plan_comes_from_settings_or_the_schedulers_environment(base_pa
 def test_the_readme_recipes_use_settings_and_flags_the_code_has(base_params):
     import yaml
 
-    from food_multids.runtime.nodes import MASTER_ADDR_VARS, MASTER_PORT_VARS, NODE_RANK_VARS, NUM_NODES_VARS
+    from food_multids.runtime.cluster import (
+        MASTER_ADDR_VARS,
+        MASTER_PORT_VARS,
+        NODE_RANK_VARS,
+        NUM_NODES_VARS,
+    )
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("### Several machines", 1)[1].split("\n## ", 1)[0]
@@ -431,7 +436,7 @@ def test_a_launcher_gets_sigterm_when_the_process_that_started_it_is_killed_outr
     # The launcher side of "no rank trains on unwatched": PR_SET_PDEATHSIG, without the ranks' own watch.
     starter = subprocess.Popen([sys.executable, "-c", (
         "import signal, subprocess, time\n"
-        "from food_multids.runtime.nodes import die_with_parent\n"
+        "from food_multids.runtime.cluster import die_with_parent\n"
         "child = subprocess.Popen(['sleep', '120'], preexec_fn=die_with_parent(signal.SIGTERM))\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)

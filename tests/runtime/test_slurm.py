@@ -21,8 +21,8 @@ import pytest
 
 from food_multids.config import ProjectConfig
 from food_multids.framework.preflight import RunPlan, check_run
+from food_multids.runtime.cluster import NodePlan
 from food_multids.runtime.launch import slurm_step_command
-from food_multids.runtime.nodes import NodePlan
 from food_multids.training.checkpoint import complete_checkpoints
 from tests.conftest import free_port, kedro, kedro_env
 from tests.runtime.test_nodes import SHORT, comparable, versions

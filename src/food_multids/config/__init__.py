@@ -307,7 +307,7 @@ class EmaSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """`training.nodes:` how the processes of several machines are started (see runtime/nodes.py)."""
+    """`training.nodes:` how the processes of several machines are started (see runtime/cluster.py)."""
 
     launch: Literal["auto", "ssh", "slurm", "torchrun", "per_node"] = "auto"  # slurm: each step an srun job step;
     # torchrun: node 0's kedro + `food-multids node-worker` elsewhere; per_node: torchrun's old name (one release)

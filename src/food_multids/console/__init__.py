@@ -158,8 +158,8 @@ def run_node_worker(args: argparse.Namespace) -> int:
 
     # c10d's C++ warnings (a dump of frames when node 0's store goes away) would bury the one-line message.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    from food_multids.runtime.cluster import NodeFailure
     from food_multids.runtime.node_worker import resolve_settings, serve
-    from food_multids.runtime.nodes import NodeFailure
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

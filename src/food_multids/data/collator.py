@@ -238,7 +238,7 @@ def create_collator(model_dir: Path, model_cfg, tokenizer, prompt: str | None = 
                     processor_config: dict | None = None) -> tuple[ImageEncoder, ClassificationCollator]:
     """The image encoder and collator for a model directory and the `model:` settings (one recipe for
     training, partial and full evaluation); `prompt` overrides model_cfg.prompt (e.g. a saved model's);
-    `processor_config` (the backbone family's, see Backbone.preprocessor_config) overrides the folder's file."""
+    `processor_config` (the backbone family's, see BackboneFamily.preprocessor_config) overrides the folder's file."""
     encoder = (ImageEncoder.from_config(processor_config, model_cfg.min_pixels, model_cfg.max_pixels)
                if processor_config is not None else
                ImageEncoder.from_pretrained(model_dir, model_cfg.min_pixels, model_cfg.max_pixels))

@@ -294,8 +294,8 @@ def open_node_session(params: dict) -> str | None:
     """A torchrun run opens node 0's store before its first node (and before MLflow starts a run): the node
     workers claim their ranks there while Kedro prepares the data. Returns the problem, if it cannot."""
     from food_multids.config import TrainConfig
+    from food_multids.runtime.cluster import NodeFailure
     from food_multids.runtime.node_zero import open_session
-    from food_multids.runtime.nodes import NodeFailure
 
     training = TrainConfig.from_section(params.get("training"))
     if training.launch_mode() != "torchrun":

@@ -117,7 +117,7 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
 
 def check_node_plan(cfg: ProjectConfig) -> list[str]:
     """A multi-node run knows its node count and runs on node 0 (nodes.resolve_plan's own checks)."""
-    from food_multids.runtime.nodes import NodeFailure, resolve_plan
+    from food_multids.runtime.cluster import NodeFailure, resolve_plan
 
     try:
         resolve_plan(cfg.training, 1)

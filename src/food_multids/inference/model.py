@@ -19,7 +19,7 @@ from food_multids.data.collator import ClassificationCollator, ImageEncoder, cre
 from food_multids.data.dataset import RecordDataset
 from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.model.classifier import TRAINING_INFO, MultiDatasetClassifier, check_image_token
-from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.model.loading import load_tokenizer, resolve_dtype
 from food_multids.model.speedups import prepare_model
 from food_multids.runtime.scoring import EvalOutput, evaluate
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from food_multids.model.backbones import DEFAULT, family_of
-from food_multids.model.backbones.base import Backbone
-from food_multids.model.factory import resolve_dtype
+from food_multids.model.backbones.base import BackboneFamily
+from food_multids.model.loading import resolve_dtype
 from food_multids.model.lora import ADAPTER_FILE, adapter_state, check_base_model, load_adapters
 
 CLASSIFIER_FILE = "classifier.json"
@@ -86,7 +86,7 @@ def pool_hidden(hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
 
 
 class MultiDatasetClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, meta: ClassifierMeta, kind: Backbone):
+    def __init__(self, backbone: nn.Module, meta: ClassifierMeta, kind: BackboneFamily):
         super().__init__()
         self.backbone = backbone
         self.kind = kind  # the family: everything specific to it is asked of this

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 
 from food_multids.model.classifier import TRAINING_INFO, MultiDatasetClassifier
-from food_multids.model.factory import load_tokenizer
+from food_multids.model.loading import load_tokenizer
 from food_multids.model.lora import merge_adapters
 
 

@@ -1,7 +1,7 @@
 """Speed-ups of the backbone's forward, applied by `prepare_model` from the `model:` settings.
 
 The first two are written for Qwen2.5-VL's windowed vision attention and apply where the family says
-so (`Backbone.batched_vision_windows`); regional compilation and checkpointing apply to every family.
+so (`BackboneFamily.batched_vision_windows`); regional compilation and checkpointing apply to every family.
 
 - Batched vision-window attention: the stock SDPA path splits the sequence into windows on the host
   (`lengths.tolist()`) and runs one attention call per window: 16 per 448-px image per layer. When

@@ -8,7 +8,7 @@ import socket
 import torch
 
 from food_multids.config import ProjectConfig
-from food_multids.runtime.nodes import exit_with_supervisor
+from food_multids.runtime.cluster import exit_with_supervisor
 
 
 def resolve_device(cfg: ProjectConfig) -> torch.device:

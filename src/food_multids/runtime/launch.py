@@ -3,9 +3,9 @@
 The parent writes the inputs (parquet) and the resolved parameters to a launch folder, starts
 `torchrun --standalone --nproc-per-node N -m <worker>` (with a hostfile: `deepspeed --num_gpus N --hostfile F
 --module <worker>`), and reads back rank 0's result file.
-Training (training/launcher.py), the full evaluation (pipelines/full_eval) and predict all launch this
+Training (training/run.py), the full evaluation (pipelines/full_eval) and predict all launch this
 way. With `training.nodes.launch: slurm` each launch is a job step (`srun ... torchrun`); with `torchrun` the
-parent is node 0 of several and starts `torchrun --node-rank 0` (runtime/nodes.py, node_zero.py). One
+parent is node 0 of several and starts `torchrun --node-rank 0` (runtime/cluster.py, node_zero.py). One
 machine runs on torchrun too; only the hostfile/ssh mode keeps DeepSpeed's launcher (it reaches the other
 machines by ssh/pdsh).
 """
@@ -28,8 +28,14 @@ import torch
 from food_multids.config import ProjectConfig, TrainConfig
 from food_multids.config.paths import find_project_root, resolve_path, use_project_root
 from food_multids.helpers.interrupts import RunInterrupted, TrainingInterrupted
+from food_multids.runtime.cluster import (
+    STOP_GRACE_S,
+    SUPERVISOR_ENV,
+    die_with_parent,
+    signal_ranks,
+    stop_tree,
+)
 from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
-from food_multids.runtime.nodes import STOP_GRACE_S, SUPERVISOR_ENV, die_with_parent, signal_ranks, stop_tree
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -192,11 +198,11 @@ def launch_processes(training: TrainConfig, world: int, launch: Path, params: di
     if run_id:
         env.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri or "")
     if training.launch_mode() == "torchrun":
-        from food_multids.runtime import node_zero, nodes
+        from food_multids.runtime import cluster, node_zero
 
         try:
-            node_zero.run_node_zero(training, nodes.resolve_plan(training, world), module, str(spec), env)
-        except nodes.NodeFailure as exc:
+            node_zero.run_node_zero(training, cluster.resolve_plan(training, world), module, str(spec), env)
+        except cluster.NodeFailure as exc:
             raise RuntimeError(f"multi-node launch failed: {exc}") from None
         except RunInterrupted:
             raise_if_interrupted(launch)
@@ -204,11 +210,11 @@ def launch_processes(training: TrainConfig, world: int, launch: Path, params: di
         raise_if_interrupted(launch)
         return
     if training.launch_mode() == "slurm":
-        from food_multids.runtime import nodes
+        from food_multids.runtime import cluster
 
         try:
-            plan = nodes.resolve_plan(training, world)
-        except nodes.NodeFailure as exc:
+            plan = cluster.resolve_plan(training, world)
+        except cluster.NodeFailure as exc:
             raise RuntimeError(f"SLURM launch: {exc}") from None
         step = "train" if launch.name == "launch" else launch.name.removeprefix("launch_")  # eval, rerank, predict
         cmd = slurm_step_command(plan, spec, module, step)

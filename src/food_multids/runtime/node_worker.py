@@ -19,9 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from food_multids.runtime.launch import launcher_env
-from food_multids.runtime.node_zero import torchrun_argv
-from food_multids.runtime.nodes import (
+from food_multids.runtime.cluster import (
     BEAT_S,
     DEFAULT_PORT,
     MASTER_ADDR_VARS,
@@ -41,6 +39,8 @@ from food_multids.runtime.nodes import (
     slurm_first_host,
     stop_tree,
 )
+from food_multids.runtime.launch import launcher_env
+from food_multids.runtime.node_zero import torchrun_argv
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.5

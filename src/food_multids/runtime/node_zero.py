@@ -21,8 +21,7 @@ import time
 
 from food_multids.config import TrainConfig
 from food_multids.helpers.interrupts import RunInterrupted
-from food_multids.runtime.commands import torchrun_launcher
-from food_multids.runtime.nodes import (
+from food_multids.runtime.cluster import (
     BEAT_S,
     STOP_GRACE_S,
     SUPERVISOR_ENV,
@@ -36,6 +35,7 @@ from food_multids.runtime.nodes import (
     signal_ranks,
     stop_tree,
 )
+from food_multids.runtime.commands import torchrun_launcher
 
 logger = logging.getLogger(__name__)
 BYE_WAIT_S = 10.0  # at the end: how long node 0 keeps the store up for the workers to read its result

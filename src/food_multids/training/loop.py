@@ -47,7 +47,7 @@ from food_multids.model.classifier import (
     check_image_token,
     create_classifier,
 )
-from food_multids.model.factory import load_tokenizer, resolve_dtype
+from food_multids.model.loading import load_tokenizer, resolve_dtype
 from food_multids.model.lora import apply_lora
 from food_multids.model.speedups import prepare_model
 from food_multids.runtime.device import init_distributed, resolve_device

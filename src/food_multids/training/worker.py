@@ -1,4 +1,4 @@
-"""Entry point of each training process started by a launcher (see launcher.py)."""
+"""Entry point of each training process started by a launcher (see run.py)."""
 
 from __future__ import annotations
 

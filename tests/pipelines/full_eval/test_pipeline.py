@@ -211,7 +211,7 @@ def test_a_model_whose_label_spaces_differ_from_the_config_is_refused_before_eva
 
 def test_the_report_names_the_model_that_was_evaluated_not_the_newest_info(classifier_dir, caplog):
     from food_multids.model.classifier import TRAINING_INFO
-    from food_multids.pipelines.full_eval.nodes import evaluated_model_info
+    from food_multids.pipelines.report.nodes import evaluated_model_info
 
     (classifier_dir / TRAINING_INFO).write_text(json.dumps({"metric": "overall_accuracy", "value": 0.5, "step": 40,
                                                             "greater_is_better": True, "subset": "fixed",

@@ -138,7 +138,7 @@ def test_a_model_trained_without_masking_still_ranks_within_the_images_dataset(t
     import torch
 
     from food_multids.model.classifier import ClassifierMeta, LabelSpace, create_classifier
-    from food_multids.model.factory import load_tokenizer
+    from food_multids.model.loading import load_tokenizer
 
     torch.manual_seed(1)
     meta = ClassifierMeta(num_labels=40, pooling="image_mean", enable_logits_masking=False,

@@ -12,7 +12,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class Backbone(ABC):
+class BackboneFamily(ABC):
     """One family of Qwen vision-language backbones (the model without its LM head).
 
     The families share their input format: a chat prompt with one run of image tokens, flattened

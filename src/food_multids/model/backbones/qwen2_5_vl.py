@@ -8,7 +8,7 @@ from food_multids.model.backbones.base import (
     CLIP_MEAN,
     CLIP_STD,
     HUB_IDS,
-    Backbone,
+    BackboneFamily,
     special_token_ids,
     tiny_text,
 )
@@ -44,7 +44,7 @@ def config_7b():
 
 
 @dataclass(frozen=True)
-class Qwen25VL(Backbone):
+class Qwen25VL(BackboneFamily):
     def tiny_config(self, tokenizer, hidden: int = 64):
         """Two vision blocks and two language layers; every module class of the real model is present."""
         text = {**tiny_text(tokenizer, hidden), "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from food_multids.model.backbones.base import CLIP_MEAN, CLIP_STD, Backbone, special_token_ids, tiny_text
+from food_multids.model.backbones.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    BackboneFamily,
+    special_token_ids,
+    tiny_text,
+)
 
 
 @dataclass(frozen=True)
-class Qwen2VL(Backbone):
+class Qwen2VL(BackboneFamily):
     def tiny_config(self, tokenizer, hidden: int = 64):
         from transformers import Qwen2VLConfig
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from food_multids.model.backbones.base import Backbone, special_token_ids, tiny_text
+from food_multids.model.backbones.base import BackboneFamily, special_token_ids, tiny_text
 
 
 @dataclass(frozen=True)
-class Qwen35(Backbone):
+class Qwen35(BackboneFamily):
     def tiny_config(self, tokenizer, hidden: int = 64):
         """One linear-attention and one full-attention layer, two vision blocks."""
         from transformers import Qwen3_5Config

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from food_multids.model.backbones.base import HUB_IDS, Backbone, special_token_ids, tiny_text
+from food_multids.model.backbones.base import HUB_IDS, BackboneFamily, special_token_ids, tiny_text
 
 
 def _config(text: dict, vision: dict, ids: dict, tie: bool):
@@ -40,7 +40,7 @@ def config_8b():
 
 
 @dataclass(frozen=True)
-class Qwen3VL(Backbone):
+class Qwen3VL(BackboneFamily):
     def tiny_config(self, tokenizer, hidden: int = 64):
         """Two vision blocks (one feeding DeepStack) and two language layers."""
         text = {**tiny_text(tokenizer, hidden), "head_dim": hidden // 4, "mrope_section": [2, 3, 3]}

@@ -1,3 +1,3 @@
-from food_multids.pipelines.full_eval.pipeline import create_pipeline, create_report_pipeline
+from food_multids.pipelines.full_eval.pipeline import create_pipeline
 
-__all__ = ["create_pipeline", "create_report_pipeline"]
+__all__ = ["create_pipeline"]

@@ -14,7 +14,7 @@ import pandas as pd
 from food_multids.config import ProjectConfig
 from food_multids.framework.run_context import run_env
 from food_multids.tracking import log_once
-from food_multids.training.launcher import run_training
+from food_multids.training.run import run_training
 
 logger = logging.getLogger(__name__)
 
