@@ -45,3 +45,18 @@ def test_the_kedro_hook_sets_the_sessions_project_root_for_this_process(tmp_path
     ProjectHooks().after_context_created(SimpleNamespace(project_path=project, config_loader={}))
     assert find_project_root() == project
     assert TrainConfig.from_section({"output_dir": "out"}).resolved_output_dir() == project / "out"
+
+
+def test_every_worker_answers_through_one_result_convention(tmp_path):
+    import pandas as pd
+
+    from food_multids.runtime.launch import RESULT_FILE, read_result, write_result
+
+    table = pd.DataFrame({"row": [0, 1], "prediction": [3, -1]})
+    write_result(tmp_path, {"metrics": {"overall_accuracy": 0.5}}, {"predictions": table})
+    assert json.loads((tmp_path / RESULT_FILE).read_text())["frames"] == ["predictions"]
+    values, frames = read_result(tmp_path)
+    assert values == {"metrics": {"overall_accuracy": 0.5}} and list(frames) == ["predictions"]
+    pd.testing.assert_frame_equal(frames["predictions"], table)
+    write_result(tmp_path, {"history": []})  # a worker without tables: none read back
+    assert read_result(tmp_path) == ({"history": []}, {})

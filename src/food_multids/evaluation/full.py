@@ -129,17 +129,16 @@ def evaluate_saved_model(cfg: ProjectConfig, parameters: dict, model_dir: Path, 
                          launch_name: str = "launch_eval") -> FullEvalResult:
     """`run_full_evaluation` in this process, or one process per GPU under the launcher (each on its shard;
     rank 0 gathers the rows and writes them to <output_dir>/<launch_name>)."""
-    from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
+    from food_multids.runtime.launch import launch_processes, resolve_world_size, uses_launcher
 
     world = resolve_world_size(cfg.training)
     if not uses_launcher(cfg.training, world):
         return run_full_evaluation(cfg, model_dir, frame)
     launch = cfg.training.resolved_output_dir() / launch_name
-    launch_processes(cfg.training, world, launch, parameters, {"full_eval": frame}, "food_multids.evaluation.worker",
-                     extra={"model_dir": str(model_dir)})
-    result = json.loads((launch / RESULT_FILE).read_text())
-    return FullEvalResult(result["metrics"], pd.read_parquet(launch / "predictions.parquet"),
-                          pd.read_parquet(launch / "confusions.parquet"), result.get("calibration_curves") or {})
+    result, frames = launch_processes(cfg.training, world, launch, parameters, {"full_eval": frame},
+                                      "food_multids.evaluation.worker", extra={"model_dir": str(model_dir)})
+    return FullEvalResult(result["metrics"], frames["predictions"], frames["confusions"],
+                          result.get("calibration_curves") or {})
 
 
 def predictions_frame(rows: dict[str, list], frame: pd.DataFrame) -> pd.DataFrame:

@@ -6,18 +6,15 @@ from pathlib import Path
 
 from food_multids.evaluation.full import run_full_evaluation
 from food_multids.runtime.device import finish_distributed
-from food_multids.runtime.files import write_json_atomic
-from food_multids.runtime.launch import RESULT_FILE, worker_context
+from food_multids.runtime.launch import worker_context, write_result
 
 
 def main(argv: list[str] | None = None) -> None:
     ctx = worker_context(argv)
     result = run_full_evaluation(ctx.cfg, Path(ctx.spec["model_dir"]), ctx.frame("full_eval"))
     if ctx.rank == 0:
-        result.predictions.to_parquet(ctx.launch / "predictions.parquet")
-        result.confusions.to_parquet(ctx.launch / "confusions.parquet")
-        write_json_atomic(ctx.launch / RESULT_FILE, {"metrics": result.metrics,
-                                                     "calibration_curves": result.calibration_curves})
+        write_result(ctx.launch, {"metrics": result.metrics, "calibration_curves": result.calibration_curves},
+                     {"predictions": result.predictions, "confusions": result.confusions})
     finish_distributed()
 
 

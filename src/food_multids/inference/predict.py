@@ -20,7 +20,6 @@ PREDICTION_COLUMNS = ["row", "image", "dataset_name", "prediction", "prediction_
                       "top_k_ids", "top_k_names", "top_k_probs", "error"]
 UNREADABLE = "the image could not be decoded (see the log)"
 UNKNOWN = "unknown"  # prediction_name of an image below predict.reject_below ("none of these"; prediction -1)
-PREDICTIONS_FILE = "image_predictions.parquet"  # what rank 0 of a multi-process predict writes
 
 
 def predict_with_processes(predict: dict, training: dict, model_dir: Path, records: pd.DataFrame) -> pd.DataFrame:
@@ -35,9 +34,9 @@ def predict_with_processes(predict: dict, training: dict, model_dir: Path, recor
                                workers=settings.dataloader_num_workers, progress_mode=launch_settings.progress_bar,
                                calibrated=settings.calibrated, reject_below=settings.reject_below)
     launch = launch_settings.resolved_output_dir() / "launch_predict"
-    launch_processes(launch_settings, world, launch, {"predict": predict, "training": training},
-                     {"predict": records}, "food_multids.inference.worker", extra={"model_dir": str(model_dir)})
-    return pd.read_parquet(launch / PREDICTIONS_FILE)
+    _, frames = launch_processes(launch_settings, world, launch, {"predict": predict, "training": training},
+                                 {"predict": records}, "food_multids.inference.worker", extra={"model_dir": str(model_dir)})
+    return frames["predictions"]
 
 
 def predict_records(loaded: LoadedModel, records: pd.DataFrame, *, top_k: int, batch_size: int, workers: int = 0,

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from food_multids.config import PredictConfig, TrainConfig
 from food_multids.inference.model import load_model, run_model
-from food_multids.inference.predict import PREDICTIONS_FILE, prediction_table, reject_thresholds
+from food_multids.inference.predict import prediction_table, reject_thresholds
 from food_multids.runtime.device import finish_distributed, init_distributed, resolve_device_name
-from food_multids.runtime.files import write_json_atomic
-from food_multids.runtime.launch import RESULT_FILE, worker_context
+from food_multids.runtime.launch import worker_context, write_result
 from food_multids.runtime.scoring import gather_rows
 
 
@@ -28,8 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = gather_rows(out.predictions, world)
     if rank == 0:
         table = prediction_table(loaded, records, rows, thresholds)
-        table.to_parquet(ctx.launch / PREDICTIONS_FILE)
-        write_json_atomic(ctx.launch / RESULT_FILE, {"rows": len(table)})
+        write_result(ctx.launch, {"rows": len(table)}, {"predictions": table})
     finish_distributed()
 
 

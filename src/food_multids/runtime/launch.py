@@ -36,6 +36,7 @@ from food_multids.runtime.cluster import (
     stop_tree,
 )
 from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
+from food_multids.runtime.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
@@ -129,6 +130,20 @@ def slurm_step_command(plan, spec: Path, module: str, step: str) -> list[str]:
             f"--shutdown-timeout={STOP_GRACE_S}", "-m", module, "--spec", str(spec)]
 
 
+def write_result(launch: Path, values: dict, frames: dict[str, pd.DataFrame] | None = None) -> None:
+    """Rank 0's answer to the parent, the one convention of every worker (training, evaluation, predict): its
+    tables as result_<name>.parquet, then result.json, written last and atomically (there means complete)."""
+    for name, frame in (frames or {}).items():
+        frame.to_parquet(launch / f"result_{name}.parquet")
+    write_json_atomic(launch / RESULT_FILE, {**values, "frames": sorted(frames or {})})
+
+
+def read_result(launch: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """What write_result wrote: the values and the tables by name."""
+    values = json.loads((launch / RESULT_FILE).read_text())
+    return values, {name: pd.read_parquet(launch / f"result_{name}.parquet") for name in values.pop("frames", [])}
+
+
 def raise_if_interrupted(launch: Path) -> None:
     """Rank 0's result says the ranks stopped at an agreed step on a signal: raise that here, with its
     message (the step and the checkpoint to resume from)."""
@@ -184,9 +199,10 @@ def launcher_env(procs: int = 1) -> dict:
 
 def launch_processes(training: TrainConfig, world: int, launch: Path, params: dict, frames: dict[str, pd.DataFrame],
                      module: str, run_id: str | None = None, tracking_uri: str | None = None,
-                     extra: dict | None = None) -> None:
-    """Write the inputs to `launch`, run `module` under a launcher, fail loudly if any rank fails. `training`
-    holds the launch settings; `params` (the node's parameter sections) goes to the workers as it is."""
+                     extra: dict | None = None) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """Write the inputs to `launch`, run `module` under a launcher, fail loudly if any rank fails, return rank
+    0's result (read_result). `training` holds the launch settings; `params` (the node's parameter sections)
+    goes to the workers as it is."""
     launch.mkdir(parents=True, exist_ok=True)
     for name, frame in frames.items():
         frame.to_parquet(launch / f"{name}.parquet")
@@ -208,7 +224,7 @@ def launch_processes(training: TrainConfig, world: int, launch: Path, params: di
             raise_if_interrupted(launch)
             raise
         raise_if_interrupted(launch)
-        return
+        return read_result(launch)
     if training.launch_mode() == "slurm":
         from food_multids.runtime import cluster
 
@@ -257,3 +273,4 @@ def launch_processes(training: TrainConfig, world: int, launch: Path, params: di
         what = {"slurm": "the SLURM job step", "ssh": "the DeepSpeed launcher"}.get(training.launch_mode(), "torchrun")
         raise RuntimeError(f"{what} exited with code {proc.returncode} (command: {' '.join(cmd)}); "
                            "see the rank logs above")
+    return read_result(launch)

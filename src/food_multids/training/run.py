@@ -8,12 +8,10 @@ point rank 0 at the Kedro session's MLflow run.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from food_multids.config import ProjectConfig
-from food_multids.runtime.launch import RESULT_FILE, launch_processes, resolve_world_size, uses_launcher
+from food_multids.runtime.launch import launch_processes, resolve_world_size, uses_launcher
 from food_multids.tracking import active_run_target
 from food_multids.training.loop import Trainer, TrainingResult
 from food_multids.training.output_dir import OutputDirLock, check_writable
@@ -36,7 +34,7 @@ def _run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_su
         return Trainer(cfg, train, eval_subset, full_eval, run_id, tracking_uri).run()
 
     launch = cfg.training.resolved_output_dir() / "launch"
-    launch_processes(cfg.training, world, launch, params, {"train": train, "eval_subset": eval_subset, "full_eval": full_eval},
-                     "food_multids.training.worker", run_id, tracking_uri)
-    result = json.loads((launch / RESULT_FILE).read_text())
+    result, _ = launch_processes(cfg.training, world, launch, params,
+                                 {"train": train, "eval_subset": eval_subset, "full_eval": full_eval},
+                                 "food_multids.training.worker", run_id, tracking_uri)
     return TrainingResult(result["history"], result["manifest"])

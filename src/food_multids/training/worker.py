@@ -7,8 +7,7 @@ import signal
 
 from food_multids.helpers.interrupts import TrainingInterrupted
 from food_multids.runtime.device import finish_distributed
-from food_multids.runtime.files import write_json_atomic
-from food_multids.runtime.launch import RESULT_FILE, worker_context
+from food_multids.runtime.launch import worker_context, write_result
 from food_multids.training.loop import Trainer
 
 
@@ -27,11 +26,11 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         if trainer.is_main:
-            write_json_atomic(ctx.launch / RESULT_FILE, {"interrupted": str(exc), "signum": int(exc.signum)})
+            write_result(ctx.launch, {"interrupted": str(exc), "signum": int(exc.signum)})
         finish_distributed()
         return
     if trainer.is_main:
-        write_json_atomic(ctx.launch / RESULT_FILE, {"history": result.history, "manifest": result.manifest})
+        write_result(ctx.launch, {"history": result.history, "manifest": result.manifest})
     finish_distributed()
 
 
