@@ -89,9 +89,12 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert train_run.info.run_name.startswith("train · seed · tiny_qwen2_5_vl · ")
     assert train_run.data.tags["food_multids.env"] == "seed"
     logged = train_run.data.params
-    assert logged["parameters.model.pooling"] == str(base_params["model"]["pooling"])  # kept from base
-    assert float(logged["parameters.training.learning_rate"]) == base_params["training"]["learning_rate"]
-    assert logged["parameters.datasets.dataset_configs.digits.eval_ratio"] == "0.3" and logged["parameters.training.max_steps"] == "4"
+    # kedro-mlflow logs each section a node takes (params:model, ...) under its own name, flattened.
+    assert logged["model.pooling"] == str(base_params["model"]["pooling"])  # kept from base
+    assert float(logged["training.learning_rate"]) == base_params["training"]["learning_rate"]
+    assert logged["datasets.dataset_configs.digits.eval_ratio"] == "0.3" and logged["training.max_steps"] == "4"
+    assert logged["predict.top_k"] == str(base_params["predict"]["top_k"])  # every section, each once
+    assert not [key for key in logged if key.startswith("parameters.")]
     assert any(key.startswith("system/cpu_utilization") for key in train_run.data.metrics)
 
     second = kedro(project_copy, "--env", "seed", "--pipelines", "train", env=env)
