@@ -59,7 +59,8 @@ def main() -> None:
     batch = cfg.training.per_device_eval_batch_size
     n = len(cfg.datasets)
     timed_eval(model, subset, encoder, collate, n, batch)  # warm-up
-    big = pd.concat([full.assign(sample_id=full["sample_id"] + (k << 32)) for k in range(args.repeat)], ignore_index=True)
+    big = pd.concat([full.assign(sample_id=full["sample_id"] + (k << 32)) for k in range(args.repeat)],
+                    ignore_index=True)
     big_subset = stratified_subset(big, cfg.datasets, seed=0)
     for label, part, whole in (("demo", subset, full), (f"demo x{args.repeat}", big_subset, big)):
         t_part = timed_eval(model, part, encoder, collate, n, batch)

@@ -18,8 +18,8 @@ that fails prints FAIL and the next one still runs; optional phases are skipped 
   SPLIT    forward+backward vs optimizer step time of the configured variant
   EVAL     runtime.scoring.evaluate -- the full_eval node's loop (top-5 rows) -- per batch size
   PROFILE  the heaviest GPU kernels of one training step -> $OUT/profile_train.txt
-Env: SIZE (tiny|3b), IMG, B, GC (0 off, 1 every layer, n every n-th layer), COMPILE (0/1), COMPILE_MODE override conf/gpu;
-TRAIN_VARIANTS ("B:GC,..."); EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS
+Env: SIZE (tiny|3b), IMG, B, GC (0 off, 1 every layer, n every n-th layer), COMPILE (0/1), COMPILE_MODE override
+conf/gpu; TRAIN_VARIANTS ("B:GC,..."); EVAL_BATCHES; STEPS; ZERO; ANCHOR (path; "" skips); ANCHOR_ARGS
 ("VARIANT:B:GC,..."); BUDGET_S; MEM_GIB (cap GPU memory, e.g. 79 for an 80 GB card); RUN (label, append).
 """
 
@@ -148,7 +148,8 @@ def host_batch(n: int, tokenizer, config, cfg, seed: int = 0) -> dict:
     for i in range(n):
         patches, grid = encoder(Image.fromarray(rng.integers(0, 255, (IMG, IMG, 3), dtype=np.uint8)))
         samples.append({"pixel_values": patches, "grid": grid, "label": i % 101, "dataset_id": i % 2,
-                        "num_classes": 101 if i % 2 == 0 else 2000, "sample_id": i, "dataset_name": ("food101", "food2k")[i % 2]})
+                        "num_classes": 101 if i % 2 == 0 else 2000, "sample_id": i,
+                        "dataset_name": ("food101", "food2k")[i % 2]})
     batch = ClassificationCollator(tokens, encoder.merge_size, cfg.model.padding_side)(samples)
     if DEV == "cuda":
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -162,7 +163,8 @@ def env_phase() -> None:
 
     card = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     mem = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if DEV == "cuda" else 0
-    emit("ENV", card=card, mem_gib=mem, torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
+    emit("ENV", card=card, mem_gib=mem, torch=torch.__version__, cuda=torch.version.cuda,
+         transformers=transformers.__version__,
          deepspeed=deepspeed.__version__, python=sys.version.split()[0], size=SIZE, img=IMG)
 
 
@@ -259,8 +261,10 @@ def train_phase(host, model, batch_size: int, gc: int, tokenizer, config, cfg, s
     n_patch = int(batch["image_grid_thw"][0].prod())
     flop_img = 6 * (n_vis * n_patch + n_llm * batch["input_ids"].shape[1])
     result = {"B": batch_size, "gc": gc, "step_s": round(step_s, 4), "img_per_s": round(batch_size / step_s, 2),
-              "tflops": round(flop_img * batch_size / step_s / 1e12, 1), "peak_gib": peak_gib(), "mean_loss": round(loss, 3)}
-    emit("TRAIN", compiled=getattr(model.backbone.language_model.layers[0], "_compiled_call_impl", None) is not None, **result)
+              "tflops": round(flop_img * batch_size / step_s / 1e12, 1), "peak_gib": peak_gib(),
+              "mean_loss": round(loss, 3)}
+    emit("TRAIN", compiled=getattr(model.backbone.language_model.layers[0], "_compiled_call_impl", None) is not None,
+         **result)
     if split:  # where the step goes: forward+backward vs the optimizer step (synchronised, so a little slower)
         fb = opt = 0.0
         for _ in range(3):
@@ -336,7 +340,8 @@ def main() -> None:
     default_gc = cfg.model.gradient_checkpointing_every_n_layers if cfg.model.gradient_checkpointing else 0
     init_distributed(device)
     if DEV == "cuda" and MEM_GIB:  # a smaller card on this one (same compute, less memory)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, MEM_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, MEM_GIB * 2**30 / total))
         emit("MEMCAP", gib=MEM_GIB)
     model, tokenizer, config, dtype = build_model(cfg, device)
     if phase("CHECK", check_phase, model, tokenizer, config, cfg, dtype, device) is None:
@@ -355,9 +360,11 @@ def main() -> None:
         trains.append(phase(f"TRAIN {b}:{gc}", train_phase, host, model, b, gc, tokenizer, config, cfg, optional=True))
     phase("PROFILE", profile_phase, host, model, default_b, default_gc, tokenizer, config, cfg, optional=True)
     anchor = next((a for a in anchors if a), None)
-    summary = {"train": trains[0]["img_per_s"] if trains[0] else None, "eval": evals[0]["img_per_s"] if evals[0] else None,
+    summary = {"train": trains[0]["img_per_s"] if trains[0] else None,
+               "eval": evals[0]["img_per_s"] if evals[0] else None,
                "train_best": max((t["img_per_s"] for t in trains if t), default=None),
-               "eval_best": max((e["img_per_s"] for e in evals if e), default=None), "targets": {"train": 40, "eval": 150}}
+               "eval_best": max((e["img_per_s"] for e in evals if e), default=None),
+               "targets": {"train": 40, "eval": 150}}
     if anchor and summary["train"] and summary["eval"]:
         summary.update(anchor_train=anchor["TRAIN"]["img_per_s"], anchor_eval=anchor["EVAL"]["img_per_s"],
                        ratio_train=round(summary["train"] / anchor["TRAIN"]["img_per_s"], 2),

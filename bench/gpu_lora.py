@@ -42,7 +42,8 @@ def run_variant(mode: str, size: str, batch: int, gc: bool) -> None:
     cfg = g.project_config()
     lora = LoraSettings(r=16, alpha=32.0, dropout=0.05, parts=("language",))
     compile_ = os.environ.get("LORA_COMPILE") == "1"
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, finetuning=mode, lora=lora, torch_compile=compile_,
+    cfg = dataclasses.replace(cfg,
+                              model=dataclasses.replace(cfg.model, finetuning=mode, lora=lora, torch_compile=compile_,
                                                              gradient_checkpointing=gc),
                               training=dataclasses.replace(cfg.training, per_device_train_batch_size=batch,
                                                            learning_rate=1e-4 if mode == "lora" else 1e-5))
@@ -111,8 +112,8 @@ def main() -> None:
         start = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, *job], capture_output=True, text=True, timeout=400)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("LORA_TRAIN", "PREDICT", "FAIL", "TRAIN"))]
-        print("\n".join(lines) or f"FAIL {json.dumps({'job': job, 'rc': out.returncode, 'stderr': out.stderr[-1500:]})}",
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        failed = f"FAIL {json.dumps({'job': job, 'rc': out.returncode, 'stderr': out.stderr[-1500:]})}"
+        print("\n".join(lines) or failed, f"({time.perf_counter() - start:.0f} s)", flush=True)
         gcmod.collect()
 
 

@@ -4,11 +4,12 @@ The demo's two datasets regenerated long-tailed (seeded): class c of a K-class d
 round(max * ratio^(-c / (K - 1))) training images (digits 60 -> 4, 15:1; shapes 20 -> 2, 10:1); the
 validation sets stay balanced, so top-1 accuracy there is also the macro accuracy's estimate and a loss
 that serves the rare classes shows. For each objective (ce, focal, class_balanced, each with and without
-label smoothing 0.1; ce and class_balanced with a weight average, training.ema) and each seed (training.seed: the head's initialisation and the batch order), the
-same steps; the best model is calibrated (evaluation/calibration.py) and scored on the full validation
-sets: per dataset top-1 and macro accuracy (mean per-class recall), ECE before and after temperature
-scaling (on the images the fit did not use), the accuracy of the most confident 80 %; and the training
-throughput (img/s) of each objective next to plain CE, measured in the same run.
+label smoothing 0.1; ce and class_balanced with a weight average, training.ema) and each seed (training.seed:
+the head's initialisation and the batch order), the same steps; the best model is calibrated
+(evaluation/calibration.py) and scored on the full validation sets: per dataset top-1 and macro accuracy
+(mean per-class recall), ECE before and after temperature scaling (on the images the fit did not use), the
+accuracy of the most confident 80 %; and the training throughput (img/s) of each objective next to plain CE,
+measured in the same run.
 
   .venv/bin/python bench/longtail.py            # after `make setup` (about 9 minutes on 2 cores)
   SEEDS=5 EPOCHS=8 .venv/bin/python bench/longtail.py
@@ -124,7 +125,8 @@ def main() -> None:
         shape = long_tail(root)
         params = params_for(root, Path(tmp) / "out")
         results = {name: [run(params, settings, seed) for seed in range(SEEDS)] for name, settings in LOSSES.items()}
-    print(f"\n== long-tailed demo: {', '.join(f'{n} {hi}->{lo} per class ({rows} rows)' for n, (hi, lo, rows) in shape.items())}; "
+    print("\n== long-tailed demo: "
+          f"{', '.join(f'{n} {hi}->{lo} per class ({rows} rows)' for n, (hi, lo, rows) in shape.items())}; "
           f"balanced validation; {SEEDS} seeds, {EPOCHS} epochs; mean +- 95 % interval over seeds")
     keys = list(next(iter(results.values()))[0])
     for key in keys:

@@ -130,7 +130,8 @@ def compare(name: str, params: dict) -> None:
         for key in ("worst", "mean"):
             diffs = [a[key] - b[key] for a, b in zip(results[mix], results["temperature T=2"], strict=True)]
             mean, half = interval(diffs)
-            verdict = ("gain" if mean - half > 0 else "loss" if mean + half < 0 else "no difference the interval can tell")
+            verdict = ("gain" if mean - half > 0 else "loss" if mean + half < 0
+                       else "no difference the interval can tell")
             print(f"{mix} - temperature T=2, {key}: {mean:+.4f} +- {half:.4f} ({verdict})")
 
 

@@ -84,8 +84,8 @@ def demo_truth(tmp: Path) -> tuple[pd.DataFrame, dict[int, np.ndarray], tuple, d
         start = time.perf_counter()
         preds = run_full_evaluation(cfg, Path(candidate["path"]), full).predictions.set_index("sample_id")
         one.append(time.perf_counter() - start)
-        correct[candidate["step"]] = (preds.loc[full["sample_id"], "label"] == preds.loc[full["sample_id"], "prediction"]
-                                      ).to_numpy(dtype=np.float64)
+        rows = preds.loc[full["sample_id"]]
+        correct[candidate["step"]] = (rows["label"] == rows["prediction"]).to_numpy(dtype=np.float64)
     costs["full_eval_s"] = float(np.mean(one))
     return full.reset_index(drop=True), correct, cfg.datasets, costs
 

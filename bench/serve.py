@@ -14,7 +14,8 @@ for the 1-image clients. Targets (issue 31): batched >= 0.8x in-process batch 16
 p99 <= 3x p50.
 
   .venv/bin/python bench/serve.py                      # after `make run` (which registers a model)
-  WORKERS=1 SERVER_THREADS= SINGLE_CLIENTS=16 MULTI_CLIENTS=8 REQUESTS=40 .venv/bin/python bench/serve.py   (the defaults)
+  WORKERS=1 SERVER_THREADS= SINGLE_CLIENTS=16 MULTI_CLIENTS=8 REQUESTS=40 .venv/bin/python bench/serve.py
+                                                       (the defaults)
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def start_server(model: str, port: int, batching: bool) -> subprocess.Popen:
     if SERVER_THREADS:
         env["OMP_NUM_THREADS"] = SERVER_THREADS
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(WORKERS)], env=env, stdout=subprocess.DEVNULL,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", str(WORKERS)], env=env,
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     for _ in range(360):
         try:
@@ -193,9 +195,9 @@ def main() -> None:
     print(f"in-process, batch {IN_PROCESS_BATCH}: {reference:8.1f} images/s (the 1-image requests' images)")
     for (batching, name), r in results.items():
         clients = SINGLE_CLIENTS if name == "1-image" else MULTI_CLIENTS
-        print(f"batching {'on ' if batching else 'off'} {clients:2d} clients x {name} requests: {r['img_s']:8.1f} images/s, "
-              f"p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, p99 {r['p99']:.0f} ms (p99/p50 {r['p99'] / r['p50']:.2f}), "
-              f"errors {r['errors']}, RSS {r['warm']:.0f} MB after warm-up, then "
+        print(f"batching {'on ' if batching else 'off'} {clients:2d} clients x {name} requests: {r['img_s']:8.1f} "
+              f"images/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, p99 {r['p99']:.0f} ms (p99/p50 "
+              f"{r['p99'] / r['p50']:.2f}), errors {r['errors']}, RSS {r['warm']:.0f} MB after warm-up, then "
               + ", ".join(f"{m:.0f}" for m in r["rss"]))
     on, off = results[True, "1-image"]["img_s"], results[False, "1-image"]["img_s"]
     print(f"serve: batched {on:.1f} img/s, unbatched {off:.1f} img/s, in-process batch-16 {reference:.1f} img/s, "

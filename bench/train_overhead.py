@@ -67,7 +67,8 @@ def bare_loop(steps: int, batch: int) -> float:
     model = create_classifier(model_dir, meta, "float32", torch.device("cpu"))
     encoder = ImageEncoder.from_pretrained(model_dir, params["model"]["min_pixels"], params["model"]["max_pixels"])
     collate = ClassificationCollator(PromptTokens.from_tokenizer(load_tokenizer(model_dir), params["model"]["prompt"]))
-    loader = DataLoader(RecordDataset(train, encoder), batch_size=batch, shuffle=True, collate_fn=collate, drop_last=True)
+    loader = DataLoader(RecordDataset(train, encoder), batch_size=batch, shuffle=True, collate_fn=collate,
+                        drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
@@ -75,7 +76,8 @@ def bare_loop(steps: int, batch: int) -> float:
     done = 0
     while done < steps:
         for b in loader:
-            logits = engine(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"], b["num_classes"])
+            logits = engine(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
+                            b["num_classes"])
             engine.backward(F.cross_entropy(logits, b["labels"]))
             engine.step()
             done += 1
@@ -84,7 +86,8 @@ def bare_loop(steps: int, batch: int) -> float:
     engine.eval()
     with torch.no_grad():
         for b in DataLoader(RecordDataset(subset, encoder), batch_size=64, collate_fn=collate):
-            mask_logits(engine(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"]), b["num_classes"])
+            mask_logits(engine(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"]),
+                        b["num_classes"])
     engine.save_checkpoint(str(ROOT / "data/06_models/bench_overhead_bare"), tag="final")
     return time.perf_counter() - start
 
@@ -104,9 +107,12 @@ def main() -> None:
         bare_s.append(bare_loop(args.steps, args.batch))
     images = args.steps * args.batch
     node, bare = min(node_s), min(bare_s)
-    print(f"train node via Kedro : {node:6.2f} s  {images / node:7.1f} img/s  (runs: {', '.join(f'{s:.2f}' for s in node_s)})")
-    print(f"bare DeepSpeed loop  : {bare:6.2f} s  {images / bare:7.1f} img/s  (runs: {', '.join(f'{s:.2f}' for s in bare_s)})")
-    print(f"ratio node / bare    : {node / bare:.3f}  (target <= 1.05)   peak RSS {peak_rss_mib():.0f} MiB (both, same process)")
+    print(f"train node via Kedro : {node:6.2f} s  {images / node:7.1f} img/s  (runs: "
+          f"{', '.join(f'{s:.2f}' for s in node_s)})")
+    print(f"bare DeepSpeed loop  : {bare:6.2f} s  {images / bare:7.1f} img/s  (runs: "
+          f"{', '.join(f'{s:.2f}' for s in bare_s)})")
+    print(f"ratio node / bare    : {node / bare:.3f}  (target <= 1.05)   peak RSS {peak_rss_mib():.0f} MiB (both, "
+          "same process)")
 
 
 if __name__ == "__main__":

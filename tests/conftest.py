@@ -195,10 +195,12 @@ def classifier_dir(tiny_model_dir, tmp_path) -> Path:
 
     torch.manual_seed(0)
     meta = ClassifierMeta(num_labels=40, pooling="image_mean",
-                          label_spaces={"digits": LabelSpace(0, 10, [str(i) for i in range(10)]), "shapes": LabelSpace(1, 40)})
+                          label_spaces={"digits": LabelSpace(0, 10, [str(i) for i in range(10)]),
+                                        "shapes": LabelSpace(1, 40)})
     model = create_classifier(tiny_model_dir, meta, "float32", torch.device("cpu"))
     out = tmp_path / "clf"
-    model.save_pretrained(out, load_tokenizer(tiny_model_dir), json.loads((tiny_model_dir / "preprocessor_config.json").read_text()))
+    model.save_pretrained(out, load_tokenizer(tiny_model_dir),
+                          json.loads((tiny_model_dir / "preprocessor_config.json").read_text()))
     return out
 
 
@@ -221,7 +223,8 @@ def small_mount(tmp_path):
     def mount(options: str) -> Path:
         target = tmp_path / f"mnt{len(mounts)}"
         target.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
         mounts.append(target)

@@ -38,7 +38,8 @@ def test_single_file_form_derives_dataset_from_folder(tmp_path):
     write_jsonl(tmp_path / "food101/test.jsonl", [{"image": "b.jpg", "label": 4}])
     cfg = ProjectConfig.from_params({
         "model": {"num_labels": 101},
-        "data": {"train_jsonl": str(tmp_path / "food101/train.jsonl"), "val_jsonl": str(tmp_path / "food101/test.jsonl")},
+        "data": {"train_jsonl": str(tmp_path / "food101/train.jsonl"),
+                 "val_jsonl": str(tmp_path / "food101/test.jsonl")},
     })
     assert cfg.data.single_file
     assert cfg.num_classes() == {"food101": 101}
@@ -46,14 +47,16 @@ def test_single_file_form_derives_dataset_from_folder(tmp_path):
 
 def test_num_labels_below_largest_num_classes(two_datasets):
     params = with_overrides(two_datasets, model={"num_labels": 4})
-    assert any("model.num_labels must be >= the largest num_classes (5, dataset 'beta')" in p for p in problems_of(params))
+    expected = "model.num_labels must be >= the largest num_classes (5, dataset 'beta')"
+    assert any(expected in p for p in problems_of(params))
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
 def test_eval_ratio_outside_range(two_datasets, ratio):
     params = copy.deepcopy(two_datasets)
     params["datasets"]["dataset_configs"]["alpha"]["eval_ratio"] = ratio
-    assert any(p.startswith("params:datasets.dataset_configs.alpha.eval_ratio must be in (0, 1]") for p in problems_of(params))
+    expected = "params:datasets.dataset_configs.alpha.eval_ratio must be in (0, 1]"
+    assert any(p.startswith(expected) for p in problems_of(params))
 
 
 def test_list_lengths_must_match(two_datasets):
@@ -82,7 +85,8 @@ def test_dataset_folder_not_in_configs_is_reported(two_datasets):
     params = copy.deepcopy(two_datasets)
     params["datasets"]["dataset_configs"]["alpah"] = params["datasets"]["dataset_configs"].pop("alpha")
     found = problems_of(params)
-    assert any("lives in folder 'alpha', which is not in datasets.dataset_configs (did you mean 'alpah'?)" in p for p in found)
+    expected = "lives in folder 'alpha', which is not in datasets.dataset_configs (did you mean 'alpah'?)"
+    assert any(expected in p for p in found)
 
 
 def test_all_problems_are_reported_at_once(two_datasets):
@@ -137,7 +141,8 @@ def test_the_gpu_environment_parses(base_params):
 
 
 @pytest.mark.parametrize(("section", "key", "value", "expected"), [
-    ("training", "dataloader_num_workers", "two", "params:training.dataloader_num_workers must be an integer, got 'two'"),
+    ("training", "dataloader_num_workers", "two",
+     "params:training.dataloader_num_workers must be an integer, got 'two'"),
     ("data", "mix_temperature", 0, "params:data.mix_temperature must be > 0"),
     ("training", "max_grad_norm", -1.0, "params:training.max_grad_norm must be >= 0"),
     ("training", "weight_decay", -0.1, "params:training.weight_decay must be >= 0"),
@@ -201,7 +206,8 @@ def test_the_best_model_metric_must_be_one_evaluation_produces(two_datasets):
                         "beta_accuracy, beta_loss, overall_accuracy, overall_loss"]
     assert problems_of(with_overrides(two_datasets, training={"metric_for_best_model": "out_of_range_predictions"}))
     unmasked = with_overrides(two_datasets, model={"num_labels": 5, "enable_logits_masking": False},
-                              training={"metric_for_best_model": "out_of_range_predictions", "greater_is_better": False})
+                              training={"metric_for_best_model": "out_of_range_predictions",
+                                        "greater_is_better": False})
     assert ProjectConfig.from_params(unmasked).training.metric_for_best_model == "out_of_range_predictions"
     inferred = with_overrides(unmasked, training={"metric_for_best_model": "out_of_range_predictions"})
     assert ProjectConfig.from_params(inferred).training.best_metric_greater_is_better() is False  # fewer is better
@@ -218,7 +224,8 @@ def test_a_config_error_names_the_environments_files():
     assert "(conf/base/parameters.yml, then conf/gpu/parameters.yml and --params):" in str(ConfigError(["x"], "gpu"))
     assert "(conf/base/parameters.yml and --params):" in str(ConfigError(["x"], "base"))
     assert "<env>" not in str(ConfigError(["x"]))
-    assert "(conf/base/parameters.yml (conf/nowhere has no parameters file) and --params):" in str(ConfigError(["x"], "nowhere"))
+    assert "(conf/base/parameters.yml (conf/nowhere has no parameters file) and --params):" in \
+        str(ConfigError(["x"], "nowhere"))
 
 
 @pytest.mark.parametrize("env", ["gpu", "gpu-qwen2_5_vl-7b", "gpu-qwen2_vl-7b", "gpu-qwen3_vl-4b", "gpu-qwen3_vl-8b",
@@ -257,7 +264,9 @@ def test_a_key_in_the_wrong_section_is_pointed_to_the_right_one(base_params):
     with pytest.raises(ConfigError) as raised:
         ProjectConfig.from_params(params, check_files=False)
     problems = raised.value.problems
-    assert "params:training.report_to is not a known setting here; it is a setting of tracking.report_to: move it there" in problems
-    assert "params:data.step_size is not a known setting here; it is a setting of data.mix_adaptive.step_size: move it there" in problems
+    assert ("params:training.report_to is not a known setting here; it is a setting of tracking.report_to: "
+            "move it there") in problems
+    assert ("params:data.step_size is not a known setting here; it is a setting of data.mix_adaptive.step_size: "
+            "move it there") in problems
     assert "params:model.learning_rat is not a known setting here (did you mean 'training.learning_rate'?)" in problems
     assert "params:training.seeed is not a known setting (did you mean 'seed'?)" in problems

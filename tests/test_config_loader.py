@@ -112,7 +112,8 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
 
 def test_the_predict_inputs_are_replaced_as_one_pair_by_an_env_or_the_command_line(tmp_path):
     base = BASE + "predict: {jsonl_list: [demo/val.jsonl], image_dir: null, top_k: 5}\n"
-    conf = write_conf(tmp_path, {"base/parameters.yml": base, "photos/parameters.yml": "predict: {image_dir: /photos}\n"})
+    conf = write_conf(tmp_path,
+                      {"base/parameters.yml": base, "photos/parameters.yml": "predict: {image_dir: /photos}\n"})
     from_env = loader(conf, "photos", {})["parameters"]["predict"]
     assert from_env == {"image_dir": "/photos", "top_k": 5}  # base's demo JSONL is not predicted as well
     from_cli = loader(conf, "base", {"predict": {"image_dir": "/more"}})["parameters"]["predict"]

@@ -58,7 +58,8 @@ def test_configuration_problems_stop_the_run_before_any_node_and_any_mlflow_run(
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert ("the catalog dataset 'best_model' has no saved version yet: make it with `kedro run --pipelines train` "
             "first") in out
-    assert "the catalog dataset 'full_eval_set' has no saved version yet: make it with `kedro run --pipelines train`" in out
+    assert ("the catalog dataset 'full_eval_set' has no saved version yet: make it with "
+            "`kedro run --pipelines train`") in out
     assert run_count(project_copy) == 0
 
 
@@ -147,7 +148,8 @@ def test_a_seed_env_on_the_demo_layers_on_base_and_its_runs_are_named_linked_and
     assert eval_run.info.run_name.startswith("full_eval · seed · tiny_qwen2_5_vl · ")
     page = (sorted((project_copy / "data/08_reporting/report.html").iterdir())[-1] / "report.html").read_text()
     assert f"<td>{base_params['training']['learning_rate']} / cosine</td>" in page and "0.5 / cosine" not in page
-    history = json.loads((project_copy / f"data/06_models/training_history.json/{versions[0]}/training_history.json").read_text())
+    saved = project_copy / f"data/06_models/training_history.json/{versions[0]}/training_history.json"
+    history = json.loads(saved.read_text())
     assert history["records"], "the pinned run's history"
 
 
@@ -163,7 +165,8 @@ def test_a_yaml_error_and_an_override_that_cannot_apply_are_reported_without_a_t
     (project_copy / "conf/dsfile").mkdir()
     (project_copy / "conf/dsfile/ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     (project_copy / "conf/dsfile/parameters.yml").write_text("deepspeed: conf/dsfile/ds.json\n")
-    proc = kedro(project_copy, "--env", "dsfile", "--pipelines", "data", "--params", "deepspeed.zero_optimization.stage=3")
+    proc = kedro(project_copy, "--env", "dsfile", "--pipelines", "data", "--params",
+                 "deepspeed.zero_optimization.stage=3")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert ("--params deepspeed.zero_optimization.stage=3: params:deepspeed is 'conf/dsfile/ds.json', not a mapping"

@@ -183,4 +183,5 @@ def test_ranks_do_not_outlive_a_kedro_killed_outright(project_copy):
     killed_at = time.time()
     while launched_processes(out_dir) and time.time() - killed_at < 15:
         time.sleep(0.5)
-    assert not launched_processes(out_dir), f"ranks still running {time.time() - killed_at:.0f} s after kedro was killed"
+    assert not launched_processes(out_dir), \
+        f"ranks still running {time.time() - killed_at:.0f} s after kedro was killed"

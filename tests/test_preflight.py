@@ -80,7 +80,8 @@ def test_makers_are_read_from_the_registered_pipelines():
     assert makers_of(register_pipelines(), wanted) == {
         "best_model": "kedro run --pipelines train", "full_eval_set": "kedro run --pipelines train",
         "eval_metrics": "kedro run --pipelines full_eval"}
-    assert makers_of(register_pipelines(), ["best_model"], "gpu") == {"best_model": "kedro run --env gpu --pipelines train"}
+    assert makers_of(register_pipelines(), ["best_model"],
+                     "gpu") == {"best_model": "kedro run --env gpu --pipelines train"}
 
 
 def test_full_eval_alone_checks_the_saved_models_label_spaces(demo_params, tiny_model_dir, tmp_path):
@@ -93,7 +94,8 @@ def test_full_eval_alone_checks_the_saved_models_label_spaces(demo_params, tiny_
     (model / CLASSIFIER_FILE).write_text(meta.to_json())
     eval_only = plan(nodes={"full_evaluate", "report"}, inputs=["best_model", "full_eval_set"])
     found = check_run(eval_only, demo_params, lambda name: True, {}, lambda name: model)
-    assert len(found.problems) == 1 and "was trained on the label spaces digits (#0, 10 classes), letters" in found.problems[0]
+    assert len(found.problems) == 1
+    assert "was trained on the label spaces digits (#0, 10 classes), letters" in found.problems[0]
 
 
 def test_only_training_reads_the_model_path(demo_params):
@@ -116,7 +118,8 @@ def test_the_model_folder_needs_a_config_of_a_supported_family(tmp_path, tiny_mo
     assert "is not a readable JSON object" in check_model_source(str(empty))[0]
     (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert check_model_source(str(empty)) == [f"params:model.name_or_path {empty} holds a 'llama' model "
-                                              "(config.json model_type); supported: qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_5"]
+                                              "(config.json model_type); supported: qwen2_5_vl, qwen2_vl, qwen3_vl, "
+                                              "qwen3_5"]
 
 
 def test_an_output_folder_that_cannot_be_created_is_named(tmp_path):
@@ -177,7 +180,8 @@ def predict_params(demo_params, demo_root) -> dict:
 def test_predict_with_a_model_of_another_envs_datasets_is_one_line_naming_that_env(demo_params, demo_root, tmp_path):
     # `kedro run --env mine` trained on food + drinks; then the README's `kedro run --pipelines predict` (env local)
     model = saved_model(tmp_path / "best", {"food": 12, "drinks": 2}, "mine")
-    found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), predict_params(demo_params, demo_root),
+    found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]),
+                      predict_params(demo_params, demo_root),
                       lambda name: True, {}, lambda name: model)
     [problem] = found.problems
     assert "knows the label spaces food, drinks" in problem and "'digits' in params:predict.jsonl_list[0]" in problem
@@ -190,7 +194,9 @@ def test_predict_with_a_fitting_model_of_another_env_is_a_warning(demo_params, d
     params = predict_params(demo_params, demo_root)
     found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), params, lambda name: True, {},
                       lambda name: model)
-    assert found.problems == [] and len(found.warnings) == 1 and "trained in the 'mine' environment" in found.warnings[0]
+    assert found.problems == []
+    assert len(found.warnings) == 1
+    assert "trained in the 'mine' environment" in found.warnings[0]
     same_env = check_run(plan(nodes=PREDICT_NODES, env="mine", inputs=["best_model"]), params, lambda name: True, {},
                          lambda name: model)
     assert same_env.problems == [] and same_env.warnings == []
@@ -203,7 +209,8 @@ def test_predict_dataset_name_unknown_to_a_model_without_a_recorded_env(demo_par
     found = check_run(plan(nodes=PREDICT_NODES, env="local", inputs=["best_model"]), params, lambda name: True, {},
                       lambda name: model)
     [problem] = found.problems
-    assert "'digitz' in params:predict.dataset_name" in problem and "set predict.jsonl_list / predict.dataset_name" in problem
+    assert "'digitz' in params:predict.dataset_name" in problem
+    assert "set predict.jsonl_list / predict.dataset_name" in problem
 
 
 def test_full_eval_of_another_envs_model_names_that_env(demo_params, tmp_path):

@@ -92,9 +92,11 @@ def test_the_registered_model_is_served_and_survives_bad_requests(classifier_dir
         status, answer = post(port, good)
         assert status == 200, answer
         got = answer["predictions"]
-        assert [(r["row"], r["dataset_name"]) for r in got] == list(zip(expected["row"], expected["dataset_name"], strict=True))
+        assert [(r["row"], r["dataset_name"]) for r in got] == list(zip(expected["row"], expected["dataset_name"],
+                                                                        strict=True))
         assert [r["top_k_ids"] for r in got] == [list(ids) for ids in expected["top_k_ids"]]
-        np.testing.assert_allclose([r["top_k_probs"] for r in got], np.array(expected["top_k_probs"].tolist()), atol=1e-6)
+        np.testing.assert_allclose([r["top_k_probs"] for r in got], np.array(expected["top_k_probs"].tolist()),
+                                   atol=1e-6)
         assert got[1]["dataset_name"] == "shapes" and got[0]["top_k_names"] == [str(i) for i in got[0]["top_k_ids"]]
 
         for kind, (image, dataset, message) in BAD.items():  # the model was logged with a 1 M pixel cap
@@ -189,7 +191,8 @@ def concurrently(calls):
 
 
 def images_for(tmp_path: Path, n: int) -> list[Path]:
-    return [write_image(tmp_path / f"img/{i}.png", colour=(7 * i % 256, 255 - 5 * i % 256, 40 + 3 * i)) for i in range(n)]
+    return [write_image(tmp_path / f"img/{i}.png",
+                        colour=(7 * i % 256, 255 - 5 * i % 256, 40 + 3 * i)) for i in range(n)]
 
 
 def test_concurrent_requests_share_one_forward_pass_with_the_answers_they_get_alone(classifier_dir, tmp_path):
@@ -257,7 +260,8 @@ def test_a_full_queue_answers_503_and_the_waiting_requests_still_finish(classifi
     deadline = time.time() + 30
     while served._batcher.pending() < 1 and time.time() < deadline:
         time.sleep(0.01)
-    with pytest.raises(MlflowException, match=r"the server is busy: 1 images are queued .*serve_max_queue 1") as refused:
+    with pytest.raises(MlflowException,
+                       match=r"the server is busy: 1 images are queued .*serve_max_queue 1") as refused:
         model.predict(request(images[2]))
     assert refused.value.get_http_status_code() == 503
     release.set()

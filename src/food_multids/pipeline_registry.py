@@ -1,5 +1,5 @@
-"""Pipelines: data, train (= data + training + register: the served model logged and registered), full_eval (= evaluation +
-report), report, predict (new images through a trained model), __default__ (train + full_eval)."""
+"""Pipelines: data, train (= data + training + register: the served model logged and registered), full_eval
+(= evaluation + report), report, predict (new images through a trained model), __default__ (train + full_eval)."""
 
 from __future__ import annotations
 

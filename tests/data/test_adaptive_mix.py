@@ -67,7 +67,8 @@ def test_the_sampler_follows_the_schedule_from_its_batch_on_and_is_a_function_of
 
 
 def test_adaptive_settings_are_checked(two_datasets):
-    params = with_overrides(two_datasets, data={"mix_strategy": "adaptive"}, training={"max_steps": 10, "eval_steps": 10})
+    params = with_overrides(two_datasets, data={"mix_strategy": "adaptive"},
+                            training={"max_steps": 10, "eval_steps": 10})
     with pytest.raises(ConfigError, match=r"data.mix_adaptive.signal is eval_loss.*eval_steps \(10\) >= "
                                           r"training.max_steps \(10\).*signal: train_loss"):
         ProjectConfig.from_params(params)

@@ -35,7 +35,8 @@ def test_clean_files_ingest_every_row_with_absolute_image_paths(two_datasets, tm
     assert result.rejected.empty
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in result.train["image"])
     assert set(result.train["dataset_name"]) == {"alpha", "beta"}
-    assert result.summary["train"][str(tmp_path / "beta/train.jsonl")] == {"kept": 20, "dropped": 0, "dropped_by_reason": {}}
+    expected = {"kept": 20, "dropped": 0, "dropped_by_reason": {}}
+    assert result.summary["train"][str(tmp_path / "beta/train.jsonl")] == expected
 
 
 BAD_ROWS = {
@@ -113,7 +114,9 @@ def test_image_check_can_be_switched_off(two_datasets):
     assert len(result.train) == 33
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "GIF")])
+@pytest.mark.parametrize("mode,fmt",
+                         [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("RGB", "WEBP"),
+                          ("RGB", "BMP"), ("RGB", "GIF")])
 def test_all_common_modes_and_formats_pass_the_header_check(tmp_path, mode, fmt):
     path = write_image(tmp_path / f"x.{fmt.lower()}", mode=mode, fmt=fmt)
     assert check_image_file(str(path)) is None
@@ -219,7 +222,8 @@ def test_string_labels_are_rejected_whether_one_row_or_every_row_has_them(two_da
 
 def test_class_name_labels_are_row_errors_with_file_and_line(two_datasets):
     params = copy.deepcopy(two_datasets)
-    path = replace_file(params, [json.dumps({"image": "img/train/0_0.png", "label": "zero", "dataset_name": "alpha"}).encode()])
+    path = replace_file(params,
+                        [json.dumps({"image": "img/train/0_0.png", "label": "zero", "dataset_name": "alpha"}).encode()])
     with pytest.raises(RecordError, match=rf"{path}:1: non-integer label: label 'zero' is a string.*label_name"):
         run_ingest(params)
 
@@ -237,7 +241,8 @@ def test_the_same_image_written_two_ways_is_one_image(two_datasets, tmp_path):
     absolute = str(tmp_path / "alpha/img/train/0_0.png")
     path = replace_file(params, [good_row(0), json.dumps({"image": "./img/../img/train/0_0.png", "label": 0,
                                                           "dataset_name": "alpha"}).encode(), good_row(1)])
-    val = replace_file(params, [json.dumps({"image": absolute, "label": 0, "dataset_name": "alpha"}).encode()], split="val")
+    val = replace_file(params, [json.dumps({"image": absolute, "label": 0, "dataset_name": "alpha"}).encode()],
+                       split="val")
     result = run_ingest(params)
     assert result.rejected[["file", "line", "reason"]].values.tolist() == [[str(path), 2, "duplicate row"]]
     assert absolute in set(result.train["image"])

@@ -37,7 +37,8 @@ def test_names_come_from_a_class_names_file(two_datasets, tmp_path, fmt):
 def test_rows_disagreeing_with_the_file_name_the_dataset_and_label(two_datasets, tmp_path):
     path = tmp_path / "names.txt"
     path.write_text("apple\npear\nfig\n")
-    with pytest.raises(LabelNameError, match="dataset 'alpha', label 2: rows say label_name 'plum' but class_names file says 'fig'"):
+    with pytest.raises(LabelNameError,
+                       match="dataset 'alpha', label 2: rows say label_name 'plum' but class_names file says 'fig'"):
         resolve_label_names(config(two_datasets, class_names=str(path)), frame([("alpha", 2, "plum")]))
 
 

@@ -75,7 +75,8 @@ def test_tagging_adds_ids_and_stable_sample_ids():
     assert frame["sample_id"].is_unique
     again = tag_records(frame[["label", "dataset_name", "image", "file_index", "line"]].iloc[::-1], SPECS, "val",
                         seed=0, shuffle=True)
-    assert dict(zip(frame["image"], frame["sample_id"], strict=True)) == dict(zip(again["image"], again["sample_id"], strict=True))
+    assert dict(zip(frame["image"], frame["sample_id"], strict=True)) == \
+        dict(zip(again["image"], again["sample_id"], strict=True))
 
 
 def test_shuffle_is_seeded():

@@ -23,13 +23,15 @@ def scored(logits: np.ndarray, labels: np.ndarray, temperatures: np.ndarray) -> 
     nll, conf = [], []
     for row, label in zip(logits, labels, strict=True):
         scaled = row[None, :] / temperatures[:, None]
-        logp = scaled - np.log(np.exp(scaled - scaled.max(1, keepdims=True)).sum(1, keepdims=True)) - scaled.max(1, keepdims=True)
+        top = scaled.max(1, keepdims=True)
+        logp = scaled - np.log(np.exp(scaled - top).sum(1, keepdims=True)) - top
         nll.append((-logp[:, label]).tolist())
         conf.append(np.exp(logp.max(1)).tolist())
     return nll, conf
 
 
-def overconfident(n: int = 4000, classes: int = 5, sharpen: float = 3.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def overconfident(n: int = 4000, classes: int = 5, sharpen: float = 3.0, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Labels drawn from softmax(z) (calibrated at T = 1); the model says sharpen * z: over-confident by 3x."""
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n, classes))
@@ -107,7 +109,8 @@ def test_a_calibrated_model_predicts_the_same_probabilities_on_every_path_and_re
     cfg = ProjectConfig.from_params(demo_params, check_files=False)
     fitted = calibrate_model(cfg, classifier_dir, full)
     meta = ClassifierMeta.from_json((classifier_dir / "classifier.json").read_text())
-    assert meta.calibration["temperature"] == fitted["temperature"] and set(fitted["temperature"]) == {"digits", "shapes"}
+    assert meta.calibration["temperature"] == fitted["temperature"]
+    assert set(fitted["temperature"]) == {"digits", "shapes"}
     temperatures = fitted["temperature"]
     assert all(t != 1.0 for t in temperatures.values())  # an untrained head is far from calibrated
 

@@ -59,7 +59,8 @@ def test_the_report_header_says_where_it_comes_from_and_every_table_renders(two_
                        git_commit="abc123", model_dir=str(tmp_path / "m"), backbone="/models/Qwen2.5-VL-3B-Instruct",
                        training_env="gpu", report_env="local")
     history = {"records": []}
-    confusions = pd.DataFrame({"dataset_name": ["alpha", "alpha"], "label": [0, 1], "prediction": [1, 0], "count": [1, 2]})
+    confusions = pd.DataFrame({"dataset_name": ["alpha", "alpha"], "label": [0, 1], "prediction": [1, 0],
+                               "count": [1, 2]})
     trained = ProjectConfig.from_params(with_overrides(two_datasets, training={"learning_rate": 0.123}))
     import matplotlib
 
@@ -117,11 +118,13 @@ def test_the_configuration_says_the_finetuning_mode_and_the_trained_share(two_da
 def test_the_trust_section_shows_bands_candidates_and_the_winners_curse(two_datasets, tmp_path):
     cfg = ProjectConfig.from_params(two_datasets)
     evals = [(10, 0.70, 0.62, 0.78, True, "first evaluation"),
-             (20, 0.74, 0.66, 0.82, False, "paired: +0.0400 over step 10 on the same images, not more than 1 x SE 0.0500"),
+             (20, 0.74, 0.66, 0.82, False,
+              "paired: +0.0400 over step 10 on the same images, not more than 1 x SE 0.0500"),
              (30, 0.80, 0.73, 0.87, True, "paired: +0.1000 over step 10 on the same images, more than 1 x SE 0.0300")]
     history = {"best_model_selection": "paired", "confidence": 0.95, "metric_for_best_model": "overall_accuracy",
                "records": [{"step": s, "kind": "eval", "improved": imp, "reason": why,
-                            "metrics": {"overall_accuracy": v, "overall_accuracy_ci_low": lo, "overall_accuracy_ci_high": hi,
+                            "metrics": {"overall_accuracy": v, "overall_accuracy_ci_low": lo,
+                                        "overall_accuracy_ci_high": hi,
                                         "overall_accuracy_pooled": v + 0.01, "alpha_accuracy": v,
                                         "alpha_accuracy_ci_low": lo, "alpha_accuracy_ci_high": hi}}
                            for s, v, lo, hi, imp, why in evals]}

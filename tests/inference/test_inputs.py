@@ -44,7 +44,8 @@ BAD = {
     "past Pillow's bomb limit": (b64(with_header_size(png_bytes(), 30000, 30000)), "digits", "row 0: image too large"),
     "extreme aspect ratio": (b64(png_bytes((300, 1))), "digits", "row 0: aspect ratio 300 (300x1) exceeds 200"),
     "unknown dataset": (b64(png_bytes()), "food101",
-                        "row 0: unknown dataset_name: 'food101' is not a label space of the model, which knows digits, shapes"),
+                        "row 0: unknown dataset_name: 'food101' is not a label space of the model, which knows "
+                        "digits, shapes"),
     "missing image": (None, "digits", "row 0: no image"),
 }
 

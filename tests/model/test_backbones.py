@@ -122,7 +122,8 @@ def test_continuing_from_a_classifier_refuses_a_head_that_would_mean_something_e
     first = next(iter(spaces))
     moved = {**spaces, first: LabelSpace(spaces[first].dataset_id + 5, spaces[first].num_classes)}
     for wanted, message in (
-            (ClassifierMeta(num_labels=base["num_labels"], pooling="image_mean" if base["pooling"] == "last" else "last",
+            (ClassifierMeta(num_labels=base["num_labels"],
+                            pooling="image_mean" if base["pooling"] == "last" else "last",
                             label_spaces=spaces), "model.pooling is"),
             (ClassifierMeta(num_labels=base["num_labels"], pooling=base["pooling"], label_spaces=moved),
              f"dataset '{first}' is #"),

@@ -204,7 +204,8 @@ def test_prepare_model_applies_the_speed_settings_with_the_same_logits_and_gradi
     from food_multids.model.speedups import prepare_model
 
     plain, fast = make_model(tiny_model_dir), make_model(tiny_model_dir)
-    done = prepare_model(fast, ModelConfig(num_labels=7, gradient_checkpointing=True, torch_compile=True), training=True)
+    done = prepare_model(fast, ModelConfig(num_labels=7, gradient_checkpointing=True, torch_compile=True),
+                         training=True)
     assert done == {"gradient_checkpointing": 4, "batched_windows": 2, "cached_vision_indices": True,
                     "compiled_blocks": 4}
     blocks = list(fast.backbone.visual.blocks) + list(fast.backbone.language_model.layers)

@@ -27,7 +27,8 @@ from food_multids.model.lora import BaseModelMismatch, apply_lora
 from food_multids.runtime.scoring import MODEL_INPUTS
 from tests.conftest import write_image
 
-META = dict(num_labels=40, pooling="image_mean", label_spaces={"digits": LabelSpace(0, 10), "shapes": LabelSpace(1, 40)})
+META = dict(num_labels=40, pooling="image_mean",
+            label_spaces={"digits": LabelSpace(0, 10), "shapes": LabelSpace(1, 40)})
 
 
 def lora_model(base: Path, settings: LoraSettings = LoraSettings(r=4, alpha=8.0, parts=("language", "vision")),

@@ -24,7 +24,8 @@ def test_a_lock_left_by_a_killed_deepspeed_build_does_not_hold_up_the_next_run(t
     for abi in ("py311_cpu", "py310_cpu", "py312_cpu"):  # a killed builder's lock, wherever torch looks
         (extensions / abi / "deepspeed_shm_comm").mkdir(parents=True)
         (extensions / abi / "deepspeed_shm_comm" / "lock").touch()
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions / f"py{sys.version_info.major}{sys.version_info.minor}_cpu")}
+    env = {**os.environ,
+           "TORCH_EXTENSIONS_DIR": str(extensions / f"py{sys.version_info.major}{sys.version_info.minor}_cpu")}
     env.pop("MLFLOW_RUN_ID", None)
     started = time.monotonic()
     try:

@@ -106,7 +106,8 @@ def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_o
                 f"{SHORT},training.num_processes=2,training.output_dir=data/06_models/one_machine", env=pinned_env())
     assert one.returncode == 0, (one.stdout + one.stderr)[-5000:]
     first, second = versions(project_copy / "data/06_models/training_history.json", "training_history.json")
-    assert comparable(first["records"]) == comparable(second["records"]) and first["best"]["step"] == second["best"]["step"]
+    assert comparable(first["records"]) == comparable(second["records"])
+    assert first["best"]["step"] == second["best"]["step"]
     manifests = versions(project_copy / "data/06_models/checkpoint_manifest.json", "checkpoint_manifest.json")
     assert [m["world_size"] for m in manifests] == [2, 2]
 
@@ -134,7 +135,8 @@ def test_two_nodes_train_like_one_machine_with_two_processes_and_evaluate_like_o
     spread = kedro(project_copy, "--pipelines", "predict", "--params",
                    f"training.device=cpu,{torchrun_nodes(port, launch='per_node')}", env=pinned_env())
     worker_log, _ = worker.communicate(timeout=120)
-    assert spread.returncode == 0 and worker.returncode == 0, (spread.stdout + spread.stderr)[-4000:] + worker_log[-2000:]
+    assert spread.returncode == 0, (spread.stdout + spread.stderr)[-4000:] + worker_log[-2000:]
+    assert worker.returncode == 0, (spread.stdout + spread.stderr)[-4000:] + worker_log[-2000:]
     assert "training.nodes.launch: per_node is now called torchrun" in spread.stdout + spread.stderr
     alone = kedro(project_copy, "--pipelines", "predict", "--params", "predict.num_processes=1,predict.device=cpu",
                   env=pinned_env())
@@ -260,7 +262,8 @@ def test_ranks_do_not_outlive_a_node_process_killed_outright(project_copy):
     leftovers = True
     while leftovers and time.time() - killed_at < 10:
         time.sleep(0.5)
-        leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(out / "launch") in " ".join(p.info["cmdline"] or [])]
+        leftovers = [p for p in psutil.process_iter(["cmdline"])
+                     if str(out / "launch") in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, f"ranks still running {time.time() - killed_at:.0f} s after node 0 was killed"
     worker_log, _ = worker.communicate(timeout=120)
     assert worker.returncode == 1
@@ -312,7 +315,8 @@ def test_node_zero_refuses_a_second_worker_for_a_rank_and_names_a_node_that_neve
         # Node 2 never comes: the step fails before its record is published, and node 0's result goes where
         # node 1 waits (the record of step 0), not one past it.
         plan = NodePlan(3, 1, "127.0.0.1", port)
-        with pytest.raises(NodeFailure, match=r"node\(s\) 2 never joined within 20 s \(training.nodes.join_timeout_s\)"):
+        with pytest.raises(NodeFailure,
+                           match=r"node\(s\) 2 never joined within 20 s \(training.nodes.join_timeout_s\)"):
             session.run_step(plan, "food_multids.training.worker", "/nowhere/spec.json", {})
         session.finish(ok=False, message="RuntimeError: multi-node launch failed: node(s) 2 never joined")
         log, _ = first.communicate(timeout=60)
@@ -333,7 +337,8 @@ def test_the_node_plan_comes_from_settings_or_the_schedulers_environment(base_pa
         params = {**base_params, "training": {**base_params["training"], "nodes": {"launch": "torchrun", **nodes}}}
         return resolve_plan(TrainConfig.from_section(params["training"]), 4)
 
-    with pytest.raises(NodeFailure, match="training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES"):
+    with pytest.raises(NodeFailure,
+                       match="training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES"):
         plan()
     monkeypatch.setenv("SLURM_NNODES", "3")
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
@@ -412,7 +417,8 @@ def test_the_torchrun_commands_from_the_plan_and_the_settings(base_params, monke
     assert cmd[0].endswith("torchrun")
     # Step 5 is odd: port + 2 (even steps + 1): never the previous step's rendezvous, never the run's store.
     assert cmd[1:] == ["--nnodes=4", "--node-rank=3", "--nproc-per-node=8", "--master-addr=10.0.0.5",
-                       "--master-port=29502", "--max-restarts=0", "--rdzv-backend=static", "--rdzv-conf=timeout=600", "--shutdown-timeout=300",
+                       "--master-port=29502", "--max-restarts=0", "--rdzv-backend=static", "--rdzv-conf=timeout=600",
+                       "--shutdown-timeout=300",
                        "-m", "food_multids.training.worker", "--spec", "/shared/launch/spec.json"]
 
     def config(**training):
@@ -420,7 +426,8 @@ def test_the_torchrun_commands_from_the_plan_and_the_settings(base_params, monke
 
     spec = Path("/shared/launch/spec.json")
     one = launcher_command(config(), 2, spec)
-    assert one[0].endswith("torchrun") and one[1:] == ["--nproc-per-node=2", "--max-restarts=0", "--shutdown-timeout=300",
+    assert one[0].endswith("torchrun") and one[1:] == ["--nproc-per-node=2", "--max-restarts=0",
+                                                       "--shutdown-timeout=300",
                                                        "--standalone", "-m", "food_multids.training.worker", "--spec",
                                                        str(spec)]
     pinned = launcher_command(config(master_port=29600), 2, spec)
@@ -438,8 +445,7 @@ def test_a_launcher_gets_sigterm_when_the_process_that_started_it_is_killed_outr
         "import signal, subprocess, time\n"
         "from food_multids.runtime.cluster import die_with_parent\n"
         "child = subprocess.Popen(['sleep', '120'], preexec_fn=die_with_parent(signal.SIGTERM))\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+        "print(child.pid, flush=True)\ntime.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     child = psutil.Process(int(starter.stdout.readline()))
     assert child.is_running() and child.name() == "sleep"
     starter.kill()

@@ -42,7 +42,8 @@ def slurm_env(log: Path) -> dict:
 
 
 def slurm(port: int) -> str:
-    return f"training.nodes.launch=slurm,training.nodes.master_addr=127.0.0.1,training.master_port={port},training.num_processes=1"
+    return ("training.nodes.launch=slurm,training.nodes.master_addr=127.0.0.1,"
+            f"training.master_port={port},training.num_processes=1")
 
 
 def test_the_job_step_command_from_the_plan(monkeypatch, tmp_path):
@@ -54,8 +55,10 @@ def test_the_job_step_command_from_the_plan(monkeypatch, tmp_path):
     torchrun = cmd.index(next(c for c in cmd if c.endswith("torchrun")))
     # Each task takes its node rank from SLURM_NODEID (torchrun reads PET_NODE_RANK as --node-rank).
     assert cmd[5:torchrun] == ["bash", "-c", 'export PET_NODE_RANK="$SLURM_NODEID"; exec "$@"', "food_multids-step"]
-    assert cmd[torchrun + 1:] == ["--nnodes=4", "--nproc-per-node=8", "--master-addr=gpu-node-01", "--master-port=29511",
-                                  "--max-restarts=0", "--shutdown-timeout=300", "-m", "food_multids.training.worker", "--spec",
+    assert cmd[torchrun + 1:] == ["--nnodes=4", "--nproc-per-node=8", "--master-addr=gpu-node-01",
+                                  "--master-port=29511",
+                                  "--max-restarts=0", "--shutdown-timeout=300", "-m", "food_multids.training.worker",
+                                  "--spec",
                                   str(tmp_path / "spec.json")]
 
 
@@ -68,7 +71,8 @@ def test_preflight_says_when_srun_or_the_node_count_is_missing(base_params, demo
     monkeypatch.delenv("PET_NNODES", raising=False)
     plan = RunPlan(env="local", node_names={"train_deepspeed"}, free_inputs=[])
     found = check_run(plan, params, lambda name: True, {}, lambda name: None)
-    assert any("training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES" in p for p in found.problems)
+    missing = "training.nodes.num_nodes is not set and none of PET_NNODES, NNODES, SLURM_NNODES"
+    assert any(missing in p for p in found.problems)
     monkeypatch.setenv("SLURM_NNODES", "2")
     found = check_run(plan, params, lambda name: True, {}, lambda name: None)
     assert any("launch is slurm but `srun` is not on PATH" in p for p in found.problems), found.problems
@@ -91,7 +95,8 @@ def test_two_slurm_nodes_train_like_one_machine_with_two_processes_with_no_coord
                 env={**kedro_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert one.returncode == 0, (one.stdout + one.stderr)[-5000:]
     first, second = versions(project_copy / "data/06_models/training_history.json", "training_history.json")
-    assert comparable(first["records"]) == comparable(second["records"]) and first["best"]["step"] == second["best"]["step"]
+    assert comparable(first["records"]) == comparable(second["records"])
+    assert first["best"]["step"] == second["best"]["step"]
     manifests = versions(project_copy / "data/06_models/checkpoint_manifest.json", "checkpoint_manifest.json")
     assert [m["world_size"] for m in manifests] == [2, 2]
 

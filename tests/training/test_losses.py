@@ -87,7 +87,8 @@ def test_auto_and_class_balanced_weights_come_from_the_counts():
     mean = (raw[0] * 90 + raw[1] * 10) / 100
     assert balanced.tolist() == pytest.approx([raw[0] / mean, raw[1] / mean])
     table = weight_table(LossSettings(class_weights="auto"), ["a", "b"], counts, num_labels=4)
-    assert table.shape == (2, 4) and table[0, :2].tolist() == pytest.approx(auto.tolist()) and table[0, 2:].tolist() == [1, 1]
+    assert table.shape == (2, 4) and table[0, :2].tolist() == pytest.approx(auto.tolist())
+    assert table[0, 2:].tolist() == [1, 1]
     given = weight_table(LossSettings(class_weights={"b": [1.0, 2.0, 1.0]}), ["a", "b"], counts, num_labels=4)
     assert given[0].tolist() == [1, 1, 1, 1] and given[1, :3].tolist() == pytest.approx([2 / 3, 4 / 3, 2 / 3])
     assert weight_table(LossSettings(), ["a", "b"], counts, num_labels=4) is None
@@ -105,10 +106,13 @@ def test_class_weights_multiply_each_rows_loss():
     ({"focal_gamma": -1}, "params:training.loss.focal_gamma must be >= 0, got -1.0"),
     ({"label_smoothing": 1.0}, "params:training.loss.label_smoothing must be in [0, 1), got 1.0"),
     ({"class_balanced_beta": 1.0}, "params:training.loss.class_balanced_beta must be in [0, 1), got 1.0"),
-    ({"class_weights": {"alpha": [1, 2]}}, "params:training.loss.class_weights.alpha must list 3 weights (one per class of 'alpha'), got 2"),
-    ({"class_weights": {"alpah": [1, 2, 3]}}, "params:training.loss.class_weights.alpah is not a dataset of datasets.dataset_configs (did you mean 'alpha'?)"),
+    ({"class_weights": {"alpha": [1, 2]}},
+     "params:training.loss.class_weights.alpha must list 3 weights (one per class of 'alpha'), got 2"),
+    ({"class_weights": {"alpah": [1, 2, 3]}},
+     "params:training.loss.class_weights.alpah is not a dataset of datasets.dataset_configs (did you mean 'alpha'?)"),
     ({"class_weights": {"alpha": [1, 0, 3]}}, "params:training.loss.class_weights.alpha must be positive numbers"),
-    ({"type": "class_balanced", "class_weights": "auto"}, "params:training.loss.class_weights must be null with type: class_balanced"),
+    ({"type": "class_balanced", "class_weights": "auto"},
+     "params:training.loss.class_weights must be null with type: class_balanced"),
     ({"type": "dice"}, "params:training.loss.type must be one of 'ce', 'focal', 'class_balanced', got 'dice'"),
 ])
 def test_bad_loss_settings_are_config_errors(two_datasets, loss, message):

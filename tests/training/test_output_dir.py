@@ -49,7 +49,8 @@ def test_a_second_run_in_a_busy_output_dir_is_refused_and_a_dead_holders_lock_is
     out = Path(params["training"]["output_dir"])
     holder = hold_lock(out)
     try:
-        with pytest.raises(OutputDirError, match=rf"{out} is in use by another run: PID {holder.pid} on .*training.output_dir"):
+        with pytest.raises(OutputDirError,
+                           match=rf"{out} is in use by another run: PID {holder.pid} on .*training.output_dir"):
             train_deepspeed(*data, **node_sections(train_deepspeed, params))
         assert not (out / "checkpoints").exists()
     finally:
@@ -68,8 +69,10 @@ def test_an_unfinished_run_is_kept_unless_resumed_or_overwritten(params, data):
     (out / "FINISHED.json").unlink()  # as after a crash
     (out / ".best-staging-9").mkdir()  # as after a kill while the best model was written
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with pytest.raises(OutputDirError, match=r"holds an unfinished run \(complete checkpoints at steps \[2\], best model "
-                                             r"at step 2\); set training.resume_from_checkpoint: auto .*overwrite_output_dir: true"):
+    with pytest.raises(OutputDirError,
+                       match=r"holds an unfinished run \(complete checkpoints at steps \[2\], best model "
+                                             r"at step 2\); set training.resume_from_checkpoint: auto "
+                                             r".*overwrite_output_dir: true"):
         train_deepspeed(*data, **node_sections(train_deepspeed, params))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before and (out / "best.json").is_file()
     params["training"]["overwrite_output_dir"] = True
@@ -100,7 +103,8 @@ def test_a_tampered_checkpoint_file_is_named_before_anything_loads_it(params, da
 def test_a_read_only_output_dir_is_refused_before_training(params, data, small_mount):
     target = small_mount("size=1m,ro")
     params["training"]["output_dir"] = str(target / "out")
-    with pytest.raises(OutputDirError, match=rf"training.output_dir {target / 'out'} is not writable \(Read-only file system\)"):
+    with pytest.raises(OutputDirError,
+                       match=rf"training.output_dir {target / 'out'} is not writable \(Read-only file system\)"):
         train_deepspeed(*data, **node_sections(train_deepspeed, params))
 
 

@@ -148,7 +148,8 @@ def test_the_weight_average_is_what_evaluation_scores_and_the_best_model_saves(b
     raw_head = state["module"]["head.weight"]
     best_head = load_file(Path(manifest["best"]["path"]) / "classifier_head.safetensors")["weight"]
     assert not torch.allclose(best_head, raw_head)  # the best model is not the trained weights ...
-    assert any(s.shape == best_head.shape and torch.allclose(s, best_head) for s in state["ema"]["shadow"])  # ... but their average
+    # ... but their average
+    assert any(s.shape == best_head.shape and torch.allclose(s, best_head) for s in state["ema"]["shadow"])
 
 
 def test_minimised_metric_and_early_stopping(demo_params):
@@ -176,8 +177,10 @@ def test_fresh_subsets_draw_the_curve_and_the_paired_rule_compares_on_the_fixed_
     assert evals[0]["reason"] == "first evaluation"
     # Both checkpoints on the same 130 images (the fixed subset: 50 digits + 80 shapes), not on two fresh draws.
     for record in evals[1:]:
-        assert record["reason"].startswith("paired: ") and "on the same 130 images" in record["reason"], record["reason"]
-    assert manifest["best"]["selection"] == "paired" and manifest["best"]["best_model_reason"] in [r["reason"] for r in evals]
+        assert record["reason"].startswith("paired: "), record["reason"]
+        assert "on the same 130 images" in record["reason"], record["reason"]
+    assert manifest["best"]["selection"] == "paired"
+    assert manifest["best"]["best_model_reason"] in [r["reason"] for r in evals]
 
 
 def test_one_process_trains_the_same_under_zero_stage_0_as_under_stage_2(demo_params, tmp_path, caplog):

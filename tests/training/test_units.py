@@ -40,14 +40,17 @@ def test_the_compact_train_line_holds_every_dataset_in_one_line():
 
 def test_log_lines_use_the_seed_format():
     m = summarize([0.5234 * 1024, 0], [0.8567 * 1024, 0], [1024, 0], ["food101", "food2k"])
-    assert format_train_lines(m, ["food101", "food2k"])[0] == "📊 TRAIN - food101: Loss=0.5234, Acc=0.8567 (85.67%), Samples=1024"
+    assert format_train_lines(m,
+                              ["food101",
+                               "food2k"])[0] == "📊 TRAIN - food101: Loss=0.5234, Acc=0.8567 (85.67%), Samples=1024"
     m = summarize([0.5234 * 5050], [0.8567 * 5050], [5050], ["food101"])
     lines = format_eval_lines(m, ["food101"])
     assert lines[0] == "📂 food101:   Loss: 0.5234, Accuracy: 0.8567 (85.67%), Samples: 5,050"
     assert lines[1].startswith("📈 Overall:") and "Samples: 5,050" in lines[1]
 
 
-@pytest.mark.parametrize("values,greater,best_index", [([0.1, 0.5, 0.3, 0.5], True, 1), ([2.0, 1.0, 1.5, 0.7], False, 3)])
+@pytest.mark.parametrize("values,greater,best_index",
+                         [([0.1, 0.5, 0.3, 0.5], True, 1), ([2.0, 1.0, 1.5, 0.7], False, 3)])
 def test_best_tracking_for_max_and_min_metrics(values, greater, best_index):
     best, best_i = None, None
     for i, v in enumerate(values):
@@ -105,7 +108,8 @@ def test_the_pointer_lists_the_candidates_and_only_their_folders_remain(tmp_path
     publish(30, first, [first, third])
     pointer = json.loads((tmp_path / "best.json").read_text())
     assert pointer["step"] == 10 and pointer["path"].endswith("best/step-00000010")
-    assert [(c["step"], Path(c["path"]).name) for c in pointer["candidates"]] == [(10, "step-00000010"), (30, "step-00000030")]
+    assert [(c["step"], Path(c["path"]).name) for c in pointer["candidates"]] == \
+        [(10, "step-00000010"), (30, "step-00000030")]
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step-00000010", "step-00000030"]
 
 
@@ -142,7 +146,8 @@ def test_a_single_process_run_uses_its_own_zero_stage_and_several_keep_the_confi
         {"stage": 0, "overlap_comm": True}
     assert resolve_deepspeed_config(cfg, world_size=2, dtype=torch.bfloat16)["zero_optimization"]["stage"] == 2
     params["training"]["single_process_zero_stage"] = None
-    assert resolve_deepspeed_config(ProjectConfig.from_params(params), 1, torch.bfloat16)["zero_optimization"]["stage"] == 2
+    ds_config = resolve_deepspeed_config(ProjectConfig.from_params(params), 1, torch.bfloat16)
+    assert ds_config["zero_optimization"]["stage"] == 2
     params["training"]["single_process_zero_stage"] = 4
     with pytest.raises(ValueError, match="training.single_process_zero_stage must be 0, 1, 2, 3 or null, got 4"):
         ProjectConfig.from_params(params)

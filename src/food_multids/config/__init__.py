@@ -69,7 +69,8 @@ class _Problems:
         allowed = list(allowed)
         for key in section:
             if key not in allowed:
-                self.add(f"{path}.{key}" if path else str(key), f"is not a known setting{_key_hint(str(key), allowed, path)}")
+                self.add(f"{path}.{key}" if path else str(key),
+                         f"is not a known setting{_key_hint(str(key), allowed, path)}")
 
 
 def _key_hint(key: str, allowed: list[str], path: str) -> str:
@@ -370,7 +371,8 @@ class ModelConfig:
             self.lora.validate(problems)
         if isinstance(self.num_labels, int) and self.num_labels < 1:
             problems.add("model.num_labels", f"must be >= 1, got {self.num_labels}")
-        if isinstance(self.gradient_checkpointing_every_n_layers, int) and self.gradient_checkpointing_every_n_layers < 1:
+        every = self.gradient_checkpointing_every_n_layers
+        if isinstance(every, int) and every < 1:
             problems.add("model.gradient_checkpointing_every_n_layers",
                          f"must be >= 1 (1: every layer), got {self.gradient_checkpointing_every_n_layers}")
         if isinstance(self.min_pixels, int) and self.min_pixels < 28 * 28:
@@ -432,7 +434,8 @@ class DataConfig:
             problems.add("data.image_check_workers", f"must be >= 1, got {self.image_check_workers}")
         if not 28 * 28 <= self.max_image_pixels <= PILLOW_BOMB_LIMIT:
             problems.add("data.max_image_pixels", f"must be between 784 and {PILLOW_BOMB_LIMIT} (past that Pillow "
-                                                  f"refuses to decode: DecompressionBombError), got {self.max_image_pixels}")
+                                                  "refuses to decode: DecompressionBombError), got "
+                                                  f"{self.max_image_pixels}")
 
 
 @dataclass(frozen=True)
@@ -502,19 +505,24 @@ class TrainConfig:
         if isinstance(self.save_total_limit, int) and self.save_total_limit < 1:
             problems.add("training.save_total_limit", f"must be >= 1 or null, got {self.save_total_limit}")
         if isinstance(self.early_stopping_patience, int) and self.early_stopping_patience < 1:
-            problems.add("training.early_stopping_patience", f"must be >= 1 or null, got {self.early_stopping_patience}")
+            problems.add("training.early_stopping_patience",
+                         f"must be >= 1 or null, got {self.early_stopping_patience}")
         if isinstance(self.selection_z, float) and self.selection_z < 0:
-            problems.add("training.selection_z", f"must be >= 0 (standard errors a gain must exceed), got {self.selection_z}")
+            problems.add("training.selection_z",
+                         f"must be >= 0 (standard errors a gain must exceed), got {self.selection_z}")
         if isinstance(self.keep_top_k_checkpoints, int) and self.keep_top_k_checkpoints < 1:
-            problems.add("training.keep_top_k_checkpoints", f"must be >= 1 (1: only the best), got {self.keep_top_k_checkpoints}")
+            problems.add("training.keep_top_k_checkpoints",
+                         f"must be >= 1 (1: only the best), got {self.keep_top_k_checkpoints}")
         if self.resume_from_checkpoint is True:
-            problems.add("training.resume_from_checkpoint", "must be auto, a checkpoint path, or false (true is ambiguous: use auto)")
+            problems.add("training.resume_from_checkpoint",
+                         "must be auto, a checkpoint path, or false (true is ambiguous: use auto)")
         if self.dataloader_num_workers < 0:
             problems.add("training.dataloader_num_workers", f"must be >= 0, got {self.dataloader_num_workers}")
         if isinstance(self.num_processes, int) and self.num_processes < 1:
             problems.add("training.num_processes", f"must be >= 1 or null (auto), got {self.num_processes}")
         if self.single_process_zero_stage not in (None, 0, 1, 2, 3):
-            problems.add("training.single_process_zero_stage", f"must be 0, 1, 2, 3 or null, got {self.single_process_zero_stage}")
+            problems.add("training.single_process_zero_stage",
+                         f"must be 0, 1, 2, 3 or null, got {self.single_process_zero_stage}")
         if isinstance(self.nodes, NodeSettings):
             self.nodes.validate(problems, self.hostfile)
 
@@ -532,7 +540,8 @@ class TrainConfig:
         everything else (accuracies) maximised."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not (self.metric_for_best_model.endswith("loss") or self.metric_for_best_model == "out_of_range_predictions")
+        metric = self.metric_for_best_model
+        return not (metric.endswith("loss") or metric == "out_of_range_predictions")
 
     def resolved_output_dir(self) -> Path:
         return resolve_path(self.output_dir)
@@ -575,7 +584,8 @@ class EvalConfig:
             if getattr(self, name) < 0:
                 problems.add(f"evaluation.{name}", f"must be >= 0, got {getattr(self, name)}")
         if isinstance(self.dataloader_num_workers, int) and self.dataloader_num_workers < 0:
-            problems.add("evaluation.dataloader_num_workers", f"must be >= 0 or null, got {self.dataloader_num_workers}")
+            problems.add("evaluation.dataloader_num_workers",
+                         f"must be >= 0 or null, got {self.dataloader_num_workers}")
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             problems.add("evaluation.batch_size", f"must be >= 1 or null, got {self.batch_size}")
 
@@ -647,8 +657,9 @@ class PredictConfig:
                                                      f"{self.max_image_pixels}")
         if isinstance(self.max_request_pixels, int) and isinstance(self.max_image_pixels, int) \
                 and self.max_request_pixels < self.max_image_pixels:
-            problems.add("predict.max_request_pixels", f"must be >= predict.max_image_pixels ({self.max_image_pixels}), "
-                                                       f"got {self.max_request_pixels}")
+            problems.add("predict.max_request_pixels",
+                         f"must be >= predict.max_image_pixels ({self.max_image_pixels}), "
+                         f"got {self.max_request_pixels}")
         if isinstance(self.serve_max_wait_ms, float) and self.serve_max_wait_ms < 0:
             problems.add("predict.serve_max_wait_ms", f"must be >= 0, got {self.serve_max_wait_ms}")
         if isinstance(self.serve_max_queue, int) and isinstance(self.serve_max_batch, int) \
@@ -656,8 +667,9 @@ class PredictConfig:
             problems.add("predict.serve_max_queue", f"must be >= predict.serve_max_batch ({self.serve_max_batch}), "
                                                     f"got {self.serve_max_queue}")
         if self.registered_model_name is not None and not str(self.registered_model_name).strip():
-            problems.add("predict.registered_model_name", "must name the registered model, or be null (food_multids for "
-                                                          "base/local, food_multids-<env> for any other env)")
+            problems.add("predict.registered_model_name",
+                         "must name the registered model, or be null (food_multids for "
+                         "base/local, food_multids-<env> for any other env)")
 
     @classmethod
     def from_section(cls, section: Any, env: str | None = None) -> PredictConfig:
@@ -714,7 +726,8 @@ class ProjectConfig:
     def to_params(self) -> dict:
         """The parameters dict this config parses from (JSON-safe): recorded with each saved model."""
         def section(part: Any, skip: tuple[str, ...] = ()) -> dict:
-            return {f.name: _plain(getattr(part, f.name)) for f in dataclasses.fields(part) if f.init and f.name not in skip}
+            fields = [f.name for f in dataclasses.fields(part) if f.init and f.name not in skip]
+            return {name: _plain(getattr(part, name)) for name in fields}
 
         return {"model": section(self.model), "data": section(self.data), "training": section(self.training),
                 "evaluation": section(self.evaluation), "deepspeed": _plain(self.deepspeed),
@@ -770,9 +783,9 @@ class ProjectConfig:
                     and 0 < training.max_steps <= training.eval_steps:
                 problems.add("data.mix_adaptive.signal",
                              f"is eval_loss, which steers the mix at each partial evaluation, but training.eval_steps "
-                             f"({training.eval_steps}) >= training.max_steps ({training.max_steps}): nothing is evaluated "
-                             "before the last step, so the mix would never change; lower training.eval_steps or use "
-                             "signal: train_loss (the logging window's loss)")
+                             f"({training.eval_steps}) >= training.max_steps ({training.max_steps}): nothing is "
+                             "evaluated before the last step, so the mix would never change; lower "
+                             "training.eval_steps or use signal: train_loss (the logging window's loss)")
         if problems.items:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
@@ -819,7 +832,9 @@ def _resolve_files(data: DataConfig, problems: _Problems, check_files: bool) -> 
         train, val = list(data.train_jsonl_list), list(data.val_jsonl_list)
         train_key, val_key = "data.train_jsonl_list", "data.val_jsonl_list"
         if len(train) != len(val):
-            problems.add(val_key, f"has {len(val)} file(s) but {train_key} has {len(train)}: give one validation file per training file")
+            problems.add(val_key,
+                         f"has {len(val)} file(s) but {train_key} has {len(train)}: give one validation file per "
+                         "training file")
     else:
         train = [data.train_jsonl] if data.train_jsonl else []
         val = [data.val_jsonl] if data.val_jsonl else []
@@ -867,7 +882,8 @@ def _resolve_datasets(section: Any, data: DataConfig, model: ModelConfig | None,
             specs.append(spec)
     if not configs:
         if not data.single_file:
-            problems.add("datasets.dataset_configs", "is required with data.train_jsonl_list: give num_classes and eval_ratio per dataset")
+            problems.add("datasets.dataset_configs",
+                         "is required with data.train_jsonl_list: give num_classes and eval_ratio per dataset")
         elif model is not None and data.train_files:
             # Single-file form: one dataset named after the file's folder, num_classes = num_labels.
             specs.append(DatasetSpec(name=derive_dataset_name(data.train_files[0]), num_classes=model.num_labels))
@@ -876,7 +892,9 @@ def _resolve_datasets(section: Any, data: DataConfig, model: ModelConfig | None,
     if model is not None and specs and isinstance(model.num_labels, int):
         largest = max(specs, key=lambda s: s.num_classes if isinstance(s.num_classes, int) else 0)
         if isinstance(largest.num_classes, int) and model.num_labels < largest.num_classes:
-            problems.add("model.num_labels", f"must be >= the largest num_classes ({largest.num_classes}, dataset '{largest.name}'), got {model.num_labels}")
+            problems.add("model.num_labels",
+                         f"must be >= the largest num_classes ({largest.num_classes}, dataset '{largest.name}'), got "
+                         f"{model.num_labels}")
     return tuple(specs)
 
 
@@ -891,7 +909,9 @@ def _check_file_names_against_configs(data: DataConfig, names: list[str], proble
             if folder not in names and len(names) > 1:
                 close = difflib.get_close_matches(folder, names, n=1, cutoff=0.75)
                 if close:
-                    problems.add(f"{key}[{i}]", f"lives in folder '{folder}', which is not in datasets.dataset_configs (did you mean '{close[0]}'?)")
+                    problems.add(f"{key}[{i}]",
+                                 f"lives in folder '{folder}', which is not in datasets.dataset_configs (did you "
+                                 f"mean '{close[0]}'?)")
 
 
 def derive_dataset_name(path: Path) -> str:

@@ -70,7 +70,8 @@ def resolve_model(spec: str, root: Path) -> Path:
         found = sorted(p.name for p in versions.iterdir() if (p / "best_model" / "config.json").is_file()) \
             if versions.is_dir() else []
         if not found:
-            raise FileNotFoundError(f"no best_model version under {versions}: train one with `kedro run --pipelines train`")
+            raise FileNotFoundError(f"no best_model version under {versions}: train one with "
+                                    "`kedro run --pipelines train`")
         if wanted and wanted not in found:
             raise FileNotFoundError(f"best_model has no version {wanted!r}; the versions are: {', '.join(found)}")
         return versions / (wanted or found[-1]) / "best_model"

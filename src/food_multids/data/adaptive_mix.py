@@ -55,7 +55,8 @@ class AdaptiveMix:
             self.smoothed = np.full(len(signal), np.nan)
         seen = np.isfinite(self.smoothed)
         # A dataset's first value is taken as is; NaN until a dataset has had a sample.
-        self.smoothed = np.where(fresh & seen, s.smoothing * self.smoothed + (1 - s.smoothing) * np.where(fresh, signal, 0),
+        self.smoothed = np.where(fresh & seen,
+                                 s.smoothing * self.smoothed + (1 - s.smoothing) * np.where(fresh, signal, 0),
                                  np.where(fresh, signal, self.smoothed))
         if self.reference is None:
             self.reference = np.full(len(signal), np.nan if s.reference == "first_eval" else 0.0)

@@ -67,7 +67,10 @@ def _wide_to_8bit(img: Image.Image) -> Image.Image:
     else:
         # 16-bit modes by their bit depth (a dark 16-bit image stays dark); 32-bit 'I' by its values.
         sixteen = img.mode.startswith("I;16")
-        scale = 255.0 / 65535.0 if sixteen else 1.0 if high <= 255 else 255.0 / 65535.0 if high <= 65535 else 255.0 / high
+        if sixteen:
+            scale = 255.0 / 65535.0
+        else:
+            scale = 1.0 if high <= 255 else 255.0 / 65535.0 if high <= 65535 else 255.0 / high
     return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -152,7 +155,8 @@ class PromptTokens:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         if ids.count(image_id) != 1:
-            raise ValueError(f"the chat template must place exactly one <|image_pad|> token, got {ids.count(image_id)}: {text!r}")
+            raise ValueError("the chat template must place exactly one <|image_pad|> token, got "
+                             f"{ids.count(image_id)}: {text!r}")
         cut = ids.index(image_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(tuple(ids[:cut]), tuple(ids[cut + 1:]), image_id, pad)

@@ -90,7 +90,8 @@ def write_shapes(root: Path, per_class_train: int = 10, per_class_val: int = 4, 
                     else:
                         rel = f"images/{split}/{label:02d}_{k:02d}.jpg"
                     (root / "shapes" / rel).parent.mkdir(parents=True, exist_ok=True)
-                    img.save(root / "shapes" / rel, quality=92) if rel.endswith(".jpg") else img.save(root / "shapes" / rel)
+                    options = {"quality": 92} if rel.endswith(".jpg") else {}
+                    img.save(root / "shapes" / rel, **options)
                     splits[split].append({"image": rel, "label": label, "dataset_name": "shapes",
                                           "label_name": f"{colour_name} {shape}"})
             label += 1

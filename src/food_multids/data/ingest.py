@@ -40,7 +40,8 @@ class IngestResult:
 def _read_one(path: Path, index: int, cfg: ProjectConfig, split: str):
     rows = read_jsonl(path)
     if rows.num_rows == 0 and not rows.parse_problems:
-        raise RecordError(f"{path}: file is empty (no JSON rows); data.{split}_jsonl_list must point at a file of records")
+        raise RecordError(f"{path}: file is empty (no JSON rows); data.{split}_jsonl_list must point at a file of "
+                          "records")
     default = default_dataset_for_file(path, cfg.dataset_names)
     table, problems = validate_file(rows, cfg.num_classes(), default, file_index=index)
     # Duplicate pre-check inside the file's own thread: one hash pass, in parallel with other files.
@@ -98,7 +99,9 @@ def _read_split(split: str, files: tuple[Path, ...], cfg: ProjectConfig) -> tupl
 
 def _summarise(split: str, files: tuple[Path, ...], frame: pd.DataFrame, problems: pd.DataFrame) -> dict:
     out = {}
-    kept = np.bincount(frame["file_index"].to_numpy(dtype=np.int64), minlength=len(files)) if len(frame) else [0] * len(files)
+    kept = [0] * len(files)
+    if len(frame):
+        kept = np.bincount(frame["file_index"].to_numpy(dtype=np.int64), minlength=len(files))
     for index, path in enumerate(map(str, files)):
         mine = problems[(problems["split"] == split) & (problems["file"] == path)]
         out[path] = {"kept": int(kept[index]), "dropped": len(mine),
@@ -120,7 +123,8 @@ def ingest(cfg: ProjectConfig) -> IngestResult:
     for split, files in summary.items():
         for path, info in files.items():
             if info["kept"] == 0:
-                raise RecordError(f"{path}: no valid rows left ({info['dropped']} dropped: {info['dropped_by_reason']})")
+                raise RecordError(f"{path}: no valid rows left ({info['dropped']} dropped: "
+                                  f"{info['dropped_by_reason']})")
             if info["dropped"]:
                 logger.warning("%s: dropped %d bad row(s) of the %s split: %s (see the rejected_rows dataset)",
                                path, info["dropped"], split, info["dropped_by_reason"])

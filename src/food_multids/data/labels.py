@@ -22,7 +22,8 @@ def read_class_names(spec: DatasetSpec) -> list[str]:
     if not path.is_file():
         raise LabelNameError(f"params:datasets.dataset_configs.{spec.name}.class_names: file not found: {path}")
     text = path.read_text(encoding="utf-8")
-    names = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    names = json.loads(text) if text.lstrip().startswith("[") else lines
     if len(names) != spec.num_classes:
         raise LabelNameError(f"{path}: dataset '{spec.name}' has num_classes {spec.num_classes} but the file lists "
                              f"{len(names)} class names")
@@ -42,7 +43,8 @@ def _row_names(frames: Iterable[pd.DataFrame], spec: DatasetSpec) -> dict[int, s
         for label, group in pairs.groupby("label")["label_name"]:
             names = sorted(set(map(str, group)))
             if len(names) > 1:
-                raise LabelNameError(f"dataset '{spec.name}', label {label}: rows give different label_name values {names}")
+                raise LabelNameError(f"dataset '{spec.name}', label {label}: rows give different label_name values "
+                                     f"{names}")
             if found.get(int(label), names[0]) != names[0]:
                 raise LabelNameError(f"dataset '{spec.name}', label {label}: label_name '{names[0]}' in one split, "
                                      f"'{found[int(label)]}' in another")

@@ -117,7 +117,8 @@ def _read_fast(path: Path, data: bytes) -> FileRows | None:
         return None
     image = _column(table, "image", n)
     if "image_path" in table.column_names:
-        image = pc.coalesce(image, table.column("image_path").combine_chunks()) if "image" in table.column_names else _column(table, "image_path", n)
+        paths = table.column("image_path").combine_chunks()
+        image = pc.coalesce(image, paths) if "image" in table.column_names else _column(table, "image_path", n)
     return FileRows(path, image, _column(table, "label", n), _column(table, "dataset_name", n),
                     _column(table, "label_name", n), lines, [])
 
@@ -237,7 +238,8 @@ def validate_file(rows: FileRows, num_classes: dict[str, int], default_name: str
     if default_name is not None:
         names = pc.fill_null(names, default_name)
     known = list(num_classes)
-    ds_index = np.asarray(pc.fill_null(pc.index_in(names, value_set=pa.array(known, type=pa.string())), -1).to_numpy(zero_copy_only=False))
+    found = pc.index_in(names, value_set=pa.array(known, type=pa.string()))
+    ds_index = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False))
     name_missing = np.asarray(names.is_null().to_numpy(zero_copy_only=False))
     flag(name_missing, "missing dataset_name",
          lambda i: f"no dataset_name and the file maps to none of {known}: add dataset_name to each row")
@@ -329,7 +331,8 @@ def _header_size(kind: str, head: bytes) -> tuple[int, int] | None:
     if kind == "gif" and len(head) >= 10:
         return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
     if kind == "bmp" and len(head) >= 26:
-        return int.from_bytes(head[18:22], "little", signed=True), abs(int.from_bytes(head[22:26], "little", signed=True))
+        width, height = (int.from_bytes(head[a:a + 4], "little", signed=True) for a in (18, 22))
+        return width, abs(height)
     return None
 
 

@@ -66,7 +66,8 @@ def dataset_statistics(tables: dict[str, pd.DataFrame], specs: tuple[DatasetSpec
         labels = frame["label"].to_numpy(dtype=np.int64)
         counts = np.bincount(ids, minlength=len(specs))
         width = int(labels.max(initial=0)) + 1
-        per_class = np.bincount(ids * width + labels, minlength=len(specs) * width).reshape(len(specs), width)  # O(rows)
+        flat = np.bincount(ids * width + labels, minlength=len(specs) * width)  # O(rows)
+        per_class = flat.reshape(len(specs), width)
         classes = (per_class > 0).sum(axis=1)
         for spec in specs:
             n = int(counts[spec.index])
@@ -153,4 +154,5 @@ def count_overlap(train: pd.DataFrame, val: pd.DataFrame) -> int:
         return 0
     both = train[np.asarray(hits)]
     pairs = set(zip(val["dataset_name"].astype(str), val["image"].astype(str), strict=True))
-    return sum((d, i) in pairs for d, i in zip(both["dataset_name"].astype(str), both["image"].astype(str), strict=True))
+    keys = zip(both["dataset_name"].astype(str), both["image"].astype(str), strict=True)
+    return sum(key in pairs for key in keys)

@@ -147,5 +147,6 @@ def yaml_error(exc: ParserError) -> ConfigFileError:
         path = path.relative_to(Path.cwd())
     except ValueError:
         pass
-    what = " ".join(str(part) for part in (getattr(original, "context", None), getattr(original, "problem", None)) if part)
+    parts = (getattr(original, "context", None), getattr(original, "problem", None))
+    what = " ".join(str(part) for part in parts if part)
     return ConfigFileError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({what})")

@@ -59,8 +59,9 @@ class StoppedBySignal(click.ClickException):
 
 class _UserErrorFilter(logging.Filter):
     """Drops Kedro's 'Node ... failed with error' and 'Repeat the previous command' records while one of our
-    own errors (or a stop by a signal) is being handled (both are logged inside the except block that caught it): the run's last
-    line says it once, and repeating the command cannot help before the data or settings change."""
+    own errors (or a stop by a signal) is being handled (both are logged inside the except block that caught
+    it): the run's last line says it once, and repeating the command cannot help before the data or settings
+    change."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         import sys
@@ -154,7 +155,8 @@ class PreflightHooks:
         params = catalog.load("parameters")
         swapped = use_predict_model(catalog, params) if "ingest_images" in plan.node_names else []
         found = check_run(plan, params, catalog.exists, makers_of(pipelines, free, env), catalog.load)
-        found.problems[:0] = [*getattr(self.config_loader, "layer_problems", []), *swapped]  # --params that could not apply
+        # --params that could not apply
+        found.problems[:0] = [*getattr(self.config_loader, "layer_problems", []), *swapped]
         for warning in found.warnings:
             logger.warning("\n%s\n!! %s\n%s", "!" * 100, warning, "!" * 100)
         if found.problems:

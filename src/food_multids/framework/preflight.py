@@ -307,8 +307,8 @@ def check_predicted_model(predict, load: Callable[[str], object], env: str) -> t
     if unknown:
         listed = "; ".join(f"'{name}' in {where}" for name, where in list(unknown.items())[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        return [f"the best_model {model_dir} knows the label spaces {', '.join(spaces)}, but the predict inputs ask for "
-                f"{listed}{more}" + (hint or ": set predict.jsonl_list / predict.dataset_name to this model's "
+        return [f"the best_model {model_dir} knows the label spaces {', '.join(spaces)}, but the predict inputs ask "
+                f"for {listed}{more}" + (hint or ": set predict.jsonl_list / predict.dataset_name to this model's "
                                      "datasets, or pick another model with predict.model")], []
     problems = check_reject_setting(predict, model_dir, spaces, set(asked) or None)
     if problems:

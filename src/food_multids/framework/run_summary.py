@@ -51,7 +51,8 @@ def summary_lines(project: Path, written: dict[str, Path], run: dict | None, reg
         lines.append(f"  {'MLflow run:':<28}'{run['name']}' ({run['status']}): `make mlflow-ui`, then "
                      f"{MLFLOW_UI}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}")
     if registered and registered.get("logged"):
-        lines.append(f"  {'registered model:':<28}{registered['registry_uri']}: `make serve MODEL={registered['registry_uri']}`")
+        lines.append(f"  {'registered model:':<28}{registered['registry_uri']}: `make serve "
+                     f"MODEL={registered['registry_uri']}`")
     return lines if len(lines) > 1 else []
 
 
@@ -62,7 +63,8 @@ def report_run_results(project: Path, catalog_config: dict, outputs: set[str], r
         for name, _ in RESULTS:
             config = catalog_config.get(name) or {}
             if name in outputs and "filepath" in config:
-                found = newest_version(project / config["filepath"]) if config.get("versioned") else project / config["filepath"]
+                path = project / config["filepath"]
+                found = newest_version(path) if config.get("versioned") else path
                 if found is not None and found.exists():
                     written[name] = found
         for name in ("report_html", "report_md"):

@@ -263,7 +263,8 @@ def format_eval_lines(metrics: dict[str, float], names: Sequence[str]) -> list[s
         pooled = metrics.get("overall_accuracy_pooled")
         note = f" (pooled over the subset: {pooled:.4f})" if pooled is not None and abs(pooled - acc) > 5e-5 else ""
         lines.append(f"📈 Overall:   Loss: {metrics['overall_loss']:.4f}, Accuracy: {acc:.4f} "
-                     f"({acc:.2%}){_plus_minus(metrics, 'overall')}, Samples: {int(metrics['overall_samples']):,}{note}")
+                     f"({acc:.2%}){_plus_minus(metrics, 'overall')}, Samples: "
+                     f"{int(metrics['overall_samples']):,}{note}")
     return lines
 
 

@@ -35,7 +35,8 @@ def predict_with_processes(predict: dict, training: dict, model_dir: Path, recor
                                calibrated=settings.calibrated, reject_below=settings.reject_below)
     launch = launch_settings.resolved_output_dir() / "launch_predict"
     _, frames = launch_processes(launch_settings, world, launch, {"predict": predict, "training": training},
-                                 {"predict": records}, "food_multids.inference.worker", extra={"model_dir": str(model_dir)})
+                                 {"predict": records}, "food_multids.inference.worker",
+                                 extra={"model_dir": str(model_dir)})
     return frames["predictions"]
 
 

@@ -20,11 +20,13 @@ def local_model_dir(source: str) -> Path:
             root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
         except MlflowException as exc:  # an unknown name, version or run: the store's own words, first line
             message = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
-            raise FileNotFoundError(f"{source} is not in the MLflow store {mlflow.get_tracking_uri()}: {message}") from exc
+            store = mlflow.get_tracking_uri()
+            raise FileNotFoundError(f"{source} is not in the MLflow store {store}: {message}") from exc
         mlmodel = root / "MLmodel"
         if not mlmodel.is_file():
             raise FileNotFoundError(f"{source} is not an MLflow model (no MLmodel file in {root})")
-        artifacts = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {}).get("artifacts", {})
+        flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {})
+        artifacts = flavors.get("python_function", {}).get("artifacts", {})
         if "best_model" not in artifacts:
             raise FileNotFoundError(f"{source} is not a food_multids model (no best_model artifact in its MLmodel)")
         return root / artifacts["best_model"]["path"]

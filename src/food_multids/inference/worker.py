@@ -15,7 +15,8 @@ from food_multids.runtime.scoring import gather_rows
 
 def main(argv: list[str] | None = None) -> None:
     ctx = worker_context(argv)
-    settings, training = PredictConfig.from_section(ctx.params["predict"]), TrainConfig.from_section(ctx.params["training"])
+    settings = PredictConfig.from_section(ctx.params["predict"])
+    training = TrainConfig.from_section(ctx.params["training"])
     device = resolve_device_name(settings.device)
     rank, world = init_distributed(device, training.master_port)
     loaded = load_model(Path(ctx.spec["model_dir"]), device)

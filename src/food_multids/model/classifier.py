@@ -45,7 +45,8 @@ class ClassifierMeta:
     finetuning: str = "full"        # full | lora
     lora: dict | None = None        # with lora: r, alpha, dropout, the adapted layers, merger_trained
     base_model: dict | None = None  # with lora: the base checkpoint's path and config.json sha256
-    calibration: dict | None = None  # temperature per dataset and the auto rejection thresholds (evaluation/calibration.py)
+    # Temperature per dataset and the auto rejection thresholds (evaluation/calibration.py).
+    calibration: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -142,7 +143,8 @@ class MultiDatasetClassifier(nn.Module):
             for _, p in parts[part]:
                 p.requires_grad_(not frozen)
 
-    def param_groups(self, lr: float, vision_lr: float | None, head_lr: float | None, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, vision_lr: float | None, head_lr: float | None,
+                     weight_decay: float) -> list[dict]:
         """Optimizer groups: vision tower + merger at vision_lr, head at head_lr, the rest at lr."""
         parts = self.parts()
         spec = (("vision", parts["vision"] + parts["merger"], vision_lr), ("language", parts["language"], None),
@@ -161,7 +163,8 @@ class MultiDatasetClassifier(nn.Module):
         """Write the model directory; `state_dict` overrides the module's (e.g. gathered ZeRO-3 weights)."""
         directory.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        head_state = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
+        head_state = {k.removeprefix("head."): v.detach().cpu().contiguous()
+                      for k, v in state.items() if k.startswith("head.")}
         if self.meta.finetuning == "lora":  # small: adapters (+ a trained merger) and the base's config
             save_file(adapter_state(self, state), str(directory / ADAPTER_FILE))
             self.backbone.config.save_pretrained(directory)

@@ -83,14 +83,17 @@ def per_class_table(predictions: pd.DataFrame, dataset: str) -> pd.DataFrame:
     if mine.empty:
         return pd.DataFrame(columns=["class", "accuracy", "support", "top confusion"])
     named = "label_name" in mine and "prediction_name" in mine
-    label = mine["label_name"].where(mine["label_name"].notna(), mine["label"].astype(str)) if named else mine["label"].astype(str)
-    pred = mine["prediction_name"].where(mine["prediction_name"].notna(), mine["prediction"].astype(str)) if named else mine["prediction"].astype(str)
+    label, pred = mine["label"].astype(str), mine["prediction"].astype(str)
+    if named:
+        label = mine["label_name"].where(mine["label_name"].notna(), label)
+        pred = mine["prediction_name"].where(mine["prediction_name"].notna(), pred)
     frame = pd.DataFrame({"label": mine["label"].to_numpy(), "class": label.to_numpy(), "pred": pred.to_numpy(),
                           "correct": (mine["label"] == mine["prediction"]).to_numpy()})
     wrong = frame[~frame["correct"]].groupby(["label", "pred"]).size().rename("n").reset_index()
     wrong = wrong.sort_values(["label", "n", "pred"], ascending=[True, False, True]).drop_duplicates("label")
     top = {r.label: f"{r.pred} ({r.n})" for r in wrong.itertuples()}
-    table = frame.groupby(["label", "class"], sort=True).agg(accuracy=("correct", "mean"), support=("correct", "size")).reset_index()
+    table = frame.groupby(["label", "class"], sort=True).agg(accuracy=("correct", "mean"),
+                                                             support=("correct", "size")).reset_index()
     table["top confusion"] = [top.get(label, "") for label in table["label"]]
     table = table.sort_values(["accuracy", "support", "label"], ascending=[True, False, True])
     return table[["class", "accuracy", "support", "top confusion"]].reset_index(drop=True)
@@ -106,7 +109,8 @@ def configuration_table(cfg: ProjectConfig, recorded: bool, backbone: str, best:
         f"prior_mix {mix.prior_mix:g}, min_weight {mix.min_weight:g})")
     rows = [("settings from", source), ("model", backbone),
             ("num_labels / logits masking", f"{cfg.model.num_labels} / {cfg.model.enable_logits_masking}"),
-            ("datasets", ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)),
+            ("datasets",
+             ", ".join(f"{d.name} ({d.num_classes} classes, eval_ratio {d.eval_ratio})" for d in cfg.datasets)),
             ("mix strategy", strategy),
             ("learning rate / schedule", f"{cfg.training.learning_rate} / {cfg.training.lr_scheduler_type}"),
             ("batch per device x accumulation",
@@ -115,7 +119,8 @@ def configuration_table(cfg: ProjectConfig, recorded: bool, backbone: str, best:
             ("DeepSpeed ZeRO stage", str(zero)),
             ("best model", f"{best['metric']} = {best['value']:.4f} at step {best['step']} "
                            f"({best.get('eval_subset_strategy')} subset)"
-                           + (f"; {best['full_value']:.4f} on the full validation set, chosen by {best.get('selected_by')}"
+                           + (f"; {best['full_value']:.4f} on the full validation set, chosen by "
+                              f"{best.get('selected_by')}"
                               if best.get("full_value") is not None else ""))]
     return pd.DataFrame(rows, columns=["setting", "value"])
 
@@ -140,11 +145,16 @@ def final_table(cfg: ProjectConfig, metrics: dict) -> pd.DataFrame:
         if f"{name}_samples" not in metrics:
             continue
         rows.append({"dataset": name, "samples": int(metrics[f"{name}_samples"]), "loss": metrics[f"{name}_loss"],
-                     "top-1": metrics[f"{name}_accuracy"], f"top-{k}": metrics.get(f"{name}_top{k}_accuracy", float("nan")),
+                     "top-1": metrics[f"{name}_accuracy"],
+                     f"top-{k}": metrics.get(f"{name}_top{k}_accuracy", float("nan")),
                      "macro-F1": metrics.get(f"{name}_macro_f1", float("nan")),
                      # Images that could not be decoded at load time are not in `samples`: say how many.
-                     "skipped at load": int(metrics.get(f"{name}_skipped_images" if name != "overall" else "skipped_images", 0))})
+                     "skipped at load": int(metrics.get(skipped_key(name), 0))})
     return pd.DataFrame(rows)
+
+
+def skipped_key(name: str) -> str:
+    return "skipped_images" if name == "overall" else f"{name}_skipped_images"
 
 
 def partial_table(cfg: ProjectConfig, history: dict, best_step: int | None, metrics: dict) -> pd.DataFrame:
@@ -158,7 +168,8 @@ def partial_table(cfg: ProjectConfig, history: dict, best_step: int | None, metr
         partial = float(at_best.iloc[0]) if len(at_best) else float(evals[col].iloc[-1])
         errors = (evals[col] - metrics[col]).abs()
         rows.append({"dataset": name, "partial eval (best step)": partial, "full eval": metrics[col],
-                     "difference": partial - metrics[col], "mean |partial - full| over all evals": float(errors.mean())})
+                     "difference": partial - metrics[col],
+                     "mean |partial - full| over all evals": float(errors.mean())})
     return pd.DataFrame(rows)
 
 
@@ -170,7 +181,8 @@ def trust_tables(history: dict, metrics: dict, best: dict) -> tuple[pd.DataFrame
     records = [r for r in history.get("records", []) if r["kind"] == "eval"]
     per_eval = pd.DataFrame([{
         "step": r["step"], key: r["metrics"].get(key, float("nan")),
-        "CI low": r["metrics"].get(f"{key}_ci_low", float("nan")), "CI high": r["metrics"].get(f"{key}_ci_high", float("nan")),
+        "CI low": r["metrics"].get(f"{key}_ci_low", float("nan")),
+        "CI high": r["metrics"].get(f"{key}_ci_high", float("nan")),
         "pooled overall accuracy": r["metrics"].get("overall_accuracy_pooled", float("nan")),
         "new best": "yes" if r.get("improved") else "", "why": r.get("reason", "")} for r in records])
     if not per_eval.empty and key != "overall_accuracy":  # the pooled value compares with the overall accuracy only
@@ -210,8 +222,8 @@ def trust_tables(history: dict, metrics: dict, best: dict) -> tuple[pd.DataFrame
 
 
 CALIBRATION_NOTE = ("One temperature per dataset, fitted on a seeded share of its validation images "
-                    "(evaluation.calibration_fraction); ECE (15 bins), NLL, AURC and the selective accuracy are measured "
-                    "on the other images. Predictions use the calibrated probabilities (predict.calibrated); "
+                    "(evaluation.calibration_fraction); ECE (15 bins), NLL, AURC and the selective accuracy are "
+                    "measured on the other images. Predictions use the calibrated probabilities (predict.calibrated); "
                     "predict.reject_below: auto answers 'unknown' below the fitted threshold.")
 
 
@@ -246,7 +258,8 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
     report.sections.append(("Dataset mix", table_html(mix, "{:.3f}")))
     final = final_table(cfg, metrics)
     note = f"<p><small>{html.escape(MISSING_NOTE)}</small></p>" if has_missing(final) else ""
-    report.sections.append(("Final evaluation (full validation sets)", f'<div id="final-table">{table_html(final)}</div>{note}'))
+    report.sections.append(("Final evaluation (full validation sets)",
+                            f'<div id="final-table">{table_html(final)}</div>{note}'))
     calibration = calibration_table(names, metrics)
     if not calibration.empty:
         curves = metrics.get("calibration_curves") or {}
@@ -261,15 +274,21 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
     train, evals = history_frame(history, "train"), history_frame(history, "eval")
     best_step = best.get("step")
     if not train.empty:
-        report.sections.append(("Training curves per dataset", figure_tag(curves_figure(train, names, "train", best_step), "train-curves", "training loss and accuracy per dataset")))
-        report.sections.append(("Batch composition", figure_tag(mix_figure(train, names, history.get("target_mix", {})), "batch-mix", "dataset share per window vs target")))
+        report.sections.append(("Training curves per dataset",
+                                figure_tag(curves_figure(train, names, "train", best_step), "train-curves",
+                                           "training loss and accuracy per dataset")))
+        report.sections.append(("Batch composition",
+                                figure_tag(mix_figure(train, names, history.get("target_mix", {})), "batch-mix",
+                                           "dataset share per window vs target")))
     mixes = history_frame(history, "mix")
     if not mixes.empty:
         report.sections.append(("Adaptive mix", figure_tag(
             adaptive_mix_figure(mixes, evals, names, history.get("target_mix", {})), "adaptive-mix",
             "mix weights over steps and partial-evaluation loss per dataset")))
     if not evals.empty:
-        report.sections.append(("Partial evaluation curves", figure_tag(curves_figure(evals, names, "partial eval", best_step), "eval-curves", "partial evaluation per dataset")))
+        report.sections.append(("Partial evaluation curves",
+                                figure_tag(curves_figure(evals, names, "partial eval", best_step), "eval-curves",
+                                           "partial evaluation per dataset")))
     per_eval, candidates, trust = trust_tables(history, metrics, best)
     if not per_eval.empty:
         report.sections.append(("How much to trust the partial numbers", '<div id="trust">' + "".join(
@@ -277,26 +296,33 @@ def build_report(cfg: ProjectConfig, history: dict, metrics: dict, predictions: 
             (table_html(candidates) if not candidates.empty else "") + "</div>"))
     partial = partial_table(cfg, history, best_step, metrics)
     if not partial.empty:
-        report.sections.append(("Partial vs full evaluation", table_html(partial) + figure_tag(partial_vs_full_figure(partial), "partial-vs-full", "partial vs full accuracy")))
+        report.sections.append(("Partial vs full evaluation",
+                                table_html(partial) + figure_tag(partial_vs_full_figure(partial), "partial-vs-full",
+                                                                 "partial vs full accuracy")))
     names_of = {}
     for name in names:
         mine = predictions[predictions["dataset_name"] == name]
         names_of[name] = dict(zip(mine["label"], mine["label_name"], strict=True)) if "label_name" in mine else {}
         names_of[name] = {k: v for k, v in names_of[name].items() if isinstance(v, str)}
     for name in names:
-        fig = confusion_figure(confusions[confusions["dataset_name"] == name], name, cfg.evaluation.confusion_top_n, names_of[name])
+        fig = confusion_figure(confusions[confusions["dataset_name"] == name], name, cfg.evaluation.confusion_top_n,
+                               names_of[name])
         if fig is not None:
-            report.sections.append((f"Confusions: {name}", figure_tag(fig, f"confusion-{name}", f"confusion heatmap {name}")))
-    report.sections.append(("Misclassified examples (highest loss)", thumbnails_html(predictions, cfg.evaluation.report_thumbnails)))
+            report.sections.append((f"Confusions: {name}",
+                                    figure_tag(fig, f"confusion-{name}", f"confusion heatmap {name}")))
+    report.sections.append(("Misclassified examples (highest loss)",
+                            thumbnails_html(predictions, cfg.evaluation.report_thumbnails)))
     report.markdown = [
         "# food_multids training report", "", table_markdown(header), "",
-        f"Best model: **{best['metric']} = {best['value']:.4f}** at step {best['step']} (source {markdown_text(best.get('source_path'))}).", "",
+        f"Best model: **{best['metric']} = {best['value']:.4f}** at step {best['step']} (source "
+        f"{markdown_text(best.get('source_path'))}).", "",
         "## Final evaluation (full validation sets)", "", table_markdown(final), "",
         *([MISSING_NOTE, ""] if has_missing(final) else []),
         "## How much to trust the partial numbers", "", *[f"{markdown_text(line)}\n" for line in trust],
         table_markdown(per_eval) if not per_eval.empty else "(no partial evaluations)", "",
         *([table_markdown(candidates), ""] if not candidates.empty else []),
-        "## Partial vs full evaluation", "", table_markdown(partial) if not partial.empty else "(no partial evaluations)", "",
+        "## Partial vs full evaluation", "",
+        table_markdown(partial) if not partial.empty else "(no partial evaluations)", "",
         *(["## Calibrated confidence", "", CALIBRATION_NOTE, "", table_markdown(calibration), ""]
           if not calibration.empty else []),
         "## Dataset mix", "", table_markdown(mix, "{:.3f}"), "",

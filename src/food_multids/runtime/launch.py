@@ -95,7 +95,8 @@ def uses_launcher(training: TrainConfig, world: int) -> bool:
     return world > 1 or training.launch_mode() != "single"
 
 
-def launcher_command(training: TrainConfig, world: int, spec: Path, module: str = "food_multids.training.worker") -> list[str]:
+def launcher_command(training: TrainConfig, world: int, spec: Path,
+                     module: str = "food_multids.training.worker") -> list[str]:
     """This machine's processes: `torchrun --standalone` (it passes SIGTERM/SIGINT once to each rank and waits
     for them); with a hostfile (launch: ssh) DeepSpeed's launcher, which reaches the other machines by ssh."""
     if training.launch_mode() == "ssh":
@@ -208,7 +209,8 @@ def launch_processes(training: TrainConfig, world: int, launch: Path, params: di
         frame.to_parquet(launch / f"{name}.parquet")
     (launch / RESULT_FILE).unlink(missing_ok=True)
     spec = launch / "spec.json"
-    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch), "project_root": str(find_project_root()),
+    spec.write_text(json.dumps({"parameters": params, "launch_dir": str(launch),
+                                "project_root": str(find_project_root()),
                                 **(extra or {})}, default=str))
     env = launcher_env(world)
     if run_id:

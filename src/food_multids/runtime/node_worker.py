@@ -137,8 +137,8 @@ class NodeWorker:
         if num_nodes is not None and (self.s.node_rank >= num_nodes or self.s.num_nodes not in (None, num_nodes)):
             message = (f"this is node {self.s.node_rank}" + (f" of {self.s.num_nodes} (--nnodes / PET_NNODES)"
                                                              if self.s.num_nodes else "") +
-                       f", but node 0's run has {num_nodes} nodes (0..{num_nodes - 1}): check training.nodes.num_nodes, "
-                       "the node ranks and --nnodes")
+                       f", but node 0's run has {num_nodes} nodes (0..{num_nodes - 1}): check "
+                       "training.nodes.num_nodes, the node ranks and --nnodes")
             store.set(f"gone/{self.s.node_rank}", json.dumps({"message": message}))
             raise NodeFailure(message)
 

@@ -187,7 +187,8 @@ class Session:
 
     def _lost(self, plan: NodePlan, nodes: list[int], claims: dict[int, dict], now: float, ranks: bool = True) -> str:
         parts = [(f"rank(s) {ranks_text(plan.ranks_of(n))} on " if ranks else "") + f"node {n} (host "
-                 f"{claims[n]['host']}, node process {claims[n]['pid']}): no heartbeat for {now - self.seen[n][1]:.0f} s"
+                 f"{claims[n]['host']}, node process {claims[n]['pid']}): no heartbeat for "
+                 f"{now - self.seen[n][1]:.0f} s"
                  for n in nodes]
         return ("lost " + "; ".join(parts) + ". Their processes stopped without reporting an error: the machine "
                 "went down, was disconnected, or its processes were killed. Resume with "
@@ -226,7 +227,8 @@ class Session:
             deadline = time.monotonic() + BYE_WAIT_S
             waiting = [n for n in range(1, self.num_nodes) if self.store.check([f"node/{n}"])]
             while waiting and time.monotonic() < deadline:  # a worker that left (gone/K) reads nothing more
-                waiting = [n for n in waiting if not self.store.check([f"bye/{n}"]) and not self.store.check([f"gone/{n}"])]
+                waiting = [n for n in waiting
+                           if not self.store.check([f"bye/{n}"]) and not self.store.check([f"gone/{n}"])]
                 time.sleep(0.1)
         finally:
             self._stop.set()

@@ -104,7 +104,8 @@ def evaluate(model, loader, device: torch.device, num_datasets: int, *, top_k: i
     was_training = model.training
     model.eval()
     sums = PerDatasetSums(("loss", "correct", "count", "out_of_range", "skipped"), num_datasets, device)
-    rows: dict[str, list] = {k: [] for k in ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss", "topk", "topk_prob")}
+    columns = ("sample_id", "dataset_id", "label", "prediction", "confidence", "loss", "topk", "topk_prob")
+    rows: dict[str, list] = {k: [] for k in columns}
     if temperature_grid is not None:
         rows.update(grid_nll=[], grid_conf=[])
     kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("sample_id", "dataset_id", "correct", "loss", "weight")}

@@ -165,7 +165,8 @@ class Trainer:
         # The best model and the candidates kept for the full-set re-rank (a checkpoint carries them).
         self.selector = BestModelSelector(self.t.metric_for_best_model, self.t.best_model_selection,
                                           self.greater_is_better, z=self.t.selection_z,
-                                          confidence=cfg.evaluation.confidence, keep_top_k=self.t.keep_top_k_checkpoints,
+                                          confidence=cfg.evaluation.confidence,
+                                          keep_top_k=self.t.keep_top_k_checkpoints,
                                           num_datasets=len(self.names), population=self.population,
                                           proportional=self.proportional)
         self.records: list[dict] = []
@@ -190,7 +191,8 @@ class Trainer:
         meta = ClassifierMeta(num_labels=cfg.model.num_labels, pooling=cfg.model.pooling,
                               enable_logits_masking=cfg.model.enable_logits_masking,
                               label_spaces=label_spaces(cfg, self.train_df), prompt=cfg.model.prompt)
-        model = create_classifier(self.model_path, meta, cfg.model.torch_dtype, self.device, cfg.model.attn_implementation)
+        model = create_classifier(self.model_path, meta, cfg.model.torch_dtype, self.device,
+                                  cfg.model.attn_implementation)
         model.freeze(cfg.model.freeze_vision_tower, cfg.model.freeze_merger, cfg.model.freeze_language_model)
         self.lora = cfg.model.finetuning == "lora"
         if self.lora:  # adapters + head (+ merger unless frozen) are all that train
@@ -204,26 +206,30 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_path)
         self.encoder, self.collator = create_collator(
             self.model_path, cfg.model, self.tokenizer,
-            processor_config=model.kind.preprocessor_config(self.model_path, cfg.model.min_pixels, cfg.model.max_pixels))
+            processor_config=model.kind.preprocessor_config(self.model_path, cfg.model.min_pixels,
+                                                            cfg.model.max_pixels))
         check_image_token(self.collator, model, self.model_path)
         sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
         global_batch = self.t.per_device_train_batch_size * self.world
         small = {n: int(c) for n, c in zip(self.names, sizes, strict=True) if c < global_batch}
         if small and self.is_main:
             logger.warning("Datasets with fewer training rows than one global batch (%d = %d per device x %d): %s; "
-                           "each epoch sees them in less than one batch (lower per_device_train_batch_size?)", global_batch,
+                           "each epoch sees them in less than one batch (lower per_device_train_batch_size?)",
+                           global_batch,
                            self.t.per_device_train_batch_size, self.world, small)
         self.target_mix = mix_proportions(sizes, cfg.data.mix_strategy, [d.weight for d in cfg.datasets],
                                           cfg.data.mix_temperature)
         self.sampler = MixingSampler(self.train_df["dataset_id"].to_numpy(), self.t.per_device_train_batch_size,
                                      self.world, self.rank, self.t.seed, self.t.shuffle, cfg.data.mix_strategy,
                                      self.target_mix, cfg.data.resample_each_epoch)
-        self.adaptive = AdaptiveMix(cfg.data.mix_adaptive, self.target_mix) if cfg.data.mix_strategy == "adaptive" else None
+        adaptive = cfg.data.mix_strategy == "adaptive"
+        self.adaptive = AdaptiveMix(cfg.data.mix_adaptive, self.target_mix) if adaptive else None
         self.train_loader = self._loader(RecordDataset(self.train_df, self.encoder, self.t.max_consecutive_bad_images),
                                          self.sampler)
         self.total_steps = self.t.optimizer_steps(len(self.sampler))
         ds_config = resolve_deepspeed_config(cfg, self.world, self.dtype)
-        self.engine, self.optimizer, self.scheduler = create_engine(model, cfg, ds_config, self.total_steps, self.device)
+        self.engine, self.optimizer, self.scheduler = create_engine(model, cfg, ds_config, self.total_steps,
+                                                                    self.device)
         self.zero_stage = ds_config["zero_optimization"].get("stage", 0)
         if self.t.ema is not None:
             if self.zero_stage == 3:
@@ -291,7 +297,8 @@ class Trainer:
         done, best = ckpt.complete_checkpoints(self.output_dir), ckpt.read_best_pointer(self.output_dir)
         # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work:
         # a complete checkpoint or a best model.
-        if (done or best) and not finished and not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False:
+        keep = not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False
+        if (done or best) and not finished and keep:
             raise OutputDirError(
                 f"training.output_dir {self.output_dir} holds an unfinished run (complete checkpoints at steps "
                 f"{[s for s, _ in done]}, best model at step {best['step'] if best else None}); set "
@@ -444,7 +451,8 @@ class Trainer:
         if not np.isfinite(sums["loss"]).all():
             bad = [n for n, v in zip(self.names, sums["loss"], strict=True) if not np.isfinite(v)]
             raise FloatingPointError(
-                f"non-finite training loss for {bad} in the {self.t.logging_steps} steps up to step {self.global_step}; "
+                f"non-finite training loss for {bad} in the {self.t.logging_steps} steps up to step "
+                f"{self.global_step}; "
                 "lower training.learning_rate, or set deepspeed.bf16.check_grad_overflow: true to skip steps with "
                 "non-finite gradients")
         metrics = summarize(sums["loss"], sums["correct"], sums["count"], self.names)
@@ -551,9 +559,11 @@ class Trainer:
                     {n: round(float(v), 4) for n, v in zip(self.names, signal, strict=True)},
                     {n: round(v, 3) for n, v in weights.items()})
         self.records.append({"step": self.global_step, "kind": "mix", "signal": kind,
-                             "metrics": {**weights, **{f"{n}_signal": float(v) for n, v in zip(self.names, signal, strict=True)}}})
+                             "metrics": {**weights,
+                                         **{f"{n}_signal": float(v) for n, v in zip(self.names, signal, strict=True)}}})
         self.trackers.log({**{f"mix_weight_{n}": v for n, v in weights.items()},
-                           **{f"mix_signal_{n}": float(v) for n, v in zip(self.names, signal, strict=True)}}, self.global_step)
+                           **{f"mix_signal_{n}": float(v) for n, v in zip(self.names, signal, strict=True)}},
+                          self.global_step)
 
     def _gathered_state_dict(self) -> dict | None:
         if self.zero_stage == 3:
@@ -590,7 +600,8 @@ class Trainer:
             if is_best:
                 logger.info("🏆 New best model! %s: %.4f (step %d; %s) -> %s", metric, value, self.global_step,
                             reason or "replaced", path)
-                self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value}, self.global_step)
+                self.trackers.log({"best_model_step": float(self.global_step), f"best_{metric}": value},
+                                  self.global_step)
             else:
                 logger.info("Kept step %d (%s %.4f) among the %d candidates for the full-set re-rank -> %s",
                             self.global_step, metric, value, len(self.selector.candidates), path)

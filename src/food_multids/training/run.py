@@ -2,8 +2,8 @@
 
 Kedro stays single-process: for several processes the train node writes its inputs and resolved
 parameters to <output_dir>/launch/, starts them (runtime/launch.py: torchrun, a SLURM step, or DeepSpeed's
-launcher with a hostfile) on food_multids.training.worker, and reads back rank 0's result. MLFLOW_RUN_ID and MLFLOW_TRACKING_URI
-point rank 0 at the Kedro session's MLflow run.
+launcher with a hostfile) on food_multids.training.worker, and reads back rank 0's result. MLFLOW_RUN_ID and
+MLFLOW_TRACKING_URI point rank 0 at the Kedro session's MLflow run.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ class BestModelSelector:
                                          return_indices=True)
         if not len(mine):
             return None, 0
-        return self.stratified(rows["dataset_id"][mine], rows["value"][mine] - self.best_rows["value"][theirs]), len(mine)
+        return self.stratified(rows["dataset_id"][mine],
+                               rows["value"][mine] - self.best_rows["value"][theirs]), len(mine)
 
     def observe(self, step: int, metrics: dict, rows: dict | None, subset: str = "fixed") -> Verdict:
         """Judge one partial evaluation (`rows`: `metric_rows`, on the images the comparison uses)."""

@@ -95,7 +95,8 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
         assert f"{metrics[f'{name}_ece_calibrated']:.4f}" in summary and f"{metrics[f'{name}_aurc']:.4f}" in page
     final = page[page.index('id="final-table"'):]
     final = final[:final.index("</table>")]
-    for key in ("digits_accuracy", "shapes_accuracy", "overall_accuracy", "digits_loss", "shapes_macro_f1", "digits_top5_accuracy"):
+    for key in ("digits_accuracy", "shapes_accuracy", "overall_accuracy", "digits_loss", "shapes_macro_f1",
+                "digits_top5_accuracy"):
         assert f"{metrics[key]:.4f}" in final, key
         assert f"{metrics[key]:.4f}" in summary, key
     best = json.loads(latest(root, "data/06_models/best_model_info.json").read_text())
@@ -115,7 +116,8 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
     # The top-3 candidates were scored on the full set and the full-set winner is the published best_model.
     reranked = json.loads(latest(root, "data/06_models/candidate_evals.json").read_text())
     assert reranked["reranked"] and len(reranked["candidates"]) == 3
-    winner = max(reranked["candidates"], key=lambda c: (c["full_value"], c["step"] == best["partial_best_step"], -c["step"]))
+    winner = max(reranked["candidates"],
+                 key=lambda c: (c["full_value"], c["step"] == best["partial_best_step"], -c["step"]))
     assert best["step"] == winner["step"] and best["selected_by"] == "full-set re-rank of 3 candidates"
     assert metrics["model_info"]["step"] == winner["step"]  # full_evaluate evaluated the published model ...
     assert metrics["overall_accuracy"] == pytest.approx(winner["full_value"], abs=1e-6)  # ... with the same result
@@ -124,7 +126,8 @@ def test_kedro_run_writes_a_report_whose_numbers_match_the_saved_metrics(trained
     client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     logged = client.get_run(best["mlflow_run_id"]).data.metrics
     for candidate in reranked["candidates"]:
-        assert logged[f"final_eval_candidate_{candidate['step']}_overall_accuracy"] == pytest.approx(candidate["full_value"])
+        key = f"final_eval_candidate_{candidate['step']}_overall_accuracy"
+        assert logged[key] == pytest.approx(candidate["full_value"])
     for key in ("eval_overall_accuracy_ci_low", "eval_overall_accuracy_ci_high", "eval_overall_accuracy_pooled",
                 "eval_digits_accuracy_ci_low", "final_eval_overall_accuracy_ci_high"):
         assert key in logged, key
@@ -161,7 +164,8 @@ def test_the_training_run_registered_its_served_model(trained_demo):
     assert registered["best_model"] == str(latest(root, "data/06_models/best_model").resolve())
     # The version says what it is (env, label spaces, how good the full evaluation found it).
     metrics = json.loads(latest(root, "data/07_model_output/eval_metrics.json").read_text())
-    assert version.tags["food_multids.env"] == "local" and version.tags["food_multids.datasets"] == "digits:10,shapes:40"
+    assert version.tags["food_multids.env"] == "local"
+    assert version.tags["food_multids.datasets"] == "digits:10,shapes:40"
     assert version.tags["food_multids.final_overall_accuracy"] == f"{metrics['overall_accuracy']:.4f}"
     info = json.loads((latest(root, "data/06_models/best_model") / "training_info.json").read_text())
     assert info["kedro_env"] == "local"
@@ -169,7 +173,8 @@ def test_the_training_run_registered_its_served_model(trained_demo):
                                env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"},
                                capture_output=True, text=True, timeout=120)
     assert described.returncode == 0, described.stderr[-2000:]
-    assert described.stdout.startswith("Model models:/food_multids/latest: "), described.stdout[:300]  # no log line first
+    # No log line first:
+    assert described.stdout.startswith("Model models:/food_multids/latest: "), described.stdout[:300]
     assert "label spaces: digits (10 classes), shapes (40 classes)" in described.stdout
     assert "trained in the Kedro env 'local'" in described.stdout and "version 1 of 1" in described.stdout
 
@@ -187,9 +192,11 @@ def test_kedro_viz_build_shows_the_nine_nodes_and_their_edges(trained_demo):
                      "select_best", "log_served_model", "full_evaluate", "report"}
     edges = {(name[e["source"]], name[e["target"]]) for e in graph["edges"]}
     chain = [("ingest_jsonl", "train_records"), ("train_records", "merge_and_tag"), ("merge_and_tag", "val_set"),
-             ("val_set", "split_eval_subsets"), ("split_eval_subsets", "eval_subset"), ("eval_subset", "train_deepspeed"),
+             ("val_set", "split_eval_subsets"), ("split_eval_subsets", "eval_subset"),
+             ("eval_subset", "train_deepspeed"),
              ("train_deepspeed", "checkpoint_manifest"), ("checkpoint_manifest", "rerank_candidates"),
-             ("rerank_candidates", "candidate_evals"), ("candidate_evals", "select_best"), ("checkpoint_manifest", "select_best"),
+             ("rerank_candidates", "candidate_evals"), ("candidate_evals", "select_best"),
+             ("checkpoint_manifest", "select_best"),
              ("select_best", "best_model"), ("best_model", "full_evaluate"), ("full_evaluate", "predictions"),
              ("predictions", "report"), ("best_model", "log_served_model"), ("log_served_model", "registered_model")]
     for edge in chain:
@@ -204,8 +211,8 @@ def test_a_model_whose_label_spaces_differ_from_the_config_is_refused_before_eva
     params = copy.deepcopy(base_params)
     params["datasets"]["dataset_configs"] = {"digits": {"num_classes": 10}, "letters": {"num_classes": 26}}
     with pytest.raises(ModelMismatchError, match=rf"the model {classifier_dir} was trained on the label spaces digits "
-                                                 r"\(#0, 10 classes\), shapes \(#1, 40 classes\), but .* letters \(#1, 26 "
-                                                 r"classes\).*--load-versions best_model:<version>"):
+                                                 r"\(#0, 10 classes\), shapes \(#1, 40 classes\), but .* letters "
+                                                 r"\(#1, 26 classes\).*--load-versions best_model:<version>"):
         full_evaluate(classifier_dir, pd.DataFrame(), **node_sections(full_evaluate, params))
 
 

@@ -113,7 +113,8 @@ def test_an_unknown_dataset_for_a_folder_is_an_error_naming_the_setting(classifi
 
 def test_predict_output_round_trips_through_parquet(classifier_dir, tmp_path):
     write_image(tmp_path / "photos/a.png")
-    predicted = run_predict(classifier_dir, {**PREDICT, "image_dir": str(tmp_path / "photos")}).load("image_predictions")
+    predicted = run_predict(classifier_dir,
+                            {**PREDICT, "image_dir": str(tmp_path / "photos")}).load("image_predictions")
     predicted.to_parquet(tmp_path / "p.parquet")
     back = pd.read_parquet(tmp_path / "p.parquet")
     assert list(back["top_k_ids"].iloc[0]) == list(predicted["top_k_ids"].iloc[0])
@@ -172,7 +173,8 @@ def test_a_saved_model_is_loaded_with_its_training_image_settings_and_todays_spe
     (folder / "training_info.json").write_text(json.dumps({"parameters": trained}))
     today = ModelConfig(num_labels=40, min_pixels=3136, max_pixels=3136, batched_vision_windows=False)
     loaded = load_model(folder, torch.device("cpu"), today)
-    assert (loaded.settings.min_pixels, loaded.settings.max_pixels, loaded.settings.padding_side) == (784, 6272, "right")
+    settings = loaded.settings
+    assert (settings.min_pixels, settings.max_pixels, settings.padding_side) == (784, 6272, "right")
     assert loaded.settings.batched_vision_windows is False
     assert (loaded.encoder.min_pixels, loaded.encoder.max_pixels) == (784, 6272)
 
@@ -196,7 +198,8 @@ def test_a_batch_whose_every_image_fails_to_decode_leaves_the_good_rows_predicte
         corrupt_png(folder / f"a_bad_{i}.png", colour=(10 * i, 50, 90))
     for i in range(3):
         write_image(folder / f"b_good_{i}.png", colour=(40 * i, 90, 200))
-    catalog = run_predict(classifier_dir, {**PREDICT, "image_dir": str(folder), "dataset_name": "shapes", "batch_size": 8})
+    catalog = run_predict(classifier_dir,
+                          {**PREDICT, "image_dir": str(folder), "dataset_name": "shapes", "batch_size": 8})
     table = catalog.load("image_predictions")
     bad = table["image"].str.contains("a_bad_")
     assert bad.sum() == 8 and (~bad).sum() == 3

@@ -80,7 +80,10 @@ class BackboneFamily(ABC):
     def preprocessor_config(self, model_path: Path, min_pixels: int, max_pixels: int) -> dict:
         """The checkpoint's preprocessor_config.json with this run's pixel range, to save beside a model."""
         source = Path(model_path) / "preprocessor_config.json"
-        conf = json.loads(source.read_text()) if source.is_file() else self.image_processor(min_pixels, max_pixels).to_dict()
+        if source.is_file():
+            conf = json.loads(source.read_text())
+        else:
+            conf = self.image_processor(min_pixels, max_pixels).to_dict()
         conf.update(min_pixels=min_pixels, max_pixels=max_pixels)
         if "size" in conf:
             conf["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}

@@ -29,16 +29,16 @@ def _vision(depth: int, hidden: int, intermediate: int, heads: int, out: int, fu
 
 def config_3b():
     """The published Qwen2.5-VL-3B-Instruct shapes (about 3.75 B parameters)."""
-    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
     return _config(text, _vision(32, 1280, 3420, 16, 2048, [7, 15, 23, 31]), HUB_IDS, tie=True)
 
 
 def config_7b():
     """The published Qwen2.5-VL-7B-Instruct shapes (about 8.29 B parameters with the LM head)."""
-    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
     return _config(text, _vision(32, 1280, 3420, 16, 3584, [7, 15, 23, 31]), HUB_IDS, tie=False)
 

@@ -20,12 +20,13 @@ def _config(text: dict, vision: dict, ids: dict, tie: bool):
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
 
 
-def _real(hidden: int, intermediate: int, tie: bool, depth: int, v_hidden: int, v_intermediate: int, deepstack: list[int]):
+def _real(hidden: int, intermediate: int, tie: bool, depth: int, v_hidden: int, v_intermediate: int,
+          deepstack: list[int]):
     text = dict(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                 rms_norm_eps=1e-6, mrope_section=[24, 20, 20])
-    vision = dict(depth=depth, hidden_size=v_hidden, intermediate_size=v_intermediate, num_heads=16, out_hidden_size=hidden,
-                  num_position_embeddings=2304, deepstack_visual_indexes=deepstack)
+    vision = dict(depth=depth, hidden_size=v_hidden, intermediate_size=v_intermediate, num_heads=16,
+                  out_hidden_size=hidden, num_position_embeddings=2304, deepstack_visual_indexes=deepstack)
     return _config(text, vision, HUB_IDS, tie)
 
 

@@ -11,7 +11,8 @@ from food_multids.pipelines.predict.nodes import (
 def create_pipeline(**kwargs) -> Pipeline:
     """`kedro run --pipelines predict`: records from predict.jsonl_list / predict.image_dir -> image_predictions."""
     return Pipeline([
-        Node(ingest_images, inputs=["best_model", "params:predict"], outputs=["predict_records", "predict_rejected_rows"],
+        Node(ingest_images, inputs=["best_model", "params:predict"],
+             outputs=["predict_records", "predict_rejected_rows"],
              name="ingest_images"),
         Node(predict, inputs=["best_model", "predict_records", "params:predict", "params:training"],
              outputs="image_predictions",

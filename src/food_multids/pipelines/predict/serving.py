@@ -238,7 +238,8 @@ def version_tags(model_dir: Path, env: str | None) -> dict[str, str]:
 
 
 def version_description(tags: dict[str, str]) -> str:
-    spaces = ", ".join(f"{part.split(':')[0]} ({part.split(':')[1]} classes)" for part in tags[TAG + "datasets"].split(","))
+    parts = [part.split(":") for part in tags[TAG + "datasets"].split(",")]
+    spaces = ", ".join(f"{name} ({classes} classes)" for name, classes in parts)
     return (f"Classifier of {spaces}; trained in the Kedro env '{tags.get(TAG + 'env', '?')}' from "
             f"{tags.get(TAG + 'backbone', '?')} ({tags.get(TAG + 'finetuning', '?')} fine-tuning), best step "
             f"{tags.get(TAG + 'best_step', '?')} of MLflow run {tags.get(TAG + 'training_run_id', '?')}.")

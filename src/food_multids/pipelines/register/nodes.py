@@ -1,5 +1,6 @@
-"""register node: log_served_model, the train pipeline's last step (the served model, food_multids.pipelines.predict.serving,
-runs the predict pipeline's serving nodes: it sits above both, and the predict nodes import neither)."""
+"""register node: log_served_model, the train pipeline's last step (the served model,
+food_multids.pipelines.predict.serving, runs the predict pipeline's serving nodes: it sits above both, and the
+predict nodes import neither)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,6 @@ def log_served_model(best_model: Path, full_eval_set: pd.DataFrame, predict: dic
         return log_and_register(Path(best_model), predict, example)
     except Exception as exc:  # the training is done and its best model saved: this must not fail the run
         logger.warning("The served model was not logged or registered (%s: %s); the best model is in the catalog: "
-                       "retry with food_multids.pipelines.predict.serving.log_and_register or `kedro run --pipelines train "
-                       "--from-nodes log_served_model`", type(exc).__name__, exc)
+                       "retry with food_multids.pipelines.predict.serving.log_and_register or `kedro run --pipelines "
+                       "train --from-nodes log_served_model`", type(exc).__name__, exc)
         return {"logged": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -42,7 +42,8 @@ def evaluated_model_info(eval_metrics: dict, best_model_info: dict) -> dict:
                            info.get("source_path"), info.get("mlflow_run_id"), info.get("step"),
                            best_model_info.get("mlflow_run_id"), best_model_info.get("step"))
             break
-    return {**best_model_info, **info, "eval_subset_strategy": info.get("subset", best_model_info.get("eval_subset_strategy"))}
+    return {**best_model_info, **info,
+            "eval_subset_strategy": info.get("subset", best_model_info.get("eval_subset_strategy"))}
 
 
 def trained_config(model_info: dict) -> ProjectConfig | None:
@@ -77,7 +78,8 @@ def report(training_history: dict, eval_metrics: dict, predictions: pd.DataFrame
     report_run = active.info.run_id if active else None
     where = Provenance(training_run_id=best.get("mlflow_run_id"), report_run_id=report_run,
                        created=time.time(), git_commit=git_commit(find_project_root()),
-                       model_dir=str(model_info.get("source_path") or Path(eval_metrics.get("model_dir", "")).resolve()),
+                       model_dir=str(model_info.get("source_path")
+                                     or Path(eval_metrics.get("model_dir", "")).resolve()),
                        backbone=model_info.get("backbone") or str(resolve_path(cfg.model.name_or_path)),
                        training_env=_run_tag(active, best.get("mlflow_run_id"), "food_multids.env"),
                        report_env=_run_tag(active, report_run, "food_multids.env"))

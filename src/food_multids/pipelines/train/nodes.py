@@ -91,8 +91,8 @@ def select_best(training_history: dict, checkpoint_manifest: dict, candidate_eva
         chosen = min(candidates, key=lambda c: (-sign * c["full_value"], c["step"] != best["step"], c["step"]))
         how = f"full-set re-rank of {len(candidates)} candidates"
         partial = next(c for c in candidates if c["step"] == best["step"])
-        reason = (f"full-set re-rank: step {chosen['step']} has {best['metric']} {chosen['full_value']:.4f} on the full "
-                  f"validation set, the best of {len(candidates)} candidates (the partial evaluation's pick, step "
+        reason = (f"full-set re-rank: step {chosen['step']} has {best['metric']} {chosen['full_value']:.4f} on the "
+                  f"full validation set, the best of {len(candidates)} candidates (the partial evaluation's pick, step "
                   f"{best['step']}: {partial['full_value']:.4f})")
     path = Path(chosen.get("path") or best["path"])
     if not (path / "config.json").is_file():
