@@ -60,3 +60,60 @@ def test_every_worker_answers_through_one_result_convention(tmp_path):
     pd.testing.assert_frame_equal(frames["predictions"], table)
     write_result(tmp_path, {"history": []})  # a worker without tables: none read back
     assert read_result(tmp_path) == ({"history": []}, {})
+
+
+LAUNCHER = """
+import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+sys.exit(rank.wait())
+"""
+RANK = """
+import pathlib, signal, sys, time
+mark = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    mark.write_text(str(signum))
+    if "{ignore}" != "yes":
+        sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+mark.with_suffix(".ready").touch()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def start_launcher(tmp_path, ignore: bool):
+    import subprocess
+    import sys
+    import time
+
+    mark = tmp_path / "rank.signal"
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, RANK.replace("{ignore}", "yes" if ignore else "no"),
+                             str(mark)], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not mark.with_suffix(".ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc, mark
+
+
+def test_a_stop_passes_the_signal_to_the_ranks_once_and_waits_for_them(tmp_path):
+    import signal
+
+    from food_multids.runtime.cluster import stop_gracefully
+
+    proc, mark = start_launcher(tmp_path, ignore=False)
+    stop_gracefully(proc, signal.SIGTERM)
+    assert mark.read_text() == str(int(signal.SIGTERM))  # the rank got it and stopped on its own
+    assert proc.returncode == 0  # the launcher was not killed: its rank ended and so did it
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # Kedro's own handlers are back
+
+
+def test_ranks_that_do_not_stop_within_the_grace_are_killed(tmp_path, monkeypatch, caplog):
+    import signal
+
+    from food_multids.runtime import cluster
+
+    monkeypatch.setattr(cluster, "STOP_GRACE_S", 1)
+    proc, mark = start_launcher(tmp_path, ignore=True)
+    cluster.stop_gracefully(proc, signal.SIGTERM)
+    assert mark.read_text() == str(int(signal.SIGTERM)) and proc.returncode == -signal.SIGKILL
+    assert "did not stop within 1 s of the signal: killed" in caplog.text

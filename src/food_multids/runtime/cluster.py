@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from food_multids.config import TrainConfig
@@ -226,6 +227,26 @@ def signal_ranks(proc: subprocess.Popen, signum: int) -> None:
             pass
     if not ranks and proc.poll() is None:
         proc.send_signal(signum)
+
+
+def stop_gracefully(proc: subprocess.Popen, signum: int,
+                    send: Callable[[subprocess.Popen, int], None] = signal_ranks) -> None:
+    """The one stop path of every launch (one machine, a SLURM step, node 0 of a torchrun run): the signal Kedro
+    got, passed on once (`send`: to the ranks by default), then up to STOP_GRACE_S for the ranks to agree on a
+    step, save and stop; whatever is left then is killed. SIGINT and SIGTERM are ignored meanwhile: a second
+    Ctrl-C must not end Kedro in the middle of the ranks' checkpoint."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if proc.poll() is None:
+            send(proc, signum)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            logger.error("The ranks did not stop within %d s of the signal: killed", STOP_GRACE_S)
+        stop_tree(proc)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def ranks_text(ranks: list[int]) -> str:

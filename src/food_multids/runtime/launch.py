@@ -32,8 +32,7 @@ from food_multids.runtime.cluster import (
     STOP_GRACE_S,
     SUPERVISOR_ENV,
     die_with_parent,
-    signal_ranks,
-    stop_tree,
+    stop_gracefully,
 )
 from food_multids.runtime.commands import deepspeed_launcher, torchrun_launcher
 from food_multids.runtime.files import write_json_atomic
@@ -252,22 +251,12 @@ def launch_processes(training: TrainConfig, world: int, launch: Path, params: di
         proc.wait()
     except (RunInterrupted, KeyboardInterrupt) as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            if training.launch_mode() == "slurm":
-                stop_slurm_step(proc, f"food_multids-{step}", signum)
-            elif training.launch_mode() == "ssh":
-                proc.send_signal(signum)  # DeepSpeed's runner signals pdsh and runs its kill command
-            else:
-                signal_ranks(proc, signum)  # they stop at their next agreed step with a checkpoint
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                logger.error("The ranks did not stop within %d s of the signal: killed", STOP_GRACE_S)
-                stop_tree(proc)
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+        if training.launch_mode() == "slurm":
+            stop_gracefully(proc, signum, lambda p, s: stop_slurm_step(p, f"food_multids-{step}", s))
+        elif training.launch_mode() == "ssh":  # DeepSpeed's runner signals pdsh and runs its kill command
+            stop_gracefully(proc, signum, lambda p, s: p.send_signal(s))
+        else:
+            stop_gracefully(proc, signum)  # the ranks stop at their next agreed step with a checkpoint
         raise_if_interrupted(launch)
         raise
     raise_if_interrupted(launch)  # a signal reached only the ranks (a scheduler's, or on another node)

@@ -32,7 +32,7 @@ from food_multids.runtime.cluster import (
     ranks_text,
     read_record,
     resolve_plan,
-    signal_ranks,
+    stop_gracefully,
     stop_tree,
 )
 from food_multids.runtime.commands import torchrun_launcher
@@ -111,27 +111,13 @@ class Session:
         except (RunInterrupted, KeyboardInterrupt) as exc:
             # torchrun passes the signal once to each rank of this node; the workers do the same on theirs
             # (a scheduler signals every node). The ranks agree on a step, save and stop.
-            self._stop_gracefully(proc, getattr(exc, "signum", signal.SIGINT))
+            stop_gracefully(proc, getattr(exc, "signum", signal.SIGINT))
             raise
         except BaseException:
             stop_tree(proc)  # whatever went wrong here, no rank outlives its launcher
             raise
         if code != 0:
             raise NodeFailure(self._diagnose(plan, index, claims, code))
-
-    def _stop_gracefully(self, proc: subprocess.Popen, signum: int) -> None:
-        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            if proc.poll() is None:
-                signal_ranks(proc, signum)
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-            stop_tree(proc)
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
 
     def _await_claims(self) -> dict[int, dict]:
         """Every other node's claim (host, pid of its node worker), waiting up to join_timeout_s from the
