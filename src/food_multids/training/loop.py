@@ -66,11 +66,10 @@ from food_multids.training import checkpoint as ckpt
 from food_multids.training.ema import WeightAverage
 from food_multids.training.engine import create_engine, resolve_deepspeed_config
 from food_multids.training.losses import Objective, class_counts, weight_table
-from food_multids.training.output_dir import OutputDirError, reporting_write_failure
+from food_multids.training.output_dir import FINISHED, prepare_output_dir, reporting_write_failure
 from food_multids.training.selection import BestModelSelector, metric_rows
 
 logger = logging.getLogger(__name__)
-FINISHED = "FINISHED.json"
 
 
 @dataclass
@@ -265,52 +264,9 @@ class Trainer:
 
     # -- resume ------------------------------------------------------------------------------------
     def _prepare_output_dir(self) -> Path | None:
-        """Checkpoint to resume from, or None (then leftovers of an earlier run are cleared)."""
-        resume = self.t.resume_from_checkpoint
-        source = None
-        if resume == "auto":
-            finished = (self.output_dir / FINISHED).is_file()
-            source = None if finished else ckpt.latest_checkpoint(self.output_dir)
-            if source is None and self.is_main:
-                logger.info("resume_from_checkpoint=auto: %s", "previous run finished, starting fresh" if finished
-                            else f"no complete checkpoint in {self.output_dir}, starting fresh")
-        elif isinstance(resume, str) and resume:
-            source = resolve_path(resume)
-            if not (source / ckpt.COMPLETE).is_file():
-                raise FileNotFoundError(f"params:training.resume_from_checkpoint: {source} is not a complete "
-                                        f"checkpoint (no {ckpt.COMPLETE}); complete ones: "
-                                        f"{[str(p) for _, p in ckpt.complete_checkpoints(self.output_dir)]}")
-        if self.is_main and self.output_dir.exists():
-            for staged in self.output_dir.glob(".best-staging-*"):  # a kill while a best model was written
-                shutil.rmtree(staged, ignore_errors=True)
-        if source is None:
-            self._clear_earlier_run()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-        return source
-
-    def _clear_earlier_run(self) -> None:
-        """Remove a finished earlier run's files; refuse to delete an unfinished one's unless told to."""
-        names = ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)
-        leftovers = [p for p in self.output_dir.iterdir() if p.name in names] if self.output_dir.is_dir() else []
-        finished = (self.output_dir / FINISHED).is_file()
-        done, best = ckpt.complete_checkpoints(self.output_dir), ckpt.read_best_pointer(self.output_dir)
-        # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work:
-        # a complete checkpoint or a best model.
-        keep = not self.t.overwrite_output_dir and self.t.resume_from_checkpoint is False
-        if (done or best) and not finished and keep:
-            raise OutputDirError(
-                f"training.output_dir {self.output_dir} holds an unfinished run (complete checkpoints at steps "
-                f"{[s for s, _ in done]}, best model at step {best['step'] if best else None}); set "
-                "training.resume_from_checkpoint: auto to continue it, or training.overwrite_output_dir: true to "
-                "discard it")
-        self._barrier()  # every rank has decided before rank 0 deletes anything
-        if not self.is_main or not leftovers:
-            return
-        logger.warning("Starting fresh in %s: removing %s of an earlier %s run", self.output_dir,
-                       [p.name for p in leftovers], "finished" if finished else "unfinished")
-        for p in leftovers:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        """Checkpoint to resume from, or None (then leftovers of an earlier run are cleared): output_dir.py's
+        policy, with this run's ranks."""
+        return prepare_output_dir(self.output_dir, self.t, self.is_main, self._barrier)
 
     def _state(self) -> dict:
         return {"global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,

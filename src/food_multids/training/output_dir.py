@@ -1,4 +1,5 @@
-"""Who may write to training.output_dir, and whether it can be written at all.
+"""Who may write to training.output_dir, whether it can be written at all, and what a new run does with
+what an earlier one left there (resume it, clear it, or refuse to lose it: prepare_output_dir).
 
 One training run at a time owns an output directory: `OutputDirLock` holds an exclusive `flock` on
 `<output_dir>/.lock` for the whole run and writes the holder's PID, host, start time and command
@@ -19,14 +20,18 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from food_multids.config import TrainConfig
+from food_multids.config.paths import resolve_path
 from food_multids.helpers.interrupts import RunInterrupted
+from food_multids.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+FINISHED = "FINISHED.json"  # written by a run that reached its last step
 
 
 class OutputDirError(RuntimeError):
@@ -135,3 +140,55 @@ def describe_write_failure(what: str, path: Path, exc: BaseException) -> OutputD
              "training.save_total_limit, or point training.output_dir at a larger disk") if full else \
         f"{type(exc).__name__}: {exc} ({free / 2**20:.1f} MiB free there)"
     return OutputDirError(f"writing the {what} to {path} failed: {cause}")
+
+
+def prepare_output_dir(output_dir: Path, training: TrainConfig, is_main: bool, barrier: Callable[[], None]
+                       ) -> Path | None:
+    """The checkpoint a run resumes from (training.resume_from_checkpoint), or None: then an earlier run's
+    files are cleared (clear_earlier_run). Every rank calls it; rank 0 alone deletes, between barriers."""
+    resume = training.resume_from_checkpoint
+    source = None
+    if resume == "auto":
+        finished = (output_dir / FINISHED).is_file()
+        source = None if finished else ckpt.latest_checkpoint(output_dir)
+        if source is None and is_main:
+            logger.info("resume_from_checkpoint=auto: %s", "previous run finished, starting fresh" if finished
+                        else f"no complete checkpoint in {output_dir}, starting fresh")
+    elif isinstance(resume, str) and resume:
+        source = resolve_path(resume)
+        if not (source / ckpt.COMPLETE).is_file():
+            raise FileNotFoundError(f"params:training.resume_from_checkpoint: {source} is not a complete "
+                                    f"checkpoint (no {ckpt.COMPLETE}); complete ones: "
+                                    f"{[str(p) for _, p in ckpt.complete_checkpoints(output_dir)]}")
+    if is_main and output_dir.exists():
+        for staged in output_dir.glob(".best-staging-*"):  # a kill while a best model was written
+            shutil.rmtree(staged, ignore_errors=True)
+    if source is None:
+        clear_earlier_run(output_dir, training, is_main, barrier)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return source
+
+
+def clear_earlier_run(output_dir: Path, training: TrainConfig, is_main: bool, barrier: Callable[[], None]) -> None:
+    """Remove a finished earlier run's files; refuse to delete an unfinished one's unless told to."""
+    names = ("checkpoints", "best", ckpt.BEST_POINTER, FINISHED)
+    leftovers = [p for p in output_dir.iterdir() if p.name in names] if output_dir.is_dir() else []
+    finished = (output_dir / FINISHED).is_file()
+    done, best = ckpt.complete_checkpoints(output_dir), ckpt.read_best_pointer(output_dir)
+    # resume_from_checkpoint: auto found nothing to resume; false (the default) must not discard work:
+    # a complete checkpoint or a best model.
+    keep = not training.overwrite_output_dir and training.resume_from_checkpoint is False
+    if (done or best) and not finished and keep:
+        raise OutputDirError(
+            f"training.output_dir {output_dir} holds an unfinished run (complete checkpoints at steps "
+            f"{[s for s, _ in done]}, best model at step {best['step'] if best else None}); set "
+            "training.resume_from_checkpoint: auto to continue it, or training.overwrite_output_dir: true to "
+            "discard it")
+    barrier()  # every rank has decided before rank 0 deletes anything
+    if not is_main or not leftovers:
+        return
+    logger.warning("Starting fresh in %s: removing %s of an earlier %s run", output_dir,
+                   [p.name for p in leftovers], "finished" if finished else "unfinished")
+    for p in leftovers:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
