@@ -216,3 +216,21 @@ def test_a_training_batch_whose_every_image_failed_stops_with_the_way_out():
 
     with pytest.raises(RuntimeError, match=r"all 8 images of a training batch failed to load .*resume_from_checkpoint"):
         train_step(None, {"all_failed": True, "skipped": 8}, None, None, None)
+
+
+def test_a_trainer_takes_its_place_from_the_caller_and_declares_its_parts(two_datasets):
+    # Joining the process group is the entry point's (training/run.py, training/worker.py); a Trainer built
+    # for rank 1 of 2 is rank 1 of 2 without any group, and its parts exist (empty) before build_run fills them.
+    import torch.distributed as dist
+
+    from food_multids.pipelines.data.nodes import run_data_nodes
+    from food_multids.runtime.device import Placement
+    from food_multids.training.loop import Trainer
+
+    cfg = ProjectConfig.from_params(two_datasets)
+    train, _, subset, full = run_data_nodes(two_datasets)
+    joined = dist.is_initialized()  # an earlier test of this process may have started one
+    trainer = Trainer(cfg, Placement(torch.device("cpu"), 1, 2), train, subset, full)
+    assert dist.is_initialized() == joined
+    assert (trainer.rank, trainer.world, trainer.is_main) == (1, 2, False)
+    assert trainer.engine is None and trainer.train_loader is None and trainer.total_steps == 0

@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 
 from food_multids.config import ProjectConfig
 from food_multids.runtime.cluster import exit_with_supervisor
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process computes: its device and its rank among `world` processes."""
+
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def join_process_group(cfg: ProjectConfig) -> Placement:
+    """training.device for this process, and its place in the process group it joins (or starts, alone):
+    called by the entry points (training/run.py in process, training/worker.py under a launcher)."""
+    device = resolve_device(cfg)
+    rank, world = init_distributed(device, cfg.training.master_port)
+    return Placement(device, rank, world)
 
 
 def resolve_device(cfg: ProjectConfig) -> torch.device:

@@ -26,10 +26,8 @@ from torch.utils.data import DataLoader
 from food_multids.config import ProjectConfig
 from food_multids.config.paths import resolve_path
 from food_multids.data.adaptive_mix import AdaptiveMix
-from food_multids.data.collator import create_collator
 from food_multids.data.dataset import RecordDataset
-from food_multids.data.labels import resolve_label_names
-from food_multids.data.sampler import MixingSampler, ShardedEvalSampler, mix_proportions
+from food_multids.data.sampler import ShardedEvalSampler
 from food_multids.data.tables import partial_eval_subset
 from food_multids.helpers.interrupts import StopFlag, TrainingInterrupted
 from food_multids.helpers.metrics import (
@@ -42,15 +40,9 @@ from food_multids.helpers.metrics import (
 from food_multids.helpers.progress import progress
 from food_multids.model.classifier import (
     TRAINING_INFO,
-    ClassifierMeta,
-    LabelSpace,
-    check_image_token,
-    create_classifier,
 )
-from food_multids.model.loading import load_tokenizer, resolve_dtype
-from food_multids.model.lora import apply_lora
-from food_multids.model.speedups import prepare_model
-from food_multids.runtime.device import init_distributed, resolve_device
+from food_multids.model.loading import resolve_dtype
+from food_multids.runtime.device import Placement
 from food_multids.runtime.files import fsync_tree, write_json_atomic
 from food_multids.runtime.scoring import (
     MODEL_INPUTS,
@@ -64,10 +56,10 @@ from food_multids.runtime.scoring import (
 from food_multids.tracking import Trackers
 from food_multids.training import checkpoint as ckpt
 from food_multids.training.ema import WeightAverage
-from food_multids.training.engine import create_engine, resolve_deepspeed_config
-from food_multids.training.losses import Objective, class_counts, weight_table
+from food_multids.training.losses import Objective
 from food_multids.training.output_dir import FINISHED, prepare_output_dir, reporting_write_failure
 from food_multids.training.selection import BestModelSelector, metric_rows
+from food_multids.training.setup import build_objective, build_run
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +68,6 @@ logger = logging.getLogger(__name__)
 class TrainingResult:
     history: dict
     manifest: dict
-
-
-def label_spaces(cfg: ProjectConfig, train: pd.DataFrame) -> dict[str, LabelSpace]:
-    """Per-dataset label space with class names (label_name fields or a class_names file)."""
-    names = resolve_label_names(cfg, train)
-    return {spec.name: LabelSpace(spec.index, spec.num_classes, names[spec.name]) for spec in cfg.datasets}
 
 
 TRAIN_SUMS = ("loss", "correct", "count", "skipped")
@@ -116,32 +102,13 @@ def train_step(engine, batch: dict, device: torch.device, dtype: torch.dtype, su
         sums.add("skipped", batch["skipped_dataset_ids"])
 
 
-def build_objective(cfg: ProjectConfig, train: pd.DataFrame, device: torch.device) -> Objective | None:
-    """training.loss as a per-row objective, its class weights from the training set's counts; None for
-    plain cross-entropy (train_step's default path)."""
-    settings = cfg.training.loss
-    if not settings.differs_from_ce():
-        return None
-    counts = class_counts(train["label"].to_numpy(), train["dataset_id"].to_numpy(),
-                          [d.num_classes for d in cfg.datasets])
-    table = weight_table(settings, list(cfg.dataset_names), counts, cfg.model.num_labels)
-    if table is not None:
-        for spec, row in zip(cfg.datasets, table, strict=True):
-            used = row[:spec.num_classes]
-            logger.info("Class weights of %s (training.loss %s%s): %.3g to %.3g", spec.name, settings.type,
-                        f", class_weights {settings.class_weights}" if isinstance(settings.class_weights, str) else "",
-                        used.min(), used.max())
-    return Objective(settings, table, device)
-
-
 class Trainer:
-    def __init__(self, cfg: ProjectConfig, train: pd.DataFrame, eval_subset: pd.DataFrame,
+    def __init__(self, cfg: ProjectConfig, place: Placement, train: pd.DataFrame, eval_subset: pd.DataFrame,
                  full_eval: pd.DataFrame | None = None, run_id: str | None = None, tracking_uri: str | None = None):
-        self.cfg, self.t = cfg, cfg.training
+        """`place`: this process's device and rank in the process group its caller joined (join_process_group)."""
+        self.cfg, self.t, self.place = cfg, cfg.training, place
         self.train_df, self.eval_df, self.full_eval_df = train, eval_subset, full_eval
-        self.device = resolve_device(cfg)
-        self.rank, self.world = init_distributed(self.device, self.t.master_port)
-        self.is_main = self.rank == 0
+        self.device, self.rank, self.world, self.is_main = place.device, place.rank, place.world, place.is_main
         self.names = list(cfg.dataset_names)
         self.dtype = resolve_dtype(cfg.model.torch_dtype, self.device)
         self.output_dir = self.t.resolved_output_dir()
@@ -175,85 +142,37 @@ class Trainer:
         self._mix_changed = False
         self.stopped_early = False
         self.stop = StopFlag()
+        # Built by _build (setup.py's build_run) when the run starts, after the output folder is prepared.
+        self.engine = self.optimizer = self.scheduler = None
+        self.tokenizer = self.encoder = self.collator = self.sampler = self.train_loader = None
+        self.target_mix: np.ndarray | None = None
+        self.adaptive: AdaptiveMix | None = None
+        self.lora, self.total_steps, self.zero_stage = cfg.model.finetuning == "lora", 0, 0
+        self.parameter_counts: dict[str, int] = {}
+        self._window_start = 0.0
 
     @property
     def best(self) -> dict | None:
         return self.selector.best
 
-    # -- setup -------------------------------------------------------------------------------------
+    # -- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
-        cfg = self.cfg
-        # The new head's initialisation (and anything else random) follows training.seed.
-        random.seed(self.t.seed)
-        np.random.seed(self.t.seed)
-        torch.manual_seed(self.t.seed)
-        meta = ClassifierMeta(num_labels=cfg.model.num_labels, pooling=cfg.model.pooling,
-                              enable_logits_masking=cfg.model.enable_logits_masking,
-                              label_spaces=label_spaces(cfg, self.train_df), prompt=cfg.model.prompt)
-        model = create_classifier(self.model_path, meta, cfg.model.torch_dtype, self.device,
-                                  cfg.model.attn_implementation)
-        model.freeze(cfg.model.freeze_vision_tower, cfg.model.freeze_merger, cfg.model.freeze_language_model)
-        self.lora = cfg.model.finetuning == "lora"
-        if self.lora:  # adapters + head (+ merger unless frozen) are all that train
-            counts = apply_lora(model, cfg.model.lora, cfg.model.freeze_merger, self.model_path)
-            if self.is_main:
-                logger.info("LoRA r=%d alpha=%g on %d layers: %d of %d parameters train", cfg.model.lora.r,
-                            cfg.model.lora.alpha, counts["adapted_layers"], counts["trainable_parameters"],
-                            counts["total_parameters"])
-        self.parameter_counts = model.parameter_counts()
-        self.speedups = prepare_model(model, cfg.model, training=True)
-        self.tokenizer = load_tokenizer(self.model_path)
-        self.encoder, self.collator = create_collator(
-            self.model_path, cfg.model, self.tokenizer,
-            processor_config=model.kind.preprocessor_config(self.model_path, cfg.model.min_pixels,
-                                                            cfg.model.max_pixels))
-        check_image_token(self.collator, model, self.model_path)
-        sizes = np.bincount(self.train_df["dataset_id"].to_numpy(dtype=np.int64), minlength=len(self.names))
-        global_batch = self.t.per_device_train_batch_size * self.world
-        small = {n: int(c) for n, c in zip(self.names, sizes, strict=True) if c < global_batch}
-        if small and self.is_main:
-            logger.warning("Datasets with fewer training rows than one global batch (%d = %d per device x %d): %s; "
-                           "each epoch sees them in less than one batch (lower per_device_train_batch_size?)",
-                           global_batch,
-                           self.t.per_device_train_batch_size, self.world, small)
-        self.target_mix = mix_proportions(sizes, cfg.data.mix_strategy, [d.weight for d in cfg.datasets],
-                                          cfg.data.mix_temperature)
-        self.sampler = MixingSampler(self.train_df["dataset_id"].to_numpy(), self.t.per_device_train_batch_size,
-                                     self.world, self.rank, self.t.seed, self.t.shuffle, cfg.data.mix_strategy,
-                                     self.target_mix, cfg.data.resample_each_epoch)
-        adaptive = cfg.data.mix_strategy == "adaptive"
-        self.adaptive = AdaptiveMix(cfg.data.mix_adaptive, self.target_mix) if adaptive else None
-        self.train_loader = self._loader(RecordDataset(self.train_df, self.encoder, self.t.max_consecutive_bad_images),
-                                         self.sampler)
-        self.total_steps = self.t.optimizer_steps(len(self.sampler))
-        ds_config = resolve_deepspeed_config(cfg, self.world, self.dtype)
-        self.engine, self.optimizer, self.scheduler = create_engine(model, cfg, ds_config, self.total_steps,
-                                                                    self.device)
-        self.zero_stage = ds_config["zero_optimization"].get("stage", 0)
-        if self.t.ema is not None:
-            if self.zero_stage == 3:
-                raise ValueError("params:training.ema is not supported with ZeRO-3 (the parameters are partitioned); "
-                                 "use ZeRO-2 or set training.ema: null")
-            self.ema = WeightAverage(self.engine.module, self.t.ema.decay, self.t.ema.start_step)
-            if self.is_main:
-                logger.info("Weight average of %d trained tensors (training.ema decay %g from step %d): the partial "
-                            "evaluations score it and the best model saved is it", len(self.ema.params),
-                            self.t.ema.decay, self.t.ema.start_step)
-        if self.is_main:
-            logger.info("Training %s on %s (%d process(es), ZeRO-%d, %s): %d optimizer steps, %d trainable parameters, "
-                        "epoch = %d micro-batches of %d per process; target mix %s; %s", self.model_path.name,
-                        self.device.type, self.world, self.zero_stage, self.dtype, self.total_steps,
-                        self.parameter_counts["trainable_parameters"],
-                        len(self.sampler), self.t.per_device_train_batch_size,
-                        {n: round(float(p), 3) for n, p in zip(self.names, self.target_mix, strict=True)},
-                        self.speedups)
+        """The model, engine, data pipeline and sampler of this run (setup.py), kept on the trainer."""
+        parts = build_run(self.cfg, self.train_df, self.place, self.dtype, self.model_path, self._loader)
+        self.engine, self.optimizer, self.scheduler = parts.engine, parts.optimizer, parts.scheduler
+        self.tokenizer, self.encoder, self.collator = parts.tokenizer, parts.encoder, parts.collator
+        self.lora = parts.lora
+        self.sampler, self.train_loader, self.total_steps = parts.sampler, parts.train_loader, parts.total_steps
+        self.target_mix, self.adaptive, self.ema = parts.target_mix, parts.adaptive, parts.ema
+        self.zero_stage, self.parameter_counts = parts.zero_stage, parts.parameter_counts
 
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
+    def _loader(self, dataset, batch_sampler, collator=None) -> DataLoader:
         workers = self.t.dataloader_num_workers
         # Its own generator: each new iterator draws a base seed for its workers, which from the global
         # generator would shift the random stream (LoRA dropout) of a resumed run, whose iterator starts
         # mid-epoch. (Workers do nothing random with it today.)
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=workers,
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collator or self.collator,
+                          num_workers=workers,
                           pin_memory=self.t.dataloader_pin_memory and self.device.type == "cuda",
                           persistent_workers=False, prefetch_factor=4 if workers else None,
                           generator=torch.Generator().manual_seed(self.t.seed + self.rank))

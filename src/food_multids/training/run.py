@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from food_multids.config import ProjectConfig
+from food_multids.runtime.device import join_process_group
 from food_multids.runtime.launch import launch_processes, resolve_world_size, uses_launcher
 from food_multids.tracking import active_run_target
 from food_multids.training.loop import Trainer, TrainingResult
@@ -31,7 +32,7 @@ def _run_training(cfg: ProjectConfig, params: dict, train: pd.DataFrame, eval_su
     world = resolve_world_size(cfg.training)
     run_id, tracking_uri = active_run_target()
     if not uses_launcher(cfg.training, world):
-        return Trainer(cfg, train, eval_subset, full_eval, run_id, tracking_uri).run()
+        return Trainer(cfg, join_process_group(cfg), train, eval_subset, full_eval, run_id, tracking_uri).run()
 
     launch = cfg.training.resolved_output_dir() / "launch"
     result, _ = launch_processes(cfg.training, world, launch, params,

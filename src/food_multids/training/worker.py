@@ -6,15 +6,17 @@ import os
 import signal
 
 from food_multids.helpers.interrupts import TrainingInterrupted
-from food_multids.runtime.device import finish_distributed
+from food_multids.runtime.device import finish_distributed, join_process_group
 from food_multids.runtime.launch import worker_context, write_result
 from food_multids.training.loop import Trainer
 
 
 def main(argv: list[str] | None = None) -> None:
     ctx = worker_context(argv)
-    trainer = Trainer(ctx.cfg, ctx.frame("train"), ctx.frame("eval_subset"), ctx.frame("full_eval"),
-                      os.environ.get("MLFLOW_RUN_ID") or None, os.environ.get("MLFLOW_TRACKING_URI") or None)
+    cfg = ctx.cfg
+    trainer = Trainer(cfg, join_process_group(cfg), ctx.frame("train"), ctx.frame("eval_subset"),
+                      ctx.frame("full_eval"), os.environ.get("MLFLOW_RUN_ID") or None,
+                      os.environ.get("MLFLOW_TRACKING_URI") or None)
     try:
         result = trainer.run()
     except TrainingInterrupted as exc:
