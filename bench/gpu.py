@@ -191,7 +191,7 @@ def check_phase(model, tokenizer, config, cfg, dtype, device) -> dict:
     model.eval()
     with torch.inference_mode():
         stock = model(**{**inputs, "position_ids": None})  # per-window SDPA, get_rope_index's host loop
-        speedups = prepare_model(model, cfg.model, training=True)  # what Trainer._build does
+        speedups = prepare_model(model, cfg.model, training=True)  # what training/setup.py's build_run does
         fast = model(**inputs)
     model.train()
     finite = torch.isfinite(stock)

@@ -44,7 +44,7 @@ def run_variant(mode: str, size: str, batch: int, gc: bool) -> None:
     compile_ = os.environ.get("LORA_COMPILE") == "1"
     cfg = dataclasses.replace(cfg,
                               model=dataclasses.replace(cfg.model, finetuning=mode, lora=lora, torch_compile=compile_,
-                                                             gradient_checkpointing=gc),
+                                                        gradient_checkpointing=gc),
                               training=dataclasses.replace(cfg.training, per_device_train_batch_size=batch,
                                                            learning_rate=1e-4 if mode == "lora" else 1e-5))
     device = torch.device(g.DEV)

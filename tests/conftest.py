@@ -251,4 +251,3 @@ def parameter_feeds(parameters: dict) -> dict:
     for key, value in parameters.items():
         add(key, value)
     return feeds
-

@@ -220,6 +220,16 @@ def test_a_config_turns_back_into_the_parameters_it_came_from(two_datasets, tmp_
     assert recorded["datasets"]["dataset_configs"]["beta"]["eval_ratio"] == 0.25
 
 
+def test_a_config_records_the_sections_it_was_given_not_defaults_for_the_others(two_datasets):
+    # What a node took (the training node: no predict section) is what its model and trackers record.
+    taken = {k: v for k, v in with_overrides(two_datasets, training={"seed": 7}).items() if k != "predict"}
+    recorded = ProjectConfig.from_params(taken).to_params()
+    assert "predict" not in recorded and recorded["training"]["seed"] == 7
+    assert set(recorded) == set(taken) | {"datasets"}
+    whole = ProjectConfig.from_params({**two_datasets, "predict": {"top_k": 3}}).to_params()
+    assert whole["predict"]["top_k"] == 3
+
+
 def test_a_config_error_names_the_environments_files():
     assert "(conf/base/parameters.yml, then conf/gpu/parameters.yml and --params):" in str(ConfigError(["x"], "gpu"))
     assert "(conf/base/parameters.yml and --params):" in str(ConfigError(["x"], "base"))

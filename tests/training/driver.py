@@ -7,8 +7,9 @@ Used by the tests that kill a training process or need a process of their own.
 import json
 import sys
 
+from food_multids.pipelines import node_sections
 from food_multids.pipelines.data.nodes import run_data_nodes
-from food_multids.pipelines.train.nodes import TRAIN_SECTIONS, train_deepspeed
+from food_multids.pipelines.train.nodes import train_deepspeed
 
 
 def main(params_file: str, result_file: str) -> None:
@@ -17,7 +18,7 @@ def main(params_file: str, result_file: str) -> None:
     logging.basicConfig(level=logging.INFO)
     params = json.loads(open(params_file).read())
     train_set, _, subset, full = run_data_nodes(params)
-    history, manifest = train_deepspeed(train_set, subset, full, **{name: params.get(name) for name in TRAIN_SECTIONS})
+    history, manifest = train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, params))
     with open(result_file, "w") as fh:
         json.dump({"history": history, "manifest": manifest}, fh)
 

@@ -700,6 +700,9 @@ class ProjectConfig:
     deepspeed: dict
     tracking: TrackingConfig = TrackingConfig()
     predict: PredictConfig = PredictConfig()
+    # The top-level sections the parameters gave (a node parses only the sections it takes): to_params
+    # records those, not defaults standing in for sections the node never saw.
+    given: tuple[str, ...] = field(default=TOP_LEVEL_KEYS, compare=False)
 
     # -- derived values -------------------------------------------------------------------------
     @property
@@ -724,15 +727,21 @@ class ProjectConfig:
         return tuple(d for d in self.datasets if d.num_classes > self.evaluation.top_k)
 
     def to_params(self) -> dict:
-        """The parameters dict this config parses from (JSON-safe): recorded with each saved model."""
+        """The parameters dict this config parses from (JSON-safe), the sections it was given (datasets
+        whenever data was: the single-file form derives it): recorded with each saved model and in the
+        trackers' run configuration."""
         def section(part: Any, skip: tuple[str, ...] = ()) -> dict:
             fields = [f.name for f in dataclasses.fields(part) if f.init and f.name not in skip]
             return {name: _plain(getattr(part, name)) for name in fields}
 
-        return {"model": section(self.model), "data": section(self.data), "training": section(self.training),
-                "evaluation": section(self.evaluation), "deepspeed": _plain(self.deepspeed),
-                "tracking": section(self.tracking), "predict": section(self.predict),
-                "datasets": {"dataset_configs": {d.name: section(d, ("name", "index")) for d in self.datasets}}}
+        every = {"model": lambda: section(self.model), "data": lambda: section(self.data),
+                 "training": lambda: section(self.training), "evaluation": lambda: section(self.evaluation),
+                 "deepspeed": lambda: _plain(self.deepspeed), "tracking": lambda: section(self.tracking),
+                 "predict": lambda: section(self.predict),
+                 "datasets": lambda: {"dataset_configs": {d.name: section(d, ("name", "index"))
+                                                          for d in self.datasets}}}
+        wanted = set(self.given) | ({"datasets"} if "data" in self.given else set())
+        return {name: make() for name, make in every.items() if name in wanted}
 
     # -- parsing --------------------------------------------------------------------------------
     @classmethod
@@ -789,7 +798,8 @@ class ProjectConfig:
         if problems.items:
             raise ConfigError(problems.items, env)
         return cls(model=model, data=data, datasets=datasets, training=training, evaluation=evaluation,
-                   deepspeed=deepspeed, tracking=tracking, predict=predict)
+                   deepspeed=deepspeed, tracking=tracking, predict=predict,
+                   given=tuple(key for key in TOP_LEVEL_KEYS if key in params))
 
 
 def recorded_config(info: dict, otherwise: str) -> ProjectConfig | None:

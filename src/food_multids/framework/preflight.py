@@ -116,7 +116,7 @@ def check_run(plan: RunPlan, params: dict, exists: Callable[[str], bool], makers
 
 
 def check_node_plan(cfg: ProjectConfig) -> list[str]:
-    """A multi-node run knows its node count and runs on node 0 (nodes.resolve_plan's own checks)."""
+    """A multi-node run knows its node count and runs on node 0 (cluster.resolve_plan's own checks)."""
     from food_multids.runtime.cluster import NodeFailure, resolve_plan
 
     try:

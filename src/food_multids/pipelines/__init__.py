@@ -9,7 +9,8 @@ def section_inputs(sections: tuple[str, ...]) -> list[str]:
 def node_sections(node, parameters: dict) -> dict:
     """What Kedro passes `node` from a whole `parameters` dict, as keyword arguments: the sections its
     arguments name (`model`, `training`, ...). For scripts, notebooks, benchmarks and tests that call a
-    node function directly: `train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, params))`."""
+    node function directly: `train_deepspeed(train_set, subset, full, **node_sections(train_deepspeed, params))`.
+    Whole sections only: the data nodes also take single keys (num_labels, seed): run_data_nodes runs them."""
     import inspect
 
     from food_multids.config import TOP_LEVEL_KEYS

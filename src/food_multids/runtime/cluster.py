@@ -193,7 +193,7 @@ def die_with_parent(signum: int = signal.SIGTERM):
 
 def stop_tree(proc: subprocess.Popen) -> None:
     """End a launcher and every process under it at once (SIGKILL): after a failure, or past the grace a
-    signal gave the ranks (the graceful part is signal_ranks and the caller's wait)."""
+    signal gave the ranks (the graceful part is stop_gracefully)."""
     import psutil
 
     try:
@@ -243,7 +243,7 @@ def stop_gracefully(proc: subprocess.Popen, signum: int,
             proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             logger.error("The ranks did not stop within %d s of the signal: killed", STOP_GRACE_S)
-        stop_tree(proc)
+            stop_tree(proc)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

@@ -1,4 +1,4 @@
-"""`food-multids node-worker`: a node other than node 0 of a `training.nodes.launch: torchrun` run (nodes.py).
+"""`food-multids node-worker`: a node other than node 0 of a `training.nodes.launch: torchrun` run (cluster.py).
 
 It connects to the store node 0's `kedro run` holds at the master address and port, claims its node rank
 there, beats a heartbeat every second, and runs each of node 0's steps as `torchrun --node-rank K` until

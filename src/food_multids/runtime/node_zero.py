@@ -1,4 +1,4 @@
-"""Node 0 of a `training.nodes.launch: torchrun` run (see nodes.py): the run's store, and each step's launch.
+"""Node 0 of a `training.nodes.launch: torchrun` run (see cluster.py): the run's store, and each step's launch.
 
 `open_session` (a hook, before the first node) starts the store in the Kedro process at the master address
 and port and beats node 0's heartbeat there. `run_step` waits until every other node has claimed its rank,

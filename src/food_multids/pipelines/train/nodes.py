@@ -66,7 +66,7 @@ def rerank_candidates(checkpoint_manifest: dict, full_eval_set: pd.DataFrame, mo
                     candidate["step"], key, candidate["value"], metrics[key])
     step = int(checkpoint_manifest.get("final_step") or 0) + 1
     log_once(cfg, {f"final_eval_candidate_{c['step']}_{key}": c["full_value"] for c in scored}, step,
-                      checkpoint_manifest.get("mlflow_run_id"))
+             checkpoint_manifest.get("mlflow_run_id"))
     return {"metric": key, "candidates": scored, "reranked": True}
 
 
